@@ -1,0 +1,56 @@
+# mlxd — every target sets up what it needs from nothing (a fresh clone and a bare Python 3.10+).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup proto proto-check lint format typecheck test check demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch pinned to the local CPU build; an unpinned torch pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q -e ".[daemon,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=client --grpc_python_out=client --pyi_out=client \
+		proto/mlxd/v1/mlxd.proto
+
+# Fails when the committed stubs differ from what `make proto` generates now.
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d); \
+	$(PY) -m grpc_tools.protoc -I proto --python_out=$$tmp --grpc_python_out=$$tmp --pyi_out=$$tmp \
+		proto/mlxd/v1/mlxd.proto; \
+	for f in mlxd_pb2.py mlxd_pb2_grpc.py mlxd_pb2.pyi; do \
+		cmp -s $$tmp/mlxd/v1/$$f client/mlxd/v1/$$f || { echo "stale stub client/mlxd/v1/$$f: run make proto"; exit 1; }; \
+	done; rm -rf $$tmp; echo "proto stubs are fresh"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check client daemon tests bench
+	$(VENV)/bin/ruff format --check client daemon tests bench
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format client daemon tests bench
+	$(VENV)/bin/ruff check --fix client daemon tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy client/mlxd_client daemon/mlxd_daemon
+
+test: $(STAMP) proto-check
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+check: lint typecheck test
+
+demo: $(STAMP)
+	$(PY) bench/demo.py
+
+bench: $(STAMP)
+	$(PY) bench/convert.py
+	$(PY) bench/infer.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .demo

@@ -1,0 +1,254 @@
+"""Typed Python client over the generated stubs: progress as iterators, errors as exceptions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from mlxd.v1 import mlxd_pb2 as pb
+from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
+
+from mlxd_client import discovery
+from mlxd_client.errors import FailedPreconditionError, from_rpc_error
+
+PROTOCOL_VERSION = 1
+CLIENT_VERSION = "0.1.0"
+
+DTYPES = {
+    "auto": pb.DTYPE_UNSPECIFIED,
+    "float32": pb.DTYPE_FLOAT32,
+    "float16": pb.DTYPE_FLOAT16,
+    "bfloat16": pb.DTYPE_BFLOAT16,
+}
+QUANT_MODES = {
+    "affine": pb.QUANT_MODE_AFFINE,
+    "mxfp4": pb.QUANT_MODE_MXFP4,
+    "mxfp8": pb.QUANT_MODE_MXFP8,
+    "nvfp4": pb.QUANT_MODE_NVFP4,
+}
+
+Result = TypeVar("Result")
+ProgressCallback = Callable[[pb.Progress], None]
+
+
+def tensor_to_numpy(t: pb.Tensor) -> np.ndarray:
+    """Decode a wire Tensor (little-endian, dense) into a numpy array."""
+    return np.frombuffer(t.data, dtype=np.dtype(t.dtype).newbyteorder("<")).reshape(tuple(t.shape))
+
+
+@dataclass(frozen=True)
+class InferResult:
+    model: str
+    text_embeds: np.ndarray
+    image_embeds: np.ndarray
+    logits_per_image: np.ndarray
+    seconds: float
+
+
+class Client:
+    """A connection to one mlxd daemon. Starts the daemon if none answers and ``autostart`` is set."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        autostart: bool = True,
+        handshake: bool = True,
+        timeout: float | None = None,
+    ) -> None:
+        self.address = address or discovery.default_address()
+        if autostart:
+            discovery.ensure_daemon(self.address)
+        self._channel = grpc.insecure_channel(self.address, options=discovery.CHANNEL_OPTIONS)
+        self._stub = pb_grpc.MlxdStub(self._channel)
+        self._timeout = timeout
+        self.server_info: pb.InitializeResponse | None = None
+        if handshake:
+            self.server_info = self.initialize()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _unary(self, method: Callable[..., Any], request: Any) -> Any:
+        try:
+            return method(request, timeout=self._timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def _stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
+        try:
+            for response in method(request, timeout=self._timeout):
+                yield getattr(response, response.WhichOneof("event"))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    @staticmethod
+    def _drain(events: Iterable[Any], on_progress: ProgressCallback | None) -> Any:
+        result = None
+        for event in events:
+            if isinstance(event, pb.Progress):
+                if on_progress:
+                    on_progress(event)
+            else:
+                result = event
+        return result
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def initialize(self) -> pb.InitializeResponse:
+        """Version handshake; raises FailedPreconditionError when the daemon speaks another protocol."""
+        reply: pb.InitializeResponse = self._unary(
+            self._stub.Initialize,
+            pb.InitializeRequest(
+                protocol_version=PROTOCOL_VERSION, client_name="mlxd_client", client_version=CLIENT_VERSION
+            ),
+        )
+        if reply.protocol_version != PROTOCOL_VERSION:
+            msg = (
+                f"daemon at {self.address} speaks protocol {reply.protocol_version}, this client "
+                f"{PROTOCOL_VERSION}: restart the daemon (mlxctl daemon stop) or upgrade the client"
+            )
+            raise FailedPreconditionError("FAILED_PRECONDITION", msg, "PROTOCOL_MISMATCH")
+        return reply
+
+    def shutdown(self) -> None:
+        self._unary(self._stub.Shutdown, pb.ShutdownRequest())
+
+    # -- jobs ------------------------------------------------------------------------------------
+    def convert_events(
+        self,
+        src: str | Path,
+        dst: str | Path,
+        *,
+        dtype: str = "auto",
+        max_shard_size: str = "",
+        overwrite: bool = False,
+        dry_run: bool = False,
+        q_bits: int = 0,
+        q_group_size: int = 64,
+        q_mode: str = "affine",
+    ) -> Iterator[pb.Progress | pb.ConvertResult]:
+        """Stream Convert: Progress events, then one ConvertResult. ``q_bits`` > 0 quantizes."""
+        request = pb.ConvertRequest(
+            src=str(Path(src).resolve()),
+            dst=str(Path(dst).resolve()),
+            dtype=_enum(DTYPES, dtype, "dtype"),
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            dry_run=dry_run,
+        )
+        if q_bits:
+            request.quantize.CopyFrom(_quant_spec(q_bits, q_group_size, q_mode))
+        return self._stream(self._stub.Convert, request)
+
+    def convert(
+        self, src: str | Path, dst: str | Path, *, on_progress: ProgressCallback | None = None, **options: Any
+    ) -> pb.ConvertResult:
+        """Convert a Hugging Face checkpoint directory to an MLX model directory."""
+        return self._drain(self.convert_events(src, dst, **options), on_progress)
+
+    def quantize_events(
+        self,
+        src: str | Path,
+        dst: str | Path,
+        *,
+        bits: int = 4,
+        group_size: int = 64,
+        mode: str = "affine",
+        overwrite: bool = False,
+    ) -> Iterator[pb.Progress | pb.ConvertResult]:
+        request = pb.QuantizeRequest(
+            src=str(Path(src).resolve()),
+            dst=str(Path(dst).resolve()),
+            spec=_quant_spec(bits, group_size, mode),
+            overwrite=overwrite,
+        )
+        return self._stream(self._stub.Quantize, request)
+
+    def quantize(
+        self, src: str | Path, dst: str | Path, *, on_progress: ProgressCallback | None = None, **options: Any
+    ) -> pb.ConvertResult:
+        """Quantize an MLX model directory into a new directory."""
+        return self._drain(self.quantize_events(src, dst, **options), on_progress)
+
+    def validate_events(
+        self,
+        model_dir: str | Path,
+        reference: str | Path,
+        *,
+        texts: Iterable[str] = (),
+        images: Iterable[bytes | str | Path] = (),
+    ) -> Iterator[pb.Progress | pb.ValidationReport]:
+        request = pb.ValidateRequest(
+            model_dir=str(Path(model_dir).resolve()),
+            reference=str(Path(reference).resolve()),
+            texts=list(texts),
+            images=[_image_bytes(i) for i in images],
+        )
+        return self._stream(self._stub.Validate, request)
+
+    def validate(
+        self,
+        model_dir: str | Path,
+        reference: str | Path,
+        *,
+        on_progress: ProgressCallback | None = None,
+        **options: Any,
+    ) -> pb.ValidationReport:
+        """Run the PyTorch reference and the MLX model on the same inputs and compare them."""
+        return self._drain(self.validate_events(model_dir, reference, **options), on_progress)
+
+    def cancel_job(self, job_id: str) -> bool:
+        return bool(self._unary(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id)).cancelled)
+
+    # -- models ----------------------------------------------------------------------------------
+    def infer(
+        self, model: str | Path, *, texts: Iterable[str] = (), images: Iterable[bytes | str | Path] = ()
+    ) -> InferResult:
+        """Embed texts and images with a resident model (loaded on first use)."""
+        reply: pb.InferResponse = self._unary(
+            self._stub.Infer,
+            pb.InferRequest(
+                model=str(Path(model).resolve()), texts=list(texts), images=[_image_bytes(i) for i in images]
+            ),
+        )
+        return InferResult(
+            reply.model,
+            tensor_to_numpy(reply.text_embeds),
+            tensor_to_numpy(reply.image_embeds),
+            tensor_to_numpy(reply.logits_per_image),
+            reply.seconds,
+        )
+
+    def load_model(self, path: str | Path) -> pb.LoadModelResponse:
+        return self._unary(self._stub.LoadModel, pb.LoadModelRequest(path=str(Path(path).resolve())))
+
+    def unload_model(self, model_id: str | Path) -> pb.UnloadModelResponse:
+        return self._unary(self._stub.UnloadModel, pb.UnloadModelRequest(id=str(Path(model_id).resolve())))
+
+    def list_models(self) -> pb.ListModelsResponse:
+        return self._unary(self._stub.ListModels, pb.ListModelsRequest())
+
+
+def _enum(table: dict[str, int], value: str, what: str) -> int:
+    if value not in table:
+        msg = f"unknown {what} {value!r}; choose one of {', '.join(table)}"
+        raise ValueError(msg)
+    return table[value]
+
+
+def _quant_spec(bits: int, group_size: int, mode: str) -> pb.QuantizationSpec:
+    return pb.QuantizationSpec(bits=bits, group_size=group_size, mode=_enum(QUANT_MODES, mode, "quant mode"))
+
+
+def _image_bytes(image: bytes | str | Path) -> bytes:
+    return image if isinstance(image, bytes) else Path(image).read_bytes()

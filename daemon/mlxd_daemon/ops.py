@@ -1,0 +1,123 @@
+"""Request handlers that run inside a worker process: plain arguments in, plain results out.
+
+"jobs" worker: convert, quantize, validate. "models" worker: load, unload, list, infer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlxd_daemon.errors import FailedPrecondition, InvalidArgument
+from mlxd_daemon.progress import Reporter
+from mlxd_daemon.residency import Residency
+
+Handler = Callable[[dict[str, Any], Reporter], Any]
+
+_residency: Residency | None = None
+
+
+def decode_images(images: list[bytes]) -> list[Any]:
+    """Encoded image bytes -> RGB PIL images; InvalidArgument naming the first one that is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    decoded = []
+    for i, data in enumerate(images):
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except (UnidentifiedImageError, OSError) as e:
+            msg = f"image {i} ({len(data)} bytes) could not be decoded: {e}"
+            raise InvalidArgument(msg, reason="BAD_IMAGE", index=i) from None
+        decoded.append(image.convert("RGB"))
+    return decoded
+
+
+def convert(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    from mlxd_daemon.convert import convert as run_convert
+
+    return run_convert(Path(args.pop("src")), Path(args.pop("dst")), reporter=reporter, **args)
+
+
+def quantize(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    """Quantize an MLX directory: the converter re-reads it (its names are already MLX names)."""
+    from mlxd_daemon.convert import convert as run_convert
+
+    src = Path(args["src"])
+    config = src / "config.json"
+    if config.is_file() and "quantization" in json.loads(config.read_text()):
+        msg = f"{src} is already quantized; quantize its float source instead (or convert with --quantize)"
+        raise FailedPrecondition(msg, reason="ALREADY_QUANTIZED", path=src)
+    return run_convert(
+        src,
+        Path(args["dst"]),
+        overwrite=args["overwrite"],
+        quantize=True,
+        q_bits=args["bits"],
+        q_group_size=args["group_size"],
+        q_mode=args["mode"],
+        reporter=reporter,
+    )
+
+
+def validate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    from mlxd_daemon.validate import validate_model
+
+    images = decode_images(args["images"]) if args["images"] else None
+    return validate_model(
+        Path(args["model_dir"]),
+        Path(args["reference"]),
+        texts=args["texts"] or None,
+        images=images,
+        reporter=reporter,
+    )
+
+
+def load(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    resident, evicted = _models().get(args["path"])
+    return {"model": resident.info(), "evicted": evicted}
+
+
+def unload(args: dict[str, Any], reporter: Reporter) -> int:
+    return _models().unload(args["id"])
+
+
+def list_models(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    return _models().list()
+
+
+def infer(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    if not args["texts"] and not args["images"]:
+        msg = "nothing to infer: pass at least one text or image"
+        raise InvalidArgument(msg, reason="EMPTY_INPUT")
+    images = decode_images(args["images"])
+    resident, _ = _models().get(args["model"])
+    start = time.perf_counter()
+    outputs = resident.bundle.embed(list(args["texts"]), images)
+    resident.last_used, resident.infer_count = time.time(), resident.infer_count + 1
+    return {"model": resident.id, "outputs": outputs, "seconds": time.perf_counter() - start}
+
+
+def _models() -> Residency:
+    assert _residency is not None, "models handlers run only in the models worker"
+    return _residency
+
+
+def handlers(role: str, options: dict[str, Any]) -> dict[str, Handler]:
+    """The handler table of a worker role."""
+    global _residency
+    if role == "jobs":
+        return {"convert": convert, "quantize": quantize, "validate": validate}
+    _residency = Residency(int(options["memory_budget"]))
+    return {"load": load, "unload": unload, "list": list_models, "infer": infer}
+
+
+def shutdown() -> None:
+    """Release resident models before the worker exits."""
+    if _residency is not None:
+        for model_id in list(_residency.models):
+            _residency.unload(model_id, reason="shutdown")

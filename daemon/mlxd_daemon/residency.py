@@ -1,0 +1,120 @@
+"""Models kept resident in the models worker, under a memory budget with least-recently-used eviction."""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from mlxd_daemon.archs import get_arch
+from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+
+log = structlog.get_logger()
+
+
+@dataclass
+class Resident:
+    id: str
+    model_type: str
+    bundle: Any
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    infer_count: int = 0
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model_type": self.model_type,
+            "dtype": str(getattr(self.bundle, "dtype", "")),
+            "compute_dtype": str(getattr(self.bundle, "compute_dtype", "float32")),
+            "resident_bytes": int(self.bundle.nbytes),
+            "loaded_at_unix": self.loaded_at,
+            "last_used_unix": self.last_used,
+            "infer_count": self.infer_count,
+        }
+
+
+def read_model_type(model_dir: Path) -> str:
+    """The ``model_type`` of an MLX or HF model directory, with clear errors for what is missing."""
+    if not model_dir.is_dir():
+        msg = f"model directory {model_dir} does not exist"
+        raise NotFound(msg, reason="MODEL_NOT_FOUND", path=model_dir)
+    config = model_dir / "config.json"
+    if not config.is_file():
+        msg = f"{model_dir} has no config.json: is it a model directory written by mlxctl convert?"
+        raise InvalidArgument(msg, reason="NO_CONFIG", path=model_dir)
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        msg = f"{config} is not valid JSON: {e}"
+        raise InvalidArgument(msg, reason="BAD_CONFIG", path=config) from None
+    if not model_type:
+        msg = f"{config} has no model_type"
+        raise InvalidArgument(msg, reason="BAD_CONFIG", path=config)
+    return str(model_type)
+
+
+class Residency:
+    """Loaded models by id (the resolved directory), most recently used last."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.models: OrderedDict[str, Resident] = OrderedDict()
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(int(r.bundle.nbytes) for r in self.models.values())
+
+    def get(self, path: str) -> tuple[Resident, list[str]]:
+        """The resident model for ``path``, loading it (and evicting others) if needed."""
+        model_id = str(Path(path).resolve())
+        if model_id in self.models:
+            self.models.move_to_end(model_id)
+            return self.models[model_id], []
+        model_type = read_model_type(Path(model_id))
+        bundle = get_arch(model_type).load(Path(model_id))
+        need = int(bundle.nbytes)
+        if need > self.budget_bytes:
+            del bundle
+            msg = (
+                f"{model_id} needs {need} bytes resident, more than the whole budget of {self.budget_bytes}; "
+                "quantize it or start mlxd with a larger --memory-budget"
+            )
+            raise ResourceExhausted(msg, reason="MODEL_TOO_LARGE", need=need, budget=self.budget_bytes)
+        evicted = []
+        while self.models and self.used_bytes + need > self.budget_bytes:
+            victim, _ = next(iter(self.models.items()))
+            self.unload(victim, reason="memory_budget")
+            evicted.append(victim)
+        self.models[model_id] = Resident(model_id, model_type, bundle)
+        log.info("model_loaded", model=model_id, bytes=need, evicted=evicted)
+        return self.models[model_id], evicted
+
+    def unload(self, model_id: str, reason: str = "requested") -> int:
+        """Drop a model and return the memory it held; raises FailedPrecondition if it is not resident."""
+        model_id = str(Path(model_id).resolve())
+        resident = self.models.pop(model_id, None)
+        if resident is None:
+            msg = f"{model_id} is not loaded; mlxctl models lists what is"
+            raise FailedPrecondition(msg, reason="MODEL_NOT_LOADED", model=model_id)
+        freed = int(resident.bundle.nbytes)
+        del resident
+        gc.collect()
+        import mlx.core as mx
+
+        mx.clear_cache()  # return MLX's buffer cache to the system, not just to MLX
+        log.info("model_unloaded", model=model_id, bytes=freed, reason=reason)
+        return freed
+
+    def list(self) -> dict[str, Any]:
+        return {
+            "models": [r.info() for r in self.models.values()],
+            "budget_bytes": self.budget_bytes,
+            "used_bytes": self.used_bytes,
+        }

@@ -1,0 +1,327 @@
+"""The gRPC servicer: request -> plain call on a worker -> response. The one place where domain errors
+become gRPC statuses (with a google.rpc.ErrorInfo detail)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from mlxd.v1 import mlxd_pb2 as pb
+from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
+
+from mlxd_daemon import PROTOCOL_VERSION, __version__
+from mlxd_daemon.archs import SUPPORTED
+from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, MlxdError, NotFound
+from mlxd_daemon.jobs import CANCELLED, FAILED, SUCCEEDED, Job, JobTable
+from mlxd_daemon.workers import WorkerProcess
+
+log = structlog.get_logger()
+
+ERROR_DOMAIN = "mlxd"
+DTYPE_NAMES = {
+    pb.DTYPE_UNSPECIFIED: "auto",
+    pb.DTYPE_FLOAT32: "float32",
+    pb.DTYPE_FLOAT16: "float16",
+    pb.DTYPE_BFLOAT16: "bfloat16",
+}
+DTYPE_ENUMS = {v: k for k, v in DTYPE_NAMES.items()}
+QUANT_MODE_NAMES = {
+    pb.QUANT_MODE_UNSPECIFIED: "affine",
+    pb.QUANT_MODE_AFFINE: "affine",
+    pb.QUANT_MODE_MXFP4: "mxfp4",
+    pb.QUANT_MODE_MXFP8: "mxfp8",
+    pb.QUANT_MODE_NVFP4: "nvfp4",
+}
+PROGRESS_KINDS = {
+    "begin": pb.Progress.KIND_BEGIN,
+    "report": pb.Progress.KIND_REPORT,
+    "end": pb.Progress.KIND_END,
+}
+
+
+def abort(context: grpc.ServicerContext, err: MlxdError) -> None:
+    """End the RPC with the error's status code and an ErrorInfo(reason, metadata) detail."""
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata))
+    status = status_pb2.Status(code=code_pb2.Code.Value(err.code), message=err.message, details=[detail])
+    context.abort_with_status(rpc_status.to_status(status))
+
+
+class MlxdServicer(pb_grpc.MlxdServicer):
+    def __init__(
+        self,
+        jobs_worker: WorkerProcess,
+        models_worker: WorkerProcess,
+        address: str,
+        request_shutdown: Callable[[], None],
+    ) -> None:
+        self.jobs_worker = jobs_worker
+        self.models_worker = models_worker
+        self.jobs = JobTable()
+        self.address = address
+        self.started_at = time.time()
+        self.request_shutdown = request_shutdown
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def Initialize(
+        self, request: pb.InitializeRequest, context: grpc.ServicerContext
+    ) -> pb.InitializeResponse:
+        if request.protocol_version and request.protocol_version != PROTOCOL_VERSION:
+            abort(
+                context,
+                FailedPrecondition(
+                    f"client speaks protocol {request.protocol_version}, this daemon {PROTOCOL_VERSION} "
+                    f"(mlxd {__version__}): restart the daemon from the client's installation",
+                    reason="PROTOCOL_MISMATCH",
+                    daemon_protocol=PROTOCOL_VERSION,
+                ),
+            )
+        caps = pb.Capabilities(
+            architectures=list(SUPPORTED),
+            dtypes=list(DTYPE_NAMES),
+            quant_modes=[pb.QUANT_MODE_AFFINE],
+            quant_bits=[2, 3, 4, 5, 6, 8],
+            quant_group_sizes=[32, 64, 128],
+        )
+        return pb.InitializeResponse(
+            protocol_version=PROTOCOL_VERSION,
+            daemon_version=__version__,
+            capabilities=caps,
+            pid=os.getpid(),
+            address=self.address,
+            started_at_unix=self.started_at,
+        )
+
+    def Shutdown(self, request: pb.ShutdownRequest, context: grpc.ServicerContext) -> pb.ShutdownResponse:
+        self.request_shutdown()
+        return pb.ShutdownResponse()
+
+    # -- jobs ------------------------------------------------------------------------------------
+    def Convert(
+        self, request: pb.ConvertRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ConvertResponse]:
+        args: dict[str, Any] = {
+            "src": request.src,
+            "dst": request.dst,
+            "dtype": DTYPE_NAMES[request.dtype],
+            "overwrite": request.overwrite,
+            "dry_run": request.dry_run,
+        }
+        if request.max_shard_size:
+            args["max_shard_size"] = request.max_shard_size
+        if request.HasField("quantize"):
+            args.update(
+                quantize=True,
+                q_bits=request.quantize.bits,
+                q_group_size=request.quantize.group_size,
+                q_mode=QUANT_MODE_NAMES[request.quantize.mode],
+            )
+        self._require_paths(context, request.src, request.dst)
+        for kind, value in self._run_job("convert", args, context):
+            yield pb.ConvertResponse(**{kind: value if kind == "progress" else convert_result(value)})
+
+    def Quantize(
+        self, request: pb.QuantizeRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.QuantizeResponse]:
+        args = {
+            "src": request.src,
+            "dst": request.dst,
+            "overwrite": request.overwrite,
+            "bits": request.spec.bits or 4,
+            "group_size": request.spec.group_size or 64,
+            "mode": QUANT_MODE_NAMES[request.spec.mode],
+        }
+        self._require_paths(context, request.src, request.dst)
+        for kind, value in self._run_job("quantize", args, context):
+            yield pb.QuantizeResponse(**{kind: value if kind == "progress" else convert_result(value)})
+
+    def Validate(
+        self, request: pb.ValidateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ValidateResponse]:
+        args = {
+            "model_dir": request.model_dir,
+            "reference": request.reference,
+            "texts": list(request.texts),
+            "images": list(request.images),
+        }
+        self._require_paths(context, request.model_dir, request.reference)
+        for kind, value in self._run_job("validate", args, context):
+            if kind == "result":
+                value = validation_report(value, request.model_dir)
+            yield pb.ValidateResponse(**{kind: value})
+
+    def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.CancelJobResponse:
+        job = self.jobs.get(request.job_id)
+        if job is None:
+            abort(
+                context, NotFound(f"no job {request.job_id!r}", reason="JOB_NOT_FOUND", job_id=request.job_id)
+            )
+        return pb.CancelJobResponse(cancelled=self.jobs.cancel(job))
+
+    def _require_paths(self, context: grpc.ServicerContext, *paths: str) -> None:
+        for path in paths:
+            if not path or not os.path.isabs(path):
+                abort(
+                    context,
+                    InvalidArgument(
+                        f"path {path!r} must be absolute (the daemon has its own working directory)",
+                        reason="RELATIVE_PATH",
+                        path=path,
+                    ),
+                )
+
+    def _run_job(
+        self, kind: str, args: dict[str, Any], context: grpc.ServicerContext
+    ) -> Iterator[tuple[str, Any]]:
+        """Run a job on the jobs worker in a thread; yield ("progress", Progress) then ("result", value)."""
+        job = self.jobs.create(kind)
+        structlog.contextvars.bind_contextvars(job=job.id)
+        context.set_trailing_metadata((("mlxd-job-id", job.id),))
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def run() -> None:
+            try:
+                result = self.jobs_worker.call(
+                    kind,
+                    args,
+                    on_event=lambda e: events.put(("event", e)),
+                    is_cancelled=job.is_cancelled,
+                    on_start=lambda: self.jobs.start(job, self.jobs_worker),
+                )
+                self.jobs.finish(job, SUCCEEDED)
+                events.put(("result", result))
+            except MlxdError as e:
+                self.jobs.finish(job, CANCELLED if e.code == "CANCELLED" else FAILED, e.message)
+                events.put(("error", e))
+
+        threading.Thread(target=run, name=f"job-{job.id}", daemon=True).start()
+        yield "progress", pb.Progress(kind=pb.Progress.KIND_BEGIN, job_id=job.id, stage="queued")
+        while True:
+            what, value = events.get()
+            if what == "event":
+                yield "progress", progress_message(job, value)
+            elif what == "result":
+                if isinstance(value, dict):
+                    value["job_id"] = job.id
+                yield "result", value
+                return
+            else:
+                abort(context, value)
+
+    # -- models ----------------------------------------------------------------------------------
+    def _models_call(self, context: grpc.ServicerContext, op: str, args: dict[str, Any]) -> Any:
+        try:
+            return self.models_worker.call(op, args)
+        except MlxdError as e:
+            abort(context, e)
+
+    def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferResponse:
+        self._require_paths(context, request.model)
+        reply = self._models_call(
+            context,
+            "infer",
+            {"model": request.model, "texts": list(request.texts), "images": list(request.images)},
+        )
+        out = reply["outputs"]
+        return pb.InferResponse(
+            model=reply["model"],
+            seconds=reply["seconds"],
+            **{k: tensor(out[k]) for k in ("text_embeds", "image_embeds", "logits_per_image")},
+        )
+
+    def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> pb.LoadModelResponse:
+        self._require_paths(context, request.path)
+        reply = self._models_call(context, "load", {"path": request.path})
+        return pb.LoadModelResponse(model=pb.ModelInfo(**reply["model"]), evicted=reply["evicted"])
+
+    def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        return pb.UnloadModelResponse(freed_bytes=self._models_call(context, "unload", {"id": request.id}))
+
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        reply = self._models_call(context, "list", {})
+        return pb.ListModelsResponse(
+            models=[pb.ModelInfo(**m) for m in reply["models"]],
+            budget_bytes=reply["budget_bytes"],
+            used_bytes=reply["used_bytes"],
+        )
+
+
+def progress_message(job: Job, event: dict[str, Any]) -> pb.Progress:
+    return pb.Progress(
+        kind=PROGRESS_KINDS[event["kind"]],
+        job_id=job.id,
+        stage=event.get("stage", ""),
+        items_done=event.get("items_done", 0),
+        items_total=event.get("items_total", 0),
+        bytes_done=event.get("bytes_done", 0),
+        bytes_total=event.get("bytes_total", 0),
+        message=event.get("message", ""),
+    )
+
+
+def tensor(array: np.ndarray) -> pb.Tensor:
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return pb.Tensor(shape=list(array.shape), dtype=array.dtype.name, data=array.tobytes())
+
+
+def convert_result(r: dict[str, Any]) -> pb.ConvertResult:
+    q = r.get("quantization")
+    return pb.ConvertResult(
+        job_id=r.get("job_id", ""),
+        dst=str(r["dst"]),
+        model_type=r["model_type"],
+        dtype=DTYPE_ENUMS.get(r["dtype"], pb.DTYPE_UNSPECIFIED),
+        num_tensors=r["num_tensors"],
+        num_parameters=r["num_parameters"],
+        total_bytes=r["total_bytes"],
+        shards=[pb.ShardInfo(file=s["file"], bytes=s["bytes"], tensors=s["tensors"]) for s in r["shards"]],
+        copied_files=r.get("copied_files", []),
+        dropped_tensors=r.get("dropped_tensors", []),
+        quantization=pb.QuantizationSpec(
+            bits=q["bits"], group_size=q["group_size"], mode=pb.QUANT_MODE_AFFINE
+        )
+        if q
+        else None,
+        quantized_layers=r.get("quantized_layers", []),
+        skipped_layers=[
+            pb.SkippedLayer(name=s["name"], reason=s["reason"]) for s in r.get("skipped_layers", [])
+        ],
+        seconds=r.get("seconds", 0.0),
+        peak_rss_bytes=r.get("peak_rss_bytes", 0),
+        dry_run=r.get("dry_run", False),
+    )
+
+
+def validation_report(r: dict[str, Any], model_dir: str) -> pb.ValidationReport:
+    outputs = [
+        pb.OutputReport(
+            **{k: o[k] for k in ("name", "max_abs", "max_rel", "cosine", "nmse", "atol", "rtol", "passed")}
+        )
+        for o in r["outputs"]
+    ]
+    return pb.ValidationReport(
+        job_id=r.get("job_id", ""),
+        passed=r["passed"],
+        model_type=r["model_type"],
+        dtype=str(r["dtype"]),
+        outputs=outputs,
+        matching_agreement=r.get("matching_agreement", 0.0),
+        num_texts=r.get("num_texts", 0),
+        num_images=r.get("num_images", 0),
+        seconds=r.get("seconds", 0.0),
+        report_path=os.path.join(model_dir, "validation.json"),
+    )

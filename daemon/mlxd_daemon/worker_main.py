@@ -1,0 +1,49 @@
+"""The body of a worker process: a loop that runs one request at a time on this process's only MLX thread.
+
+Messages from the front end are ``(op, args)``; replies are ``("event", dict)`` for progress, then exactly one
+``("result", value)`` or ``("error", MlxdError.to_dict())``.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Any
+
+import structlog
+
+from mlxd_daemon import logs
+from mlxd_daemon.errors import MlxdError
+from mlxd_daemon.progress import Reporter
+
+log = structlog.get_logger()
+
+
+def worker_main(conn: Any, cancel_event: Any, role: str, options: dict[str, Any]) -> None:
+    """Entry point of the worker process (started with the spawn method)."""
+    logs.configure(options.get("log_level", "info"), options.get("log_json"))
+    structlog.contextvars.bind_contextvars(worker=role, pid=os.getpid())
+    from mlxd_daemon import ops  # heavy imports (mlx, torch) happen here, never in the front end
+
+    handlers = ops.handlers(role, options)
+    while True:
+        try:
+            op, args = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            break
+        if op == "stop":
+            break
+
+        def emit(event: dict[str, Any]) -> None:
+            conn.send(("event", event))
+
+        reporter = Reporter(emit=emit, is_cancelled=cancel_event.is_set)
+        try:
+            conn.send(("result", handlers[op](args, reporter)))
+        except MlxdError as e:
+            conn.send(("error", e.to_dict()))
+        except Exception as e:
+            log.error("worker_op_failed", op=op, error=repr(e), traceback=traceback.format_exc())
+            err = MlxdError(f"internal error in {op}: {type(e).__name__}: {e}", reason="INTERNAL")
+            conn.send(("error", err.to_dict()))
+    ops.shutdown()
