@@ -30,8 +30,12 @@ class MlxdError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         """Picklable form, used to carry an error from a worker process to the front end."""
-        return {"type": type(self).__name__, "message": self.message, "reason": self.reason,
-                "metadata": self.metadata}
+        return {
+            "type": type(self).__name__,
+            "message": self.message,
+            "reason": self.reason,
+            "metadata": self.metadata,
+        }
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> MlxdError:
@@ -74,5 +78,16 @@ class WorkerCrashed(MlxdError):
     default_reason = "WORKER_CRASHED"
 
 
-_BY_NAME = {c.__name__: c for c in (MlxdError, NotFound, InvalidArgument, FailedPrecondition, Unsupported,
-                                     ResourceExhausted, Cancelled, WorkerCrashed)}
+_BY_NAME = {
+    c.__name__: c
+    for c in (
+        MlxdError,
+        NotFound,
+        InvalidArgument,
+        FailedPrecondition,
+        Unsupported,
+        ResourceExhausted,
+        Cancelled,
+        WorkerCrashed,
+    )
+}

@@ -33,19 +33,42 @@ class Reporter:
     def begin(self, stage: str, total_items: int = 0, total_bytes: int = 0, message: str = "") -> None:
         self.check_cancelled()
         self.stage, self.total_items, self.total_bytes = stage, total_items, total_bytes
-        self._emit({"kind": "begin", "stage": stage, "items_total": total_items, "bytes_total": total_bytes,
-                    "message": message})
+        self._emit(
+            {
+                "kind": "begin",
+                "stage": stage,
+                "items_total": total_items,
+                "bytes_total": total_bytes,
+                "message": message,
+            }
+        )
 
     def report(self, items_done: int, bytes_done: int = 0, message: str = "") -> None:
-        self._emit({"kind": "report", "stage": self.stage, "items_done": items_done,
-                    "items_total": self.total_items, "bytes_done": bytes_done,
-                    "bytes_total": self.total_bytes, "message": message})
+        self._emit(
+            {
+                "kind": "report",
+                "stage": self.stage,
+                "items_done": items_done,
+                "items_total": self.total_items,
+                "bytes_done": bytes_done,
+                "bytes_total": self.total_bytes,
+                "message": message,
+            }
+        )
         self.check_cancelled()
 
     def end(self, message: str = "") -> None:
-        self._emit({"kind": "end", "stage": self.stage, "items_done": self.total_items,
-                    "items_total": self.total_items, "bytes_done": self.total_bytes,
-                    "bytes_total": self.total_bytes, "message": message})
+        self._emit(
+            {
+                "kind": "end",
+                "stage": self.stage,
+                "items_done": self.total_items,
+                "items_total": self.total_items,
+                "bytes_done": self.total_bytes,
+                "bytes_total": self.total_bytes,
+                "message": message,
+            }
+        )
 
 
 NULL_REPORTER = Reporter()

@@ -1,0 +1,315 @@
+"""``mlxctl``: a thin CLI over the mlxd RPCs. Human output by default; ``--json`` prints exactly one JSON object.
+
+Exit codes: 0 ok, 1 failed RPC (or a validation that did not pass), 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from google.protobuf.message import Message
+
+from mlxd.v1 import mlxd_pb2 as pb
+from mlxd_client import discovery
+from mlxd_client.client import Client
+from mlxd_client.errors import MlxdClientError
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    """Protobuf message -> plain dict: 64-bit ints stay numbers, enums become short lower-case names."""
+    out: dict[str, Any] = {}
+    for field in msg.DESCRIPTOR.fields:
+        value = getattr(msg, field.name)
+        if field.message_type is not None and field.label != field.LABEL_REPEATED:
+            out[field.name] = to_dict(value) if msg.HasField(field.name) else None
+        elif field.label == field.LABEL_REPEATED:
+            out[field.name] = [_scalar(field, v) for v in value]
+        else:
+            out[field.name] = _scalar(field, value)
+    return out
+
+
+def _scalar(field: Any, value: Any) -> Any:
+    if field.message_type is not None:
+        return to_dict(value)
+    if field.enum_type is not None:
+        name = field.enum_type.values_by_number[value].name
+        prefix = (
+            "".join("_" + c if c.isupper() else c.upper() for c in field.enum_type.name).lstrip("_") + "_"
+        )
+        short = name.removeprefix(prefix).lower()
+        return "auto" if short == "unspecified" and field.enum_type.name == "Dtype" else short
+    if isinstance(value, bytes):
+        return len(value)
+    return value
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.job_id = ""
+
+    def __call__(self, p: pb.Progress) -> None:
+        self.job_id = p.job_id or self.job_id
+        if not self.enabled:
+            return
+        frac = p.items_done / p.items_total if p.items_total else 0.0
+        bar = "#" * int(frac * 30)
+        size = f" {p.bytes_done / 1e6:.1f}/{p.bytes_total / 1e6:.1f} MB" if p.bytes_total else ""
+        sys.stderr.write(
+            f"\r{p.stage:>10} [{bar:<30}] {p.items_done}/{p.items_total}{size} {p.message[:40]:<40}"
+        )
+        if p.kind == pb.Progress.KIND_END:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _run_job(client: Client, events: Iterator[Any], bar: ProgressBar) -> Any:
+    """Drain a job stream; on Ctrl-C cancel the job on the daemon before exiting."""
+    result = None
+    try:
+        for event in events:
+            if isinstance(event, pb.Progress):
+                bar(event)
+            else:
+                result = event
+    except KeyboardInterrupt:
+        if bar.job_id:
+            client.cancel_job(bar.job_id)
+            sys.stderr.write(f"\ncancelled job {bar.job_id}\n")
+        raise
+    return result
+
+
+# -- subcommands: each returns (json-able dict, human text, exit code) ---------------------------------
+Outcome = tuple[dict[str, Any], str, int]
+
+
+def cmd_convert(client: Client, a: argparse.Namespace) -> Outcome:
+    events = client.convert_events(
+        a.src,
+        a.dst,
+        dtype=a.dtype,
+        max_shard_size=a.max_shard_size or "",
+        overwrite=a.overwrite,
+        dry_run=a.dry_run,
+        q_bits=a.q_bits if a.quantize else 0,
+        q_group_size=a.q_group_size,
+        q_mode=a.q_mode,
+    )
+    r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
+    return r, _convert_text(r), 0
+
+
+def _convert_text(r: dict[str, Any]) -> str:
+    verb = "would write" if r["dry_run"] else "wrote"
+    lines = [
+        f"{verb} {r['dst']}: {r['model_type']} {r['dtype']}, {r['num_tensors']} tensors, "
+        f"{r['num_parameters']:,} parameters, {r['total_bytes'] / 1e6:.1f} MB in {len(r['shards'])} shard(s) "
+        f"({r['seconds']:.2f} s, peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB)"
+    ]
+    lines += [f"  {s['file']}: {s['tensors']} tensors, {s['bytes'] / 1e6:.1f} MB" for s in r["shards"]]
+    if r["quantization"]:
+        q = r["quantization"]
+        lines.append(
+            f"quantized {len(r['quantized_layers'])} layers to {q['bits']} bits, group {q['group_size']}"
+        )
+    lines += [f"  kept in float: {s['name']} ({s['reason']})" for s in r["skipped_layers"]]
+    if r["copied_files"]:
+        lines.append("copied byte-for-byte: " + ", ".join(r["copied_files"]))
+    return "\n".join(lines)
+
+
+def cmd_quantize(client: Client, a: argparse.Namespace) -> Outcome:
+    events = client.quantize_events(
+        a.src, a.dst, bits=a.q_bits, group_size=a.q_group_size, mode=a.q_mode, overwrite=a.overwrite
+    )
+    r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
+    return r, _convert_text(r), 0
+
+
+def cmd_validate(client: Client, a: argparse.Namespace) -> Outcome:
+    events = client.validate_events(a.model_dir, a.reference, texts=a.text or (), images=a.image or ())
+    r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
+    rows = [f"{'output':<28} {'max_abs':>10} {'max_rel':>10} {'cosine':>10} {'atol':>8}  ok"]
+    rows += [
+        f"{o['name']:<28} {o['max_abs']:>10.3g} {o['max_rel']:>10.3g} {o['cosine']:>10.6f} {o['atol']:>8.0e}  "
+        f"{'yes' if o['passed'] else 'NO'}"
+        for o in r["outputs"]
+    ]
+    rows.append(
+        f"image-text matching agreement: {r['matching_agreement']:.3f} "
+        f"({r['num_images']} images x {r['num_texts']} texts)"
+    )
+    rows.append(
+        f"passed: {str(r['passed']).lower()}  ({r['model_type']}, {r['dtype']}, {r['seconds']:.2f} s; "
+        f"report: {r['report_path']})"
+    )
+    return r, "\n".join(rows), 0 if r["passed"] else 1
+
+
+def cmd_infer(client: Client, a: argparse.Namespace) -> Outcome:
+    res = client.infer(a.model_dir, texts=a.text or (), images=a.image or ())
+    r = {
+        "model": res.model,
+        "seconds": res.seconds,
+        "text_embeds": res.text_embeds.tolist(),
+        "image_embeds": res.image_embeds.tolist(),
+        "logits_per_image": res.logits_per_image.tolist(),
+    }
+    lines = [
+        f"{res.model} ({res.seconds * 1e3:.1f} ms)",
+        f"text_embeds {list(res.text_embeds.shape)}, image_embeds {list(res.image_embeds.shape)}",
+    ]
+    for i, row in enumerate(res.logits_per_image):
+        best = int(row.argmax())
+        lines.append(
+            f"image {a.image[i]}: best text {a.text[best]!r} (logits "
+            + ", ".join(f"{x:.3f}" for x in row)
+            + ")"
+        )
+    if not len(res.logits_per_image):
+        lines += [f"text {t!r}: {e[:4].round(4).tolist()}..." for t, e in zip(a.text or (), res.text_embeds)]
+    return r, "\n".join(lines), 0
+
+
+def cmd_models(client: Client, a: argparse.Namespace) -> Outcome:
+    r = to_dict(client.list_models())
+    lines = [
+        f"{m['id']}  {m['model_type']} {m['dtype']} {m['resident_bytes'] / 1e6:.1f} MB, "
+        f"{m['infer_count']} calls"
+        for m in r["models"]
+    ]
+    lines.append(f"resident {r['used_bytes'] / 1e6:.1f} MB of {r['budget_bytes'] / 1e6:.0f} MB budget")
+    return r, "\n".join(lines), 0
+
+
+def cmd_load(client: Client, a: argparse.Namespace) -> Outcome:
+    r = to_dict(client.load_model(a.model_dir))
+    return r, f"loaded {r['model']['id']} ({r['model']['resident_bytes'] / 1e6:.1f} MB)", 0
+
+
+def cmd_unload(client: Client, a: argparse.Namespace) -> Outcome:
+    r = to_dict(client.unload_model(a.model_dir))
+    return r, f"unloaded {a.model_dir}: freed {r['freed_bytes'] / 1e6:.1f} MB", 0
+
+
+def cmd_daemon(a: argparse.Namespace) -> Outcome:
+    address = a.address or discovery.default_address()
+    if a.action == "start":
+        started = discovery.ensure_daemon(address)
+        with Client(address, autostart=False) as c:
+            info = to_dict(c.server_info) if c.server_info else {}
+        return (
+            {"started": started, **info},
+            f"mlxd {'started' if started else 'already running'} at {address}",
+            0,
+        )
+    if a.action == "stop":
+        if not discovery.is_serving(address):
+            return {"stopped": False, "address": address}, f"no daemon at {address}", 0
+        with Client(address, autostart=False, handshake=False) as c:
+            c.shutdown()
+        deadline = time.monotonic() + 15
+        while discovery.is_serving(address, timeout=0.3) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return {"stopped": True, "address": address}, f"stopped mlxd at {address}", 0
+    if not discovery.is_serving(address):
+        return {"running": False, "address": address}, f"no daemon at {address}", 1
+    with Client(address, autostart=False) as c:
+        info = to_dict(c.server_info) if c.server_info else {}
+        models = to_dict(c.list_models())
+    r = {
+        "running": True,
+        **info,
+        "models": models["models"],
+        "used_bytes": models["used_bytes"],
+        "budget_bytes": models["budget_bytes"],
+    }
+    text = (
+        f"mlxd {info.get('daemon_version')} (protocol {info.get('protocol_version')}) pid {info.get('pid')} "
+        f"at {address}; {len(models['models'])} model(s) resident, {models['used_bytes'] / 1e6:.1f} MB"
+    )
+    return r, text, 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlxctl", description="Drive the mlxd daemon (started on demand).")
+    p.add_argument("--address", help="daemon address (default: $MLXD_ADDRESS or the per-user socket)")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    p.add_argument("--no-autostart", action="store_true", help="fail instead of starting a daemon")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[..., Outcome], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return sp
+
+    def quant_flags(sp: argparse.ArgumentParser, bits: int) -> None:
+        sp.add_argument("--q-bits", type=int, default=bits, help="2, 3, 4, 5, 6 or 8 (default %(default)s)")
+        sp.add_argument("--q-group-size", type=int, default=64, help="32, 64 or 128 (default 64)")
+        sp.add_argument("--q-mode", default="affine", choices=["affine", "mxfp4", "mxfp8", "nvfp4"])
+
+    c = add("convert", cmd_convert, "convert a Hugging Face checkpoint directory to MLX")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    c.add_argument("--max-shard-size", help="e.g. 500MB, 2GB, 2GiB (default 5GB)")
+    c.add_argument("--overwrite", action="store_true", help="replace DST once the new output is complete")
+    c.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    c.add_argument("--quantize", action="store_true")
+    quant_flags(c, 4)
+    q = add("quantize", cmd_quantize, "quantize an MLX model directory")
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument("--overwrite", action="store_true")
+    quant_flags(q, 4)
+    v = add("validate", cmd_validate, "compare an MLX model with its PyTorch source")
+    v.add_argument("model_dir")
+    v.add_argument("--reference", required=True, help="the source Hugging Face checkpoint directory")
+    v.add_argument("--text", action="append", help="a golden text (repeatable; default: built-in)")
+    v.add_argument("--image", action="append", help="a golden image file (repeatable; default: built-in)")
+    i = add("infer", cmd_infer, "embed texts and images, and match them")
+    i.add_argument("model_dir")
+    i.add_argument("--text", action="append")
+    i.add_argument("--image", action="append")
+    add("models", cmd_models, "list resident models")
+    ld = add("load", cmd_load, "load a model and keep it resident")
+    ld.add_argument("model_dir")
+    ul = add("unload", cmd_unload, "unload a resident model")
+    ul.add_argument("model_dir")
+    d = add("daemon", cmd_daemon, "start, stop or inspect the daemon")
+    d.add_argument("action", choices=["start", "stop", "status"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "daemon":
+            result, text, code = cmd_daemon(args)
+        else:
+            with Client(args.address, autostart=not args.no_autostart) as client:
+                result, text, code = args.fn(client, args)
+    except MlxdClientError as e:
+        if args.json:
+            print(json.dumps({"error": e.to_dict()}))
+        else:
+            print(f"error: {e.message} ({e.code}{', ' + e.reason if e.reason else ''})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(json.dumps(result) if args.json else text)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,534 @@
+"""CLIP (HF ``model_type: clip``) in MLX: configs, modules named like HF's, loading, embedding, validation hooks.
+
+Module and parameter names are exactly Hugging Face's, so weights load by HF name; the one layout change is the
+patch-embedding conv (see ``DISK_LAYOUT``). Inputs are prepared by ``clip_processing`` (same as CLIPProcessor).
+
+Output keys of ``ClipBundle.forward_outputs``, ``run_mlx`` and ``run_reference``:
+  ``text_embeds`` [n_texts, P] and ``image_embeds`` [n_images, P]: L2-normalised projections;
+  ``logits_per_image`` [n_images, n_texts]: ``exp(logit_scale) * image_embeds @ text_embeds.T``;
+  ``text_last_hidden_state`` [n_texts, L, Dt]: text encoder output after ``final_layer_norm``;
+  ``vision_last_hidden_state`` [n_images, 1 + patches, Dv]: vision encoder output (before ``post_layernorm``,
+  as HF's ``vision_model_output.last_hidden_state``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from PIL import Image
+from tokenizers import Tokenizer
+
+from mlxd_daemon.archs.clip_processing import ImageConfig, load_tokenizer, preprocess_images, tokenize
+from mlxd_daemon.errors import InvalidArgument, NotFound, Unsupported
+
+PATCH_WEIGHT = "vision_model.embeddings.patch_embedding.weight"
+# Kept in PyTorch layout on disk so mlx-examples' CLIPModel.from_pretrained (which transposes) reads our output.
+DISK_LAYOUT: dict[str, str] = {PATCH_WEIGHT: "pytorch_conv2d_OIHW"}
+LAYOUT_METADATA_KEY = "mlxd.layout"
+_TOP_LEVEL = ("text_model.", "vision_model.", "text_projection.", "visual_projection.", "logit_scale")
+
+
+class _FromDict:
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """Build from a config.json dict, ignoring keys this dataclass does not know."""
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class TextConfig(_FromDict):
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+
+
+@dataclass(frozen=True)
+class VisionConfig(_FromDict):
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size"):
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple)):
+                if len(set(v)) != 1:
+                    msg = f"non-square vision {name}={v} is not supported"
+                    raise Unsupported(msg, reason="UNSUPPORTED_CONFIG")
+                object.__setattr__(self, name, int(v[0]))
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+    quantization: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClipConfig:
+        """Parse HF CLIPConfig's config.json (text_config/vision_config sub-dicts); unknown keys are ignored."""
+        return cls(
+            text=TextConfig.from_dict(d.get("text_config") or {}),
+            vision=VisionConfig.from_dict(d.get("vision_config") or {}),
+            projection_dim=d.get("projection_dim", 512),
+            logit_scale_init_value=d.get("logit_scale_init_value", 2.6592),
+            quantization=d.get("quantization") or None,
+        )
+
+
+def _quick_gelu(x: mx.array) -> mx.array:
+    return x * mx.sigmoid(1.702 * x)
+
+
+def _gelu_tanh(x: mx.array) -> mx.array:
+    return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+_ACTIVATIONS = {
+    "quick_gelu": _quick_gelu,
+    "gelu": nn.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "relu": nn.relu,
+}
+
+
+def _activation(name: str) -> Any:
+    if name not in _ACTIVATIONS:
+        msg = f"hidden_act {name!r} is not supported; supported: {', '.join(_ACTIVATIONS)}"
+        raise Unsupported(msg, reason="UNSUPPORTED_ACTIVATION", hidden_act=name)
+    return _ACTIVATIONS[name]
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, dims: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dims // heads) ** -0.5
+        self.q_proj = nn.Linear(dims, dims)
+        self.k_proj = nn.Linear(dims, dims)
+        self.v_proj = nn.Linear(dims, dims)
+        self.out_proj = nn.Linear(dims, dims)
+
+    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
+        b, n, d = x.shape
+
+        def split(t: mx.array) -> mx.array:
+            return t.reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
+
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, dims: int, hidden: int, act: str):
+        super().__init__()
+        self.act = _activation(act)
+        self.fc1 = nn.Linear(dims, hidden)
+        self.fc2 = nn.Linear(hidden, dims)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig | VisionConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: TextConfig | VisionConfig):
+        super().__init__()
+        self.layers = [CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+
+    def __call__(self, x: mx.array, mask: mx.array | None = None) -> mx.array:
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+class CLIPTextEmbeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = CLIPTextEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[mx.array, mx.array]:
+        """(pooled [B, D], last_hidden_state [B, L, D]); pooling at EOS exactly as transformers does."""
+        b, n = input_ids.shape
+        if n > self.cfg.max_position_embeddings:
+            msg = f"text is {n} tokens, the model takes at most {self.cfg.max_position_embeddings}: truncate it"
+            raise InvalidArgument(msg, reason="TEXT_TOO_LONG")
+        # Boolean mask (True = attend): causal, and padded keys hidden, like HF's create_causal_mask.
+        causal = np.tril(np.ones((n, n), dtype=bool))
+        mask = mx.array(causal[None, None] & attention_mask.astype(bool)[:, None, None, :])
+        x = self.embeddings(mx.array(input_ids.astype(np.int32)))
+        x = self.final_layer_norm(self.encoder(x, mask))
+        if self.cfg.eos_token_id == 2:
+            # Legacy configs (before transformers PR #24773): EOS is the largest id in each row.
+            eos_pos = input_ids.argmax(axis=-1)
+        else:
+            # First EOS; np.argmax returns the first maximum, and pad may equal EOS.
+            eos_pos = (input_ids == self.cfg.eos_token_id).astype(np.int32).argmax(axis=-1)
+        pooled = x[mx.arange(b), mx.array(eos_pos.astype(np.int32))]
+        return pooled, x
+
+
+class CLIPPatchEmbedding(nn.Module):
+    """A stride=kernel conv, done as patchify + matmul; ``weight`` is MLX conv layout [O, kH, kW, I]."""
+
+    def __init__(self, channels: int, dims: int, patch: int):
+        super().__init__()
+        self.patch = patch
+        self.weight = mx.zeros((dims, patch, patch, channels))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        p = self.patch
+        x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
+        return x @ self.weight.reshape(self.weight.shape[0], -1).T
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = mx.zeros((cfg.hidden_size,))
+        self.patch_embedding = CLIPPatchEmbedding(cfg.num_channels, cfg.hidden_size, cfg.patch_size)
+        num_positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        self.position_embedding = nn.Embedding(num_positions, cfg.hidden_size)
+
+    def __call__(self, pixels_nhwc: mx.array) -> mx.array:
+        patches = self.patch_embedding(pixels_nhwc)
+        cls = mx.broadcast_to(self.class_embedding, (patches.shape[0], 1, patches.shape[-1]))
+        return mx.concatenate([cls, patches], axis=1) + self.position_embedding.weight
+
+
+class CLIPVisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = CLIPVisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF's name
+        self.encoder = CLIPEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def __call__(self, pixel_values: np.ndarray) -> tuple[mx.array, mx.array]:
+        """(pooled [B, D], last_hidden_state [B, 1 + patches, D]) from NCHW pixels."""
+        size = self.cfg.image_size
+        if tuple(pixel_values.shape[1:]) != (self.cfg.num_channels, size, size):
+            msg = f"pixel_values {tuple(pixel_values.shape)} do not match the model's [N, 3, {size}, {size}]"
+            raise InvalidArgument(msg, reason="BAD_IMAGE_SIZE")
+        x = self.embeddings(mx.array(pixel_values.astype(np.float32)).transpose(0, 2, 3, 1))
+        x = self.encoder(self.pre_layrnorm(x))
+        return self.post_layernorm(x[:, 0]), x
+
+
+class CLIPModel(nn.Module):
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        self.text_model = CLIPTextTransformer(cfg.text)
+        self.vision_model = CLIPVisionTransformer(cfg.vision)
+        self.text_projection = nn.Linear(cfg.text.hidden_size, cfg.projection_dim, bias=False)
+        self.visual_projection = nn.Linear(cfg.vision.hidden_size, cfg.projection_dim, bias=False)
+        self.logit_scale = mx.array(cfg.logit_scale_init_value)
+
+
+def _l2_normalise(x: mx.array) -> mx.array:
+    return x / mx.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@dataclass
+class ClipBundle:
+    """A loaded CLIP: model (float32 compute), tokenizer and image settings, plus storage facts."""
+
+    model: CLIPModel
+    config: ClipConfig
+    tokenizer: Tokenizer
+    image_config: ImageConfig
+    model_dir: Path
+    dtype: str  # storage dtype of the float tensors on disk ("float32", "float16", "bfloat16")
+    nbytes: int  # resident bytes of the loaded parameters
+    quantization: dict[str, Any] | None = None
+
+    def preprocess(self, texts: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
+        """``input_ids``, ``attention_mask`` and ``pixel_values`` as CLIPProcessor(padding=True) gives them."""
+        ids, mask = tokenize(self.tokenizer, list(texts))
+        return {"input_ids": ids, "attention_mask": mask,
+                "pixel_values": preprocess_images(list(images), self.image_config)}
+
+    def forward_outputs(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """All outputs (see the module docstring for keys); either batch may be empty."""
+        m, cfg = self.model, self.config
+        out: dict[str, mx.array] = {}
+        if len(input_ids):
+            pooled, out["text_last_hidden_state"] = m.text_model(np.asarray(input_ids), np.asarray(attention_mask))
+            out["text_embeds"] = _l2_normalise(m.text_projection(pooled))
+        else:
+            out["text_embeds"] = mx.zeros((0, cfg.projection_dim))
+            out["text_last_hidden_state"] = mx.zeros((0, 0, cfg.text.hidden_size))
+        if len(pixel_values):
+            pooled, out["vision_last_hidden_state"] = m.vision_model(np.asarray(pixel_values))
+            out["image_embeds"] = _l2_normalise(m.visual_projection(pooled))
+        else:
+            patches = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+            out["image_embeds"] = mx.zeros((0, cfg.projection_dim))
+            out["vision_last_hidden_state"] = mx.zeros((0, patches + 1, cfg.vision.hidden_size))
+        out["logits_per_image"] = mx.exp(m.logit_scale) * (out["image_embeds"] @ out["text_embeds"].T)
+        mx.eval(out)
+        return {k: np.array(v) for k, v in out.items()}
+
+    def embed(self, texts: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
+        """``text_embeds``, ``image_embeds`` (L2-normalised) and ``logits_per_image`` [n_images, n_texts]."""
+        outs = self.forward_outputs(**self.preprocess(texts, images))
+        return {k: outs[k] for k in ("text_embeds", "image_embeds", "logits_per_image")}
+
+
+def map_weight(name: str) -> str | None:
+    """HF tensor name -> name on disk (unchanged), or ``None`` for buffers and non-CLIP tensors."""
+    if name.endswith("position_ids") or not name.startswith(_TOP_LEVEL):
+        return None
+    return name
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        msg = f"{path} does not exist: point at a converted CLIP directory"
+        raise NotFound(msg, reason="FILE_NOT_FOUND", path=str(path)) from None
+    except json.JSONDecodeError as e:
+        msg = f"{path} is not valid JSON ({e}): re-run the conversion"
+        raise InvalidArgument(msg, reason="BAD_CONFIG", path=str(path)) from None
+
+
+def read_config(model_dir: Path) -> ClipConfig:
+    """Parse ``model_dir/config.json``; raise ``InvalidArgument`` unless it is a CLIP config."""
+    raw = _read_json(Path(model_dir) / "config.json")
+    if raw.get("model_type") != "clip":
+        msg = f"{model_dir} holds model_type {raw.get('model_type')!r}, not 'clip'"
+        raise InvalidArgument(msg, reason="MODEL_TYPE_MISMATCH", model_type=str(raw.get("model_type")))
+    return ClipConfig.from_dict(raw)
+
+
+def _read_safetensors(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, str] | None]:
+    """All tensors of the (possibly sharded) checkpoint, and the recorded disk layout if any."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = [model_dir / f for f in sorted(set(_read_json(index)["weight_map"].values()))]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        msg = f"no *.safetensors in {model_dir}: convert the checkpoint first"
+        raise NotFound(msg, reason="WEIGHTS_NOT_FOUND", path=str(model_dir))
+    weights: dict[str, mx.array] = {}
+    layout: dict[str, str] | None = None
+    for f in files:
+        arrays, meta = mx.load(str(f), return_metadata=True)
+        weights.update(arrays)
+        if LAYOUT_METADATA_KEY in meta:
+            layout = {**(layout or {}), **json.loads(meta[LAYOUT_METADATA_KEY])}
+    manifest = model_dir / "mlxd_manifest.json"
+    if manifest.exists():
+        # The converter's manifest may record the layout too ("layout" or "disk_layout": {name: layout}).
+        m = _read_json(manifest)
+        recorded = m.get("layout") or m.get("disk_layout")
+        if isinstance(recorded, dict):
+            layout = {**(layout or {}), **recorded}
+    return weights, layout
+
+
+def _dequantize(weights: dict[str, mx.array], quant: dict[str, Any] | None) -> None:
+    """Replace every ``<p>.weight`` that has ``<p>.scales`` by its float32 dequantization, in place."""
+    for scales_name in [k for k in weights if k.endswith(".scales")]:
+        prefix = scales_name[: -len(".scales")]
+        params = (quant or {}).get(prefix)
+        params = params if isinstance(params, dict) else quant
+        if not params or "bits" not in params:
+            msg = f"{prefix} is quantized but config.json has no 'quantization' entry: re-run the conversion"
+            raise InvalidArgument(msg, reason="BAD_QUANTIZATION", tensor=prefix)
+        # CPU backend: quantized matmul is ~57x slower than float32, so dequantize once at load.
+        weights[prefix + ".weight"] = mx.dequantize(
+            weights[prefix + ".weight"],
+            weights.pop(scales_name),
+            weights.pop(prefix + ".biases", None),
+            group_size=params.get("group_size", 64),
+            bits=params["bits"],
+            mode=params.get("mode", "affine"),
+        ).astype(mx.float32)
+
+
+def _storage_dtype(weights: dict[str, mx.array]) -> str:
+    counts: dict[str, int] = {}
+    for v in weights.values():
+        if v.dtype in (mx.float32, mx.float16, mx.bfloat16):
+            name = str(v.dtype).removeprefix("mlx.core.")
+            counts[name] = counts.get(name, 0) + v.size
+    return max(counts, key=counts.__getitem__) if counts else "float32"
+
+
+def load(model_dir: Path) -> ClipBundle:
+    """Load a converted (or raw HF safetensors) CLIP directory for float32 inference on the CPU."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        msg = f"model directory {model_dir} does not exist"
+        raise NotFound(msg, reason="MODEL_NOT_FOUND", path=str(model_dir))
+    cfg = read_config(model_dir)
+    raw, layout = _read_safetensors(model_dir)
+    dtype = _storage_dtype({k: v for k, v in raw.items() if not k.endswith((".scales", ".biases"))
+                            and k[: -len(".weight")] + ".scales" not in raw})
+    _dequantize(raw, cfg.quantization)
+    weights = {new: v for k, v in raw.items() if (new := map_weight(k)) is not None}
+    # Without a layout record, behave like mlx-examples' loader: HF/PyTorch conv weights are OIHW, transpose.
+    if PATCH_WEIGHT in weights and (layout is None or layout.get(PATCH_WEIGHT) == "pytorch_conv2d_OIHW"):
+        # pytorch conv2d is [O, I, kH, kW], MLX is [O, kH, kW, I].
+        weights[PATCH_WEIGHT] = weights[PATCH_WEIGHT].transpose(0, 2, 3, 1)
+    model = CLIPModel(cfg)
+    _check_structure(model, weights, model_dir)
+    # Linux CPU fp16/bf16 matmul is ~40x slower than float32, so compute in float32 whatever the storage.
+    model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()])
+    model.eval()
+    params = dict(_flatten(model.parameters()))
+    mx.eval(params)
+    return ClipBundle(
+        model=model,
+        config=cfg,
+        tokenizer=load_tokenizer(model_dir, cfg.text.max_position_embeddings),
+        image_config=ImageConfig.load(model_dir, cfg.vision.image_size),
+        model_dir=model_dir,
+        dtype=dtype,
+        nbytes=sum(v.nbytes for v in params.values()),
+        quantization=cfg.quantization,
+    )
+
+
+def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, mx.array]]:
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree, prefix=prefix)
+
+
+def _check_structure(model: CLIPModel, weights: dict[str, mx.array], model_dir: Path) -> None:
+    """Key sets and every shape before any value is loaded, with an error naming the first differences."""
+    expected = {k: tuple(v.shape) for k, v in _flatten(model.parameters())}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if names
+        )
+        if wrong:
+            k = wrong[0]
+            detail += f" ({k}: {tuple(weights[k].shape)} on disk, model wants {expected[k]})"
+        msg = f"weights in {model_dir} do not fit the CLIP config: {detail}"
+        raise InvalidArgument(msg, reason="WEIGHTS_MISMATCH", missing=len(missing), unexpected=len(unexpected),
+                              wrong_shape=len(wrong))
+
+
+# ---- validation hooks -------------------------------------------------------------------------------------
+
+
+def golden_inputs(
+    model_dir: Path, *, texts: list[str] | None = None, images: list[Image.Image] | None = None
+) -> dict[str, Any]:
+    """Deterministic texts/images (or the caller's), preprocessed with ``model_dir``'s processor settings."""
+    from mlxd_daemon import fixtures
+
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    texts = list(fixtures.GOLDEN_TEXTS) if texts is None else list(texts)
+    images = fixtures.golden_images(4, cfg.vision.image_size + 9) if images is None else list(images)
+    ids, mask = tokenize(load_tokenizer(model_dir, cfg.text.max_position_embeddings), texts)
+    pixels = preprocess_images(images, ImageConfig.load(model_dir, cfg.vision.image_size))
+    return {"texts": texts, "images": images, "input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def run_mlx(bundle: ClipBundle, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The MLX outputs for ``golden_inputs``' preprocessed arrays."""
+    return bundle.forward_outputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+
+
+def run_reference(src_dir: Path, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """transformers' CLIPModel (float32, no_grad) on the same preprocessed arrays; same keys as ``run_mlx``."""
+    import torch
+    import transformers
+
+    model = transformers.CLIPModel.from_pretrained(str(src_dir), dtype=torch.float32).eval()
+    ids = torch.from_numpy(np.asarray(inputs["input_ids"], np.int64))
+    mask = torch.from_numpy(np.asarray(inputs["attention_mask"], np.int64))
+    pixels = torch.from_numpy(np.asarray(inputs["pixel_values"], np.float32))
+    with torch.no_grad():
+        if len(ids) and len(pixels):
+            o = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+            out = {"text_embeds": o.text_embeds, "image_embeds": o.image_embeds,
+                   "logits_per_image": o.logits_per_image,
+                   "text_last_hidden_state": o.text_model_output.last_hidden_state,
+                   "vision_last_hidden_state": o.vision_model_output.last_hidden_state}
+            return {k: v.float().numpy() for k, v in out.items()}
+        # One side empty: CLIPModel.forward needs both, so run the towers and finish as HF does.
+        p = model.config.projection_dim
+        t_hidden = torch.zeros((0, 0, model.config.text_config.hidden_size))
+        t_emb = torch.zeros((0, p))
+        if len(ids):
+            to = model.text_model(input_ids=ids, attention_mask=mask)
+            t_hidden, t_emb = to.last_hidden_state, model.text_projection(to.pooler_output)
+        vc = model.config.vision_config
+        v_hidden = torch.zeros((0, (vc.image_size // vc.patch_size) ** 2 + 1, vc.hidden_size))
+        v_emb = torch.zeros((0, p))
+        if len(pixels):
+            vo = model.vision_model(pixel_values=pixels)
+            v_hidden, v_emb = vo.last_hidden_state, model.visual_projection(vo.pooler_output)
+        t_emb = t_emb / t_emb.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        v_emb = v_emb / v_emb.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        logits = model.logit_scale.exp() * v_emb @ t_emb.T
+        out = {"text_embeds": t_emb, "image_embeds": v_emb, "logits_per_image": logits,
+               "text_last_hidden_state": t_hidden, "vision_last_hidden_state": v_hidden}
+        return {k: v.float().numpy() for k, v in out.items()}

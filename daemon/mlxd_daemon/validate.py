@@ -1,0 +1,246 @@
+"""Compare an MLX conversion against its PyTorch reference, output by output.
+
+Generic: the architecture module (``mlxd_daemon.archs.<model_type>``) supplies ``golden_inputs``,
+``run_reference``, ``load`` and ``run_mlx``; this module only compares named float arrays and writes
+``validation.json``. No protobuf here: the servicer translates the returned dict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlxd_daemon.archs import get_arch
+from mlxd_daemon.errors import InvalidArgument, MlxdError, NotFound
+from mlxd_daemon.progress import NULL_REPORTER, Reporter
+
+REL_EPS_FRACTION = 1e-3
+"""``max_rel`` divides by ``|ref| + eps`` with ``eps = REL_EPS_FRACTION * rms(ref)``, so elements near zero do
+not turn a tiny absolute error into a huge relative one. ``max_rel`` is reported, not gated on."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass iff ``|cand - ref| <= atol + rtol * |ref|`` everywhere and flattened cosine >= ``min_cosine``."""
+
+    atol: float
+    rtol: float
+    min_cosine: float = 0.0
+
+
+def _band(embeds: Tolerance, logits: Tolerance, hidden: Tolerance) -> dict[str, Tolerance]:
+    return {"embeds": embeds, "logits": logits, "hidden": hidden}
+
+
+# Keyed on the dtype the MLX weights are stored in (compute is always float32). Output classes: "embeds" are
+# L2-normalised (|x| <= 1); "logits" are cosines times exp(logit_scale) (up to 100); "hidden" are raw activations.
+TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    # Same weights, float32 on both sides: only summation order differs (~1e-6 measured on tiny CLIP).
+    "float32": _band(Tolerance(1e-4, 1e-3, 0.99999), Tolerance(1e-2, 1e-3, 0.99999), Tolerance(1e-3, 1e-3, 0.9999)),
+    # fp16 rounds each weight by up to 2^-11 relative; the errors add up over layers to ~1e-3 on embeddings.
+    "float16": _band(Tolerance(5e-3, 1e-2, 0.9995), Tolerance(0.5, 1e-2, 0.9995), Tolerance(5e-2, 5e-2, 0.999)),
+    # bf16 keeps 8 mantissa bits (2^-9 relative rounding), ~8x fp16's error.
+    "bfloat16": _band(Tolerance(3e-2, 5e-2, 0.995), Tolerance(2.0, 5e-2, 0.995), Tolerance(0.3, 0.1, 0.99)),
+    # Affine quantization: per-group step = range / (2^bits - 1); gate mainly on cosine, elementwise is coarse.
+    "q8": _band(Tolerance(5e-2, 0.1, 0.99), Tolerance(3.0, 0.1, 0.99), Tolerance(0.5, 0.2, 0.98)),
+    "q6": _band(Tolerance(0.1, 0.2, 0.98), Tolerance(5.0, 0.2, 0.98), Tolerance(1.0, 0.3, 0.95)),
+    "q4": _band(Tolerance(0.25, 0.5, 0.9), Tolerance(10.0, 0.5, 0.9), Tolerance(2.0, 0.5, 0.85)),
+    "q3": _band(Tolerance(0.5, 1.0, 0.8), Tolerance(20.0, 1.0, 0.8), Tolerance(4.0, 1.0, 0.7)),
+}
+
+
+def band_name(dtype: str, bits: int | None = None, source_dtype: str | None = None) -> str:
+    """Which ``TOLERANCES`` row applies: quantized by bits, else the stored dtype.
+
+    When the source checkpoint already had the stored dtype, the weights are bit-identical after upcasting,
+    so the float32 row applies.
+    """
+    if bits:
+        return "q8" if bits >= 8 else "q6" if bits >= 5 else "q4" if bits == 4 else "q3"
+    if dtype not in TOLERANCES:
+        msg = f"no tolerance band for stored dtype {dtype!r}; known: float32, float16, bfloat16"
+        raise InvalidArgument(msg, reason="UNKNOWN_DTYPE", dtype=dtype)
+    return "float32" if source_dtype == dtype else dtype
+
+
+def tolerance_for(name: str, band: dict[str, Tolerance]) -> Tolerance:
+    """The band entry for an output name: ``*logits*``, ``*embed*``, else hidden-state tolerances."""
+    if "logits" in name:
+        return band["logits"]
+    if "embed" in name:
+        return band["embeds"]
+    return band["hidden"]
+
+
+@dataclass(frozen=True)
+class OutputReport:
+    name: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+    nmse: float
+    atol: float
+    rtol: float
+    min_cosine: float
+    passed: bool
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (non-finite metrics become ``None``)."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+def metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """max_abs, max_rel, cosine (flattened) and nmse = sum((c - r)^2) / sum(r^2), all in float64."""
+    r = np.asarray(reference, np.float64).ravel()
+    c = np.asarray(candidate, np.float64).ravel()
+    if r.size == 0:
+        return {"max_abs": 0.0, "max_rel": 0.0, "cosine": 1.0, "nmse": 0.0}
+    diff = np.abs(c - r)
+    eps = REL_EPS_FRACTION * math.sqrt(float(np.mean(r * r))) + 1e-30
+    rn, cn = float(np.linalg.norm(r)), float(np.linalg.norm(c))
+    if rn == 0.0 or cn == 0.0:
+        cosine = 1.0 if rn == cn else 0.0
+    else:
+        cosine = float(np.dot(r, c) / (rn * cn))
+    energy = float(np.sum(r * r))
+    sq_err = float(np.sum(diff * diff))
+    return {
+        "max_abs": float(diff.max()),
+        "max_rel": float((diff / (np.abs(r) + eps)).max()),
+        "cosine": cosine,
+        # All-zero reference: fall back to plain MSE so the number stays finite.
+        "nmse": sq_err / energy if energy > 0 else sq_err / r.size,
+    }
+
+
+def compare(
+    reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], tolerances: dict[str, Tolerance]
+) -> list[OutputReport]:
+    """One report per reference output (in the reference's order); shapes are checked before values.
+
+    ``tolerances`` maps an output name to its ``Tolerance``; names not in it use ``tolerances["*"]`` if
+    present, else the float32 band's entry for that kind of output.
+    """
+    reports = []
+    for name, ref in reference.items():
+        tol = tolerances.get(name) or tolerances.get("*") or tolerance_for(name, TOLERANCES["float32"])
+        base = {"name": name, "atol": tol.atol, "rtol": tol.rtol, "min_cosine": tol.min_cosine}
+        nan = float("nan")
+        if name not in candidate:
+            reports.append(OutputReport(**base, max_abs=nan, max_rel=nan, cosine=nan, nmse=nan, passed=False,
+                                        note="missing from the MLX outputs"))
+            continue
+        ref, cand = np.asarray(ref), np.asarray(candidate[name])
+        if ref.shape != cand.shape:
+            reports.append(OutputReport(**base, max_abs=nan, max_rel=nan, cosine=nan, nmse=nan, passed=False,
+                                        note=f"shape {cand.shape} != reference {ref.shape}"))
+            continue
+        m = metrics(ref, cand)
+        finite = bool(np.isfinite(cand).all())
+        close = bool(np.allclose(cand.astype(np.float64), ref.astype(np.float64), atol=tol.atol, rtol=tol.rtol))
+        passed = finite and close and m["cosine"] >= tol.min_cosine
+        note = "" if finite else "non-finite values in the MLX output"
+        reports.append(OutputReport(**base, **m, passed=passed, note=note))
+    return reports
+
+
+def matching_agreement(ref_logits: np.ndarray, cand_logits: np.ndarray) -> float:
+    """Fraction of rows (images) whose best column (text) is the same; 1.0 when there is nothing to match."""
+    ref_logits, cand_logits = np.asarray(ref_logits), np.asarray(cand_logits)
+    if ref_logits.ndim != 2 or ref_logits.shape != cand_logits.shape:
+        msg = f"logits shapes {ref_logits.shape} and {cand_logits.shape} must be equal and 2-D"
+        raise InvalidArgument(msg, reason="BAD_LOGITS")
+    if ref_logits.size == 0:
+        return 1.0
+    return float(np.mean(ref_logits.argmax(axis=1) == cand_logits.argmax(axis=1)))
+
+
+def _config(model_dir: Path, role: str) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not model_dir.is_dir() or not path.exists():
+        msg = f"{role} directory {model_dir} does not exist or has no config.json"
+        raise NotFound(msg, reason=f"{role.upper()}_NOT_FOUND", path=str(model_dir))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        msg = f"{path} is not valid JSON ({e})"
+        raise InvalidArgument(msg, reason="BAD_CONFIG", path=str(path)) from None
+
+
+def validate_model(
+    src_dir: Path,
+    mlx_dir: Path,
+    *,
+    texts: list[str] | None = None,
+    images: list[Any] | None = None,
+    reporter: Reporter = NULL_REPORTER,
+) -> dict[str, Any]:
+    """Run the PyTorch reference and the MLX model on the same inputs; compare; write ``validation.json``.
+
+    Returns a JSON-able dict: passed, model_type, dtype, band, outputs (one dict per output),
+    matching_agreement, num_texts, num_images, seconds.
+    """
+    start = time.perf_counter()
+    src_dir, mlx_dir = Path(src_dir), Path(mlx_dir)
+    src_cfg, mlx_cfg = _config(src_dir, "source"), _config(mlx_dir, "mlx")
+    model_type = mlx_cfg.get("model_type")
+    if src_cfg.get("model_type") != model_type:
+        msg = (f"source is model_type {src_cfg.get('model_type')!r} but the MLX model is {model_type!r}: "
+               "pass the checkpoint this model was converted from")
+        raise InvalidArgument(msg, reason="MODEL_TYPE_MISMATCH", source=str(src_cfg.get("model_type")),
+                              mlx=str(model_type))
+    arch = get_arch(str(model_type))
+
+    reporter.begin("reference", total_items=1, message=f"transformers on {src_dir}")
+    inputs = arch.golden_inputs(mlx_dir, texts=texts, images=images)
+    try:
+        reference = arch.run_reference(src_dir, inputs)
+    except MlxdError:
+        raise
+    except Exception as e:  # transformers raises many types (OSError, ValueError, ...) for a bad checkpoint
+        msg = f"the PyTorch reference could not run on {src_dir}: {e}"
+        raise InvalidArgument(msg, reason="REFERENCE_FAILED", path=str(src_dir)) from e
+    reporter.report(1)
+    reporter.end()
+
+    reporter.begin("mlx", total_items=1, message=f"MLX on {mlx_dir}")
+    bundle = arch.load(mlx_dir)
+    candidate = arch.run_mlx(bundle, inputs)
+    reporter.report(1)
+    reporter.end()
+
+    reporter.begin("compare", total_items=len(reference))
+    dtype = getattr(bundle, "dtype", "float32")
+    bits = (getattr(bundle, "quantization", None) or {}).get("bits")
+    source_dtype = src_cfg.get("dtype") or src_cfg.get("torch_dtype")
+    band = band_name(dtype, bits, source_dtype)
+    tolerances = {name: tolerance_for(name, TOLERANCES[band]) for name in reference}
+    reports = compare(reference, candidate, tolerances)
+    reporter.report(len(reports))
+    agreement = 1.0
+    if "logits_per_image" in reference and "logits_per_image" in candidate:
+        agreement = matching_agreement(reference["logits_per_image"], candidate["logits_per_image"])
+    reporter.end()
+
+    result = {
+        "passed": all(r.passed for r in reports),
+        "model_type": model_type,
+        "dtype": dtype,
+        "quantization_bits": bits,
+        "band": band,
+        "outputs": [r.to_dict() for r in reports],
+        # Reported, not gated: near-tied random-weight logits can swap order within tolerance.
+        "matching_agreement": agreement,
+        "num_texts": len(inputs.get("texts", [])),
+        "num_images": len(inputs.get("images", [])),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    (mlx_dir / "validation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result

@@ -1,0 +1,86 @@
+"""Shared fixtures: a real daemon process on a temporary unix socket, and tiny Hugging Face checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mlxd_client import Client
+from mlxd_client.discovery import is_serving
+
+
+class DaemonProcess:
+    """An ``mlxd`` started as a subprocess; ``log`` collects its stderr."""
+
+    def __init__(self, root: Path, *extra: str) -> None:
+        self.socket = root / "mlxd.sock"
+        self.address = f"unix://{self.socket}"
+        self.log = root / "mlxd.log"
+        env = {**os.environ, "MLXD_ADDRESS": self.address}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlxd_daemon", "--address", self.address, "--log-format", "json", *extra],
+                stdout=log, stderr=log, env=env,
+            )
+        deadline = time.monotonic() + 60
+        while not is_serving(self.address, timeout=0.5):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlxd did not start:\n{self.log.read_text()}")
+            time.sleep(0.1)
+
+    def client(self, **kwargs: object) -> Client:
+        return Client(self.address, autostart=False, **kwargs)  # type: ignore[arg-type]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def daemon() -> Iterator[DaemonProcess]:
+    """One daemon shared by the session's end-to-end tests (worker start-up costs seconds)."""
+    # A short path: unix socket paths are limited to ~107 bytes.
+    with tempfile.TemporaryDirectory(prefix="mlxd-test-") as root:
+        d = DaemonProcess(Path(root))
+        yield d
+        d.stop()
+
+
+@pytest.fixture()
+def client(daemon: DaemonProcess) -> Iterator[Client]:
+    with daemon.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight HF CLIP checkpoint (float32 safetensors) with a real BPE tokenizer."""
+    from mlxd_daemon.fixtures import make_clip
+
+    return make_clip(tmp_path_factory.mktemp("hf") / "tiny-clip", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def golden_pngs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Deterministic test images saved as PNG files."""
+    from mlxd_daemon.fixtures import golden_images
+
+    root = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, image in enumerate(golden_images(3, size=40)):
+        path = root / f"image{i}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
