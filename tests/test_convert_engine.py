@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from mlxd_daemon import archs
-from mlxd_daemon.convert import TOKENIZER_FILES, convert, parse_size
+from mlxd_daemon.convert import convert, parse_size
 from mlxd_daemon.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unsupported
 from mlxd_daemon.progress import Reporter
 from safetensors import safe_open
@@ -314,6 +314,23 @@ class TestErrors:
         assert e.value.reason == "OUTPUT_EXISTS"
         assert "pass --overwrite or choose another path" in e.value.message
 
+    def test_overwrite_refuses_a_non_model_directory(self, tmp_path: Path) -> None:
+        """--overwrite aimed at a directory that is not a model output is refused and leaves it intact."""
+        (tmp_path / "docs").mkdir()
+        (tmp_path / "docs" / "thesis.tex").write_text("precious")
+        with pytest.raises(FailedPrecondition) as e:
+            convert(make_src(tmp_path / "src"), tmp_path / "docs", overwrite=True)
+        assert e.value.reason == "OUTPUT_NOT_A_MODEL"
+        assert (tmp_path / "docs" / "thesis.tex").read_text() == "precious"
+
+    def test_output_containing_source(self, tmp_path: Path) -> None:
+        """An output path that is or contains the source is refused, even with --overwrite."""
+        src = make_src(tmp_path / "src")
+        for dst in (src, tmp_path):
+            with pytest.raises(InvalidArgument) as e:
+                convert(src, dst, overwrite=True)
+            assert e.value.reason == "OUTPUT_IS_SOURCE"
+
     def test_index_mismatch(self, tmp_path: Path) -> None:
         """A sharded source whose index lacks a tensor is INDEX_MISMATCH."""
         src = make_src(tmp_path / "src", shards=2)
@@ -357,15 +374,17 @@ class TestAtomicity:
         """With overwrite, a failure midway leaves the previous output untouched."""
         old = tmp_path / "out"
         old.mkdir()
-        (old / "keep.txt").write_text("old")
+        (old / "config.json").write_text("old")
         with pytest.raises(Cancelled):
             convert(make_src(tmp_path / "src"), old, overwrite=True, reporter=cancel_after(3))
-        assert [p.name for p in old.iterdir()] == ["keep.txt"]
+        assert [p.name for p in old.iterdir()] == ["config.json"]
+        assert (old / "config.json").read_text() == "old"
         assert leftovers(tmp_path) == []
 
     def test_overwrite_replaces(self, tmp_path: Path) -> None:
         """With overwrite, a completed conversion replaces the previous output entirely."""
         (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "mlxd_manifest.json").write_text("{}")
         (tmp_path / "out" / "stale.safetensors").write_text("x")
         convert(make_src(tmp_path / "src"), tmp_path / "out", overwrite=True)
         assert not (tmp_path / "out" / "stale.safetensors").exists()
@@ -439,23 +458,31 @@ class TestQuantize:
 )
 class TestRealClip:
     @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-    def test_tiny_clip(self, tmp_path: Path, fmt: str) -> None:
-        """A tiny HF CLIP converts with the real arch: mapped names, layouts recorded, tokenizer copied."""
+    def test_tiny_clip_quantized(self, tmp_path: Path, fmt: str) -> None:
+        """A tiny bf16 HF CLIP converts and quantizes with the real arch, and clip.load accepts the result."""
         from mlxd_daemon.archs import clip
         from mlxd_daemon.fixtures import make_clip
 
         src = make_clip(tmp_path / "src", dtype="bfloat16", weights_format=fmt)
-        result = convert(src, tmp_path / "out", quantize=True, q_group_size=32)
+        result = convert(src, tmp_path / "out", quantize=True, q_group_size=32, max_shard_size="50KB")
         assert (result["model_type"], result["dtype"]) == ("clip", "bfloat16")
-        out = read_out(tmp_path / "out")
-        expected = {clip.map_weight(n) for n in _source_names(src)} - {None}
-        assert expected <= set(out)
-        assert set(TOKENIZER_FILES) & set(result["copied_files"]) >= {"tokenizer.json", "vocab.json"}
+        assert len(result["shards"]) > 1
+        assert {"text_model.embeddings.token_embedding", "text_projection"} <= set(result["quantized_layers"])
         assert not any("position_embedding" in q for q in result["quantized_layers"])
+        assert {"tokenizer.json", "vocab.json", "merges.txt"} <= set(result["copied_files"])
+        for name in result["copied_files"]:
+            assert (src / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+        assert clip.load(tmp_path / "out").quantization == result["quantization"]
 
+    def test_tiny_clip_matches_reference(self, tmp_path: Path) -> None:
+        """A float32 conversion loaded by clip.load gives the transformers outputs (CLIP text atol 1e-5)."""
+        from mlxd_daemon.archs import clip
+        from mlxd_daemon.fixtures import make_clip
 
-def _source_names(src: Path) -> list[str]:
-    if (src / "model.safetensors").exists():
-        with safe_open(str(src / "model.safetensors"), framework="pt") as f:
-            return list(f.keys())
-    return list(torch.load(src / "pytorch_model.bin", weights_only=True, mmap=True))
+        src = make_clip(tmp_path / "src", weights_format="bin")
+        convert(src, tmp_path / "out")
+        inputs = clip.golden_inputs(tmp_path / "out")
+        got = clip.run_mlx(clip.load(tmp_path / "out"), inputs)
+        want = clip.run_reference(src, inputs)
+        for key in ("text_embeds", "image_embeds"):
+            np.testing.assert_allclose(want[key], got[key], atol=1e-4, rtol=1e-4)

@@ -25,9 +25,9 @@ def to_dict(msg: Message) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in msg.DESCRIPTOR.fields:
         value = getattr(msg, field.name)
-        if field.message_type is not None and field.label != field.LABEL_REPEATED:
+        if field.message_type is not None and not field.is_repeated:
             out[field.name] = to_dict(value) if msg.HasField(field.name) else None
-        elif field.label == field.LABEL_REPEATED:
+        elif field.is_repeated:
             out[field.name] = [_scalar(field, v) for v in value]
         else:
             out[field.name] = _scalar(field, value)

@@ -82,7 +82,7 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor. It may still be backed by the mapped file: copy it before keeping it."""
         info = self.tensors[name]
-        handle = self._open.get(info.file)
+        handle: Any = self._open.get(info.file)
         if handle is None:
             path = self.path / info.file
             handle = _open_safetensors(path) if self.weight_format == "safetensors" else _load_bin(path)

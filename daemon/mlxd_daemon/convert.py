@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import resource
 import secrets
 import shutil
@@ -62,6 +63,7 @@ TOKENIZER_FILES: tuple[str, ...] = (
 )
 FLOAT16_MAX = 65504.0
 MANIFEST = "mlxd_manifest.json"
+_MODEL_MARKERS = (MANIFEST, "config.json")
 _HASH_LIMIT = 64 << 20  # sha256 only for small files; hashing multi-GB weights would double the run time.
 
 
@@ -111,6 +113,7 @@ def convert(
         for name in result["copied_files"]:
             shutil.copyfile(src / name, tmp / name)
         _write_manifest(ckpt, plan, target, quant, result["copied_files"], tmp)
+        _sync_tree(tmp)
         _publish(tmp, dst, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -121,18 +124,27 @@ def convert(
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    if dst.resolve() == src.resolve():
-        msg = f"output {dst} is the source directory: choose another path"
+    if src.resolve() == dst.resolve() or dst.resolve() in src.resolve().parents:
+        msg = f"output {dst} is or contains the source directory: choose another path"
         raise InvalidArgument(msg, reason="OUTPUT_IS_SOURCE", path=dst)
-    if dst.exists() and not overwrite:
+    if not dst.exists():
+        return
+    if not overwrite:
         msg = f"output {dst} already exists: pass --overwrite or choose another path"
         raise FailedPrecondition(msg, reason="OUTPUT_EXISTS", path=dst)
+    # --overwrite pointed at the wrong directory must not delete it: only replace what looks like a model.
+    if dst.is_dir() and any(dst.iterdir()) and not any((dst / n).exists() for n in _MODEL_MARKERS):
+        msg = (
+            f"refusing to replace {dst}: it does not look like a model directory (no "
+            f"{' or '.join(_MODEL_MARKERS)}); remove it yourself or choose another path"
+        )
+        raise FailedPrecondition(msg, reason="OUTPUT_NOT_A_MODEL", path=dst)
 
 
 def _write_weights(ckpt: Checkpoint, plan: Plan, out: Path, reporter: Reporter) -> None:
     """Stream tensors shard by shard; with a float16 target, scan everything before refusing an overflow."""
     reporter.begin("convert", len(plan.units), plan.total_bytes)
-    done = done_bytes = 0
+    done = done_bytes = mapped = 0
     overflow: list[dict[str, Any]] = []
     for shard in plan.shards:
         tensors: dict[str, torch.Tensor] = {}
@@ -145,12 +157,16 @@ def _write_weights(ckpt: Checkpoint, plan: Plan, out: Path, reporter: Reporter) 
             if not overflow:
                 tensors.update(_convert_unit(source, unit))
             del source
-            done, done_bytes = done + 1, done_bytes + unit.nbytes
+            done, done_bytes, mapped = done + 1, done_bytes + unit.nbytes, mapped + unit.src_nbytes
+            if mapped >= plan.max_bytes:
+                # Read pages of mapped source files count as resident until unmapped: cap them too.
+                ckpt.release()
+                mapped = 0
             reporter.report(done, done_bytes, unit.target)
         if not overflow:
             _save_shard(tensors, shard, plan.layouts, out)
         tensors.clear()
-        ckpt.release()
+    ckpt.release()
     if overflow:
         worst = ", ".join(f"{o['name']} (max |x| {o['max_abs']:.6g})" for o in overflow[:10])
         msg = (
@@ -180,7 +196,7 @@ def _float16_overflow(t: torch.Tensor, out_dtype: torch.dtype) -> float | None:
 def _convert_unit(source: torch.Tensor, unit: Unit) -> dict[str, torch.Tensor]:
     """Cast (and optionally quantize) one tensor into tensors that own their memory."""
     out = source.to(unit.dtype)
-    if out.data_ptr() == source.data_ptr():
+    if out.data_ptr() == source.data_ptr() and not unit.quantize:
         out = out.clone()  # same dtype: still a view of the mapped source file
     out = out.contiguous()
     if not unit.quantize:
@@ -247,6 +263,21 @@ def _write_manifest(
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _sync_tree(path: Path) -> None:
+    """fsync every file and the directory, so the rename never publishes files that are not on disk yet."""
+    for f in path.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:

@@ -57,7 +57,12 @@ _CORPUS = (
 # Tiny: fast enough for unit tests; base: openai/clip-vit-base-patch32's shapes.
 _SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
-        "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+        "text": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
         "vision": {
             "hidden_size": 32,
             "intermediate_size": 64,
@@ -70,7 +75,12 @@ _SIZES: dict[str, dict[str, Any]] = {
         "vocab_size": None,  # the trained tokenizer's size
     },
     "base": {
-        "text": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
+        "text": {
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 8,
+        },
         "vision": {
             "hidden_size": 768,
             "intermediate_size": 3072,
@@ -89,7 +99,11 @@ _MAX_POSITIONS = 77
 
 def _byte_alphabet() -> list[str]:
     """The 256 printable stand-ins for bytes used by byte-level BPE, in byte order (GPT-2/CLIP scheme)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -131,7 +145,12 @@ def write_tokenizer(out_dir: Path, max_length: int = _MAX_POSITIONS) -> dict[str
     lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
     (out_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     build_clip_tokenizer(vocab, merges).save(str(out_dir / "tokenizer.json"))
-    specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
+    specials = {
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": EOS_TOKEN,
+        "pad_token": EOS_TOKEN,
+    }
     tok_cfg = {
         **specials,
         "tokenizer_class": "CLIPTokenizer",
@@ -188,7 +207,11 @@ def make_clip(
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = _SIZES[size]
     vocab = write_tokenizer(out_dir)
-    ids = {"bos_token_id": vocab[BOS_TOKEN], "eos_token_id": vocab[EOS_TOKEN], "pad_token_id": vocab[EOS_TOKEN]}
+    ids = {
+        "bos_token_id": vocab[BOS_TOKEN],
+        "eos_token_id": vocab[EOS_TOKEN],
+        "pad_token_id": vocab[EOS_TOKEN],
+    }
     text_cfg = {
         **spec["text"],
         **ids,
@@ -215,7 +238,7 @@ def make_clip(
 
 
 def _randomize_norms_and_biases(model: Any, torch: Any) -> None:
-    # HF initialises LayerNorms to (1, 0) and biases to 0: randomise them so tests catch swapped/missing tensors.
+    # HF initialises LayerNorms to (1, 0) and biases to 0: randomise them so tests catch swapped tensors.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

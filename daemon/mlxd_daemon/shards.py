@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mlxd_daemon.checkpoint import Checkpoint
+from mlxd_daemon.checkpoint import Checkpoint, TensorInfo
 from mlxd_daemon.errors import InvalidArgument, Unsupported
 
 DTYPES: dict[str, torch.dtype] = {
@@ -102,6 +102,7 @@ class Plan:
     dropped: list[str]
     skipped: list[dict[str, str]]
     layouts: dict[str, str]
+    max_bytes: int
 
     @property
     def total_bytes(self) -> int:
@@ -116,14 +117,15 @@ class Plan:
         return dict(sorted(wm.items()))
 
     def estimated_peak_bytes(self) -> int:
-        """One shard accumulating in memory plus the worst single tensor's transient copies."""
+        """A shard accumulating, source pages mapped since the last release, one tensor's transient copies."""
         shard = max((s.nbytes for s in self.shards), default=0)
+        mapped = min(self.max_bytes, sum(u.src_nbytes for u in self.units))
         # source copy + cast copy, and for quantization a float32 staging copy plus MLX's outputs.
         worst = max(
             (u.src_nbytes + u.nbytes + (u.num_parameters * 4 if u.quantize else 0) for u in self.units),
             default=0,
         )
-        return shard + worst
+        return shard + mapped + worst
 
 
 def parse_size(size: int | str) -> int:
@@ -184,24 +186,10 @@ def make_plan(
         if target in units:
             msg = f"tensors {units[target].source} and {src_name} both map to {target}"
             raise InvalidArgument(msg, reason="DUPLICATE_TENSOR", tensor=target)
-        out_dtype = dtype if info.dtype.is_floating_point else info.dtype
-        quantize = False
-        if (
-            quant is not None
-            and info.dtype.is_floating_point
-            and (target.endswith(".weight") or len(info.shape) >= 2)
-        ):
-            reason = keep_float_reason(target, info.shape, layouts.get(target), quant["group_size"])
-            quantize = reason is None
-            if reason is not None:
-                skipped.append({"name": target.removesuffix(".weight"), "reason": reason})
-        outputs = (
-            _quantized_outputs(target, info.shape, out_dtype, quant)
-            if quantize
-            else (OutTensor(target, out_dtype, info.shape),)
-        )
-        q = (quant["bits"], quant["group_size"]) if quant is not None and quantize else (0, 0)
-        units[target] = Unit(src_name, target, out_dtype, quantize, outputs, info.nbytes, info.numel, *q)
+        unit, skip = _plan_unit(src_name, target, info, dtype, layouts.get(target), quant)
+        units[target] = unit
+        if skip is not None:
+            skipped.append(skip)
     ordered = [units[k] for k in sorted(units)]
     present = {o.name for u in ordered for o in u.outputs}
     return Plan(
@@ -210,7 +198,42 @@ def make_plan(
         dropped,
         skipped,
         {k: v for k, v in sorted(layouts.items()) if k in present},
+        max_bytes,
     )
+
+
+def _plan_unit(
+    src_name: str,
+    target: str,
+    info: TensorInfo,
+    dtype: torch.dtype,
+    layout: str | None,
+    quant: dict[str, Any] | None,
+) -> tuple[Unit, dict[str, str] | None]:
+    """One tensor's outputs, and a skipped_layers entry when quantization was asked for but not applied."""
+    if not info.dtype.is_floating_point:  # integer ids and masks are kept exactly as they are
+        return Unit(
+            src_name,
+            target,
+            info.dtype,
+            False,
+            (OutTensor(target, info.dtype, info.shape),),
+            info.nbytes,
+            info.numel,
+        ), None
+    plain = Unit(
+        src_name, target, dtype, False, (OutTensor(target, dtype, info.shape),), info.nbytes, info.numel
+    )
+    # Biases and scalars are not layers: only weights and matrices are quantization candidates.
+    if quant is None or not (target.endswith(".weight") or len(info.shape) >= 2):
+        return plain, None
+    reason = keep_float_reason(target, info.shape, layout, quant["group_size"])
+    if reason is not None:
+        return plain, {"name": target.removesuffix(".weight"), "reason": reason}
+    outputs = _quantized_outputs(target, info.shape, dtype, quant)
+    return Unit(
+        src_name, target, dtype, True, outputs, info.nbytes, info.numel, quant["bits"], quant["group_size"]
+    ), None
 
 
 def assign_shards(units: list[Unit], max_bytes: int) -> list[Shard]:
@@ -218,7 +241,7 @@ def assign_shards(units: list[Unit], max_bytes: int) -> list[Shard]:
     groups: list[list[Unit]] = []
     size = 0
     for unit in units:
-        if not groups or (groups[-1] and size + unit.nbytes > max_bytes):
+        if not groups or size + unit.nbytes > max_bytes:
             groups.append([])
             size = 0
         groups[-1].append(unit)

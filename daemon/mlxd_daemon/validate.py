@@ -39,15 +39,19 @@ def _band(embeds: Tolerance, logits: Tolerance, hidden: Tolerance) -> dict[str, 
 
 
 # Keyed on the dtype the MLX weights are stored in (compute is always float32). Output classes: "embeds" are
-# L2-normalised (|x| <= 1); "logits" are cosines times exp(logit_scale) (up to 100); "hidden" are raw activations.
+# L2-normalised (|x| <= 1); "logits" are cosines * exp(logit_scale) (up to 100); "hidden" are raw activations.
 TOLERANCES: dict[str, dict[str, Tolerance]] = {
     # Same weights, float32 on both sides: only summation order differs (~1e-6 measured on tiny CLIP).
-    "float32": _band(Tolerance(1e-4, 1e-3, 0.99999), Tolerance(1e-2, 1e-3, 0.99999), Tolerance(1e-3, 1e-3, 0.9999)),
+    "float32": _band(
+        Tolerance(1e-4, 1e-3, 0.99999), Tolerance(1e-2, 1e-3, 0.99999), Tolerance(1e-3, 1e-3, 0.9999)
+    ),
     # fp16 rounds each weight by up to 2^-11 relative; the errors add up over layers to ~1e-3 on embeddings.
-    "float16": _band(Tolerance(5e-3, 1e-2, 0.9995), Tolerance(0.5, 1e-2, 0.9995), Tolerance(5e-2, 5e-2, 0.999)),
+    "float16": _band(
+        Tolerance(5e-3, 1e-2, 0.9995), Tolerance(0.5, 1e-2, 0.9995), Tolerance(5e-2, 5e-2, 0.999)
+    ),
     # bf16 keeps 8 mantissa bits (2^-9 relative rounding), ~8x fp16's error.
     "bfloat16": _band(Tolerance(3e-2, 5e-2, 0.995), Tolerance(2.0, 5e-2, 0.995), Tolerance(0.3, 0.1, 0.99)),
-    # Affine quantization: per-group step = range / (2^bits - 1); gate mainly on cosine, elementwise is coarse.
+    # Affine quantization: per-group step = range / (2^bits - 1); gate mainly on cosine, elementwise is coarse
     "q8": _band(Tolerance(5e-2, 0.1, 0.99), Tolerance(3.0, 0.1, 0.99), Tolerance(0.5, 0.2, 0.98)),
     "q6": _band(Tolerance(0.1, 0.2, 0.98), Tolerance(5.0, 0.2, 0.98), Tolerance(1.0, 0.3, 0.95)),
     "q4": _band(Tolerance(0.25, 0.5, 0.9), Tolerance(10.0, 0.5, 0.9), Tolerance(2.0, 0.5, 0.85)),
@@ -93,7 +97,9 @@ class OutputReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (non-finite metrics become ``None``)."""
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()
+        }
 
 
 def metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -105,10 +111,7 @@ def metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     diff = np.abs(c - r)
     eps = REL_EPS_FRACTION * math.sqrt(float(np.mean(r * r))) + 1e-30
     rn, cn = float(np.linalg.norm(r)), float(np.linalg.norm(c))
-    if rn == 0.0 or cn == 0.0:
-        cosine = 1.0 if rn == cn else 0.0
-    else:
-        cosine = float(np.dot(r, c) / (rn * cn))
+    cosine = float(np.dot(r, c) / (rn * cn)) if rn and cn else float(rn == cn)
     energy = float(np.sum(r * r))
     sq_err = float(np.sum(diff * diff))
     return {
@@ -134,17 +137,37 @@ def compare(
         base = {"name": name, "atol": tol.atol, "rtol": tol.rtol, "min_cosine": tol.min_cosine}
         nan = float("nan")
         if name not in candidate:
-            reports.append(OutputReport(**base, max_abs=nan, max_rel=nan, cosine=nan, nmse=nan, passed=False,
-                                        note="missing from the MLX outputs"))
+            reports.append(
+                OutputReport(
+                    **base,
+                    max_abs=nan,
+                    max_rel=nan,
+                    cosine=nan,
+                    nmse=nan,
+                    passed=False,
+                    note="missing from the MLX outputs",
+                )
+            )
             continue
         ref, cand = np.asarray(ref), np.asarray(candidate[name])
         if ref.shape != cand.shape:
-            reports.append(OutputReport(**base, max_abs=nan, max_rel=nan, cosine=nan, nmse=nan, passed=False,
-                                        note=f"shape {cand.shape} != reference {ref.shape}"))
+            reports.append(
+                OutputReport(
+                    **base,
+                    max_abs=nan,
+                    max_rel=nan,
+                    cosine=nan,
+                    nmse=nan,
+                    passed=False,
+                    note=f"shape {cand.shape} != reference {ref.shape}",
+                )
+            )
             continue
         m = metrics(ref, cand)
         finite = bool(np.isfinite(cand).all())
-        close = bool(np.allclose(cand.astype(np.float64), ref.astype(np.float64), atol=tol.atol, rtol=tol.rtol))
+        close = bool(
+            np.allclose(cand.astype(np.float64), ref.astype(np.float64), atol=tol.atol, rtol=tol.rtol)
+        )
         passed = finite and close and m["cosine"] >= tol.min_cosine
         note = "" if finite else "non-finite values in the MLX output"
         reports.append(OutputReport(**base, **m, passed=passed, note=note))
@@ -192,10 +215,13 @@ def validate_model(
     src_cfg, mlx_cfg = _config(src_dir, "source"), _config(mlx_dir, "mlx")
     model_type = mlx_cfg.get("model_type")
     if src_cfg.get("model_type") != model_type:
-        msg = (f"source is model_type {src_cfg.get('model_type')!r} but the MLX model is {model_type!r}: "
-               "pass the checkpoint this model was converted from")
-        raise InvalidArgument(msg, reason="MODEL_TYPE_MISMATCH", source=str(src_cfg.get("model_type")),
-                              mlx=str(model_type))
+        msg = (
+            f"source is model_type {src_cfg.get('model_type')!r} but the MLX model is {model_type!r}: "
+            "pass the checkpoint this model was converted from"
+        )
+        raise InvalidArgument(
+            msg, reason="MODEL_TYPE_MISMATCH", source=str(src_cfg.get("model_type")), mlx=str(model_type)
+        )
     arch = get_arch(str(model_type))
 
     reporter.begin("reference", total_items=1, message=f"transformers on {src_dir}")

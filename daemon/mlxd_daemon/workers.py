@@ -126,21 +126,24 @@ class WorkerProcess:
         self._cancel.set()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Ask the worker to exit (after cancelling what it runs), then make sure it is gone."""
+        """Cancel what the worker runs, ask it to exit, and make sure it is gone."""
         self._cancel.set()
-        proc, conn = self._proc, self._conn
-        if proc is None:
-            return
-        # Wait (bounded) for the cancelled request to unwind before asking the loop to exit.
-        if self._lock.acquire(timeout=timeout):
-            try:
-                conn.send(("stop", {}))
-            except OSError:
-                pass
-            finally:
-                self._lock.release()
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
+        # Bounded wait for a cancelled request (or a start in progress) to unwind.
+        locked = self._lock.acquire(timeout=timeout)
+        try:
+            proc, conn = self._proc, self._conn
+            if proc is None:
+                return
+            if locked:
+                try:
+                    conn.send(("stop", {}))
+                except OSError:
+                    pass
             proc.join(timeout)
-        self._proc = None
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout)
+            self._proc = None
+        finally:
+            if locked:
+                self._lock.release()

@@ -1,7 +1,7 @@
-"""CLIP (HF ``model_type: clip``) in MLX: configs, modules named like HF's, loading, embedding, validation hooks.
+"""CLIP (HF ``model_type: clip``) in MLX: configs, HF-named modules, loading, embedding, validation hooks.
 
-Module and parameter names are exactly Hugging Face's, so weights load by HF name; the one layout change is the
-patch-embedding conv (see ``DISK_LAYOUT``). Inputs are prepared by ``clip_processing`` (same as CLIPProcessor).
+Module and parameter names are exactly Hugging Face's, so weights load by HF name; the one layout change
+is the patch-embedding conv (see ``DISK_LAYOUT``). Inputs come from ``clip_processing`` (= CLIPProcessor).
 
 Output keys of ``ClipBundle.forward_outputs``, ``run_mlx`` and ``run_reference``:
   ``text_embeds`` [n_texts, P] and ``image_embeds`` [n_images, P]: L2-normalised projections;
@@ -29,7 +29,7 @@ from mlxd_daemon.archs.clip_processing import ImageConfig, load_tokenizer, prepr
 from mlxd_daemon.errors import InvalidArgument, NotFound, Unsupported
 
 PATCH_WEIGHT = "vision_model.embeddings.patch_embedding.weight"
-# Kept in PyTorch layout on disk so mlx-examples' CLIPModel.from_pretrained (which transposes) reads our output.
+# Kept in PyTorch layout on disk so mlx-examples' CLIPModel.from_pretrained (which transposes) reads it.
 DISK_LAYOUT: dict[str, str] = {PATCH_WEIGHT: "pytorch_conv2d_OIHW"}
 LAYOUT_METADATA_KEY = "mlxd.layout"
 _TOP_LEVEL = ("text_model.", "vision_model.", "text_projection.", "visual_projection.", "logit_scale")
@@ -89,7 +89,7 @@ class ClipConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClipConfig:
-        """Parse HF CLIPConfig's config.json (text_config/vision_config sub-dicts); unknown keys are ignored."""
+        """Parse HF CLIPConfig's config.json (text_config/vision_config dicts); unknown keys are ignored."""
         return cls(
             text=TextConfig.from_dict(d.get("text_config") or {}),
             vision=VisionConfig.from_dict(d.get("vision_config") or {}),
@@ -201,7 +201,9 @@ class CLIPTextTransformer(nn.Module):
         """(pooled [B, D], last_hidden_state [B, L, D]); pooling at EOS exactly as transformers does."""
         b, n = input_ids.shape
         if n > self.cfg.max_position_embeddings:
-            msg = f"text is {n} tokens, the model takes at most {self.cfg.max_position_embeddings}: truncate it"
+            msg = (
+                f"text is {n} tokens, the model takes at most {self.cfg.max_position_embeddings}: truncate it"
+            )
             raise InvalidArgument(msg, reason="TEXT_TOO_LONG")
         # Boolean mask (True = attend): causal, and padded keys hidden, like HF's create_causal_mask.
         causal = np.tril(np.ones((n, n), dtype=bool))
@@ -295,10 +297,13 @@ class ClipBundle:
     quantization: dict[str, Any] | None = None
 
     def preprocess(self, texts: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
-        """``input_ids``, ``attention_mask`` and ``pixel_values`` as CLIPProcessor(padding=True) gives them."""
+        """``input_ids``, ``attention_mask``, ``pixel_values`` as CLIPProcessor(padding=True) gives them."""
         ids, mask = tokenize(self.tokenizer, list(texts))
-        return {"input_ids": ids, "attention_mask": mask,
-                "pixel_values": preprocess_images(list(images), self.image_config)}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "pixel_values": preprocess_images(list(images), self.image_config),
+        }
 
     def forward_outputs(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray
@@ -307,7 +312,9 @@ class ClipBundle:
         m, cfg = self.model, self.config
         out: dict[str, mx.array] = {}
         if len(input_ids):
-            pooled, out["text_last_hidden_state"] = m.text_model(np.asarray(input_ids), np.asarray(attention_mask))
+            pooled, out["text_last_hidden_state"] = m.text_model(
+                np.asarray(input_ids), np.asarray(attention_mask)
+            )
             out["text_embeds"] = _l2_normalise(m.text_projection(pooled))
         else:
             out["text_embeds"] = mx.zeros((0, cfg.projection_dim))
@@ -377,7 +384,7 @@ def _read_safetensors(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, s
     if manifest.exists():
         # The converter's manifest may record the layout too ("layout" or "disk_layout": {name: layout}).
         m = _read_json(manifest)
-        recorded = m.get("layout") or m.get("disk_layout")
+        recorded = m.get("layout", m.get("disk_layout"))
         if isinstance(recorded, dict):
             layout = {**(layout or {}), **recorded}
     return weights, layout
@@ -420,8 +427,13 @@ def load(model_dir: Path) -> ClipBundle:
         raise NotFound(msg, reason="MODEL_NOT_FOUND", path=str(model_dir))
     cfg = read_config(model_dir)
     raw, layout = _read_safetensors(model_dir)
-    dtype = _storage_dtype({k: v for k, v in raw.items() if not k.endswith((".scales", ".biases"))
-                            and k[: -len(".weight")] + ".scales" not in raw})
+    dtype = _storage_dtype(
+        {
+            k: v
+            for k, v in raw.items()
+            if not k.endswith((".scales", ".biases")) and k[: -len(".weight")] + ".scales" not in raw
+        }
+    )
     _dequantize(raw, cfg.quantization)
     weights = {new: v for k, v in raw.items() if (new := map_weight(k)) is not None}
     # Without a layout record, behave like mlx-examples' loader: HF/PyTorch conv weights are OIHW, transpose.
@@ -469,8 +481,13 @@ def _check_structure(model: CLIPModel, weights: dict[str, mx.array], model_dir: 
             k = wrong[0]
             detail += f" ({k}: {tuple(weights[k].shape)} on disk, model wants {expected[k]})"
         msg = f"weights in {model_dir} do not fit the CLIP config: {detail}"
-        raise InvalidArgument(msg, reason="WEIGHTS_MISMATCH", missing=len(missing), unexpected=len(unexpected),
-                              wrong_shape=len(wrong))
+        raise InvalidArgument(
+            msg,
+            reason="WEIGHTS_MISMATCH",
+            missing=len(missing),
+            unexpected=len(unexpected),
+            wrong_shape=len(wrong),
+        )
 
 
 # ---- validation hooks -------------------------------------------------------------------------------------
@@ -488,7 +505,13 @@ def golden_inputs(
     images = fixtures.golden_images(4, cfg.vision.image_size + 9) if images is None else list(images)
     ids, mask = tokenize(load_tokenizer(model_dir, cfg.text.max_position_embeddings), texts)
     pixels = preprocess_images(images, ImageConfig.load(model_dir, cfg.vision.image_size))
-    return {"texts": texts, "images": images, "input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    return {
+        "texts": texts,
+        "images": images,
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": pixels,
+    }
 
 
 def run_mlx(bundle: ClipBundle, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -497,7 +520,7 @@ def run_mlx(bundle: ClipBundle, inputs: dict[str, Any]) -> dict[str, np.ndarray]
 
 
 def run_reference(src_dir: Path, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
-    """transformers' CLIPModel (float32, no_grad) on the same preprocessed arrays; same keys as ``run_mlx``."""
+    """transformers' CLIPModel (float32, no_grad) on the same preprocessed arrays; keys as ``run_mlx``."""
     import torch
     import transformers
 
@@ -508,10 +531,13 @@ def run_reference(src_dir: Path, inputs: dict[str, Any]) -> dict[str, np.ndarray
     with torch.no_grad():
         if len(ids) and len(pixels):
             o = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-            out = {"text_embeds": o.text_embeds, "image_embeds": o.image_embeds,
-                   "logits_per_image": o.logits_per_image,
-                   "text_last_hidden_state": o.text_model_output.last_hidden_state,
-                   "vision_last_hidden_state": o.vision_model_output.last_hidden_state}
+            out = {
+                "text_embeds": o.text_embeds,
+                "image_embeds": o.image_embeds,
+                "logits_per_image": o.logits_per_image,
+                "text_last_hidden_state": o.text_model_output.last_hidden_state,
+                "vision_last_hidden_state": o.vision_model_output.last_hidden_state,
+            }
             return {k: v.float().numpy() for k, v in out.items()}
         # One side empty: CLIPModel.forward needs both, so run the towers and finish as HF does.
         p = model.config.projection_dim
@@ -529,6 +555,11 @@ def run_reference(src_dir: Path, inputs: dict[str, Any]) -> dict[str, np.ndarray
         t_emb = t_emb / t_emb.norm(dim=-1, keepdim=True).clamp_min(1e-30)
         v_emb = v_emb / v_emb.norm(dim=-1, keepdim=True).clamp_min(1e-30)
         logits = model.logit_scale.exp() * v_emb @ t_emb.T
-        out = {"text_embeds": t_emb, "image_embeds": v_emb, "logits_per_image": logits,
-               "text_last_hidden_state": t_hidden, "vision_last_hidden_state": v_hidden}
+        out = {
+            "text_embeds": t_emb,
+            "image_embeds": v_emb,
+            "logits_per_image": logits,
+            "text_last_hidden_state": t_hidden,
+            "vision_last_hidden_state": v_hidden,
+        }
         return {k: v.float().numpy() for k, v in out.items()}

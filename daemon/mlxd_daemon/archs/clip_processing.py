@@ -63,7 +63,10 @@ def build_clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([BOS_TOKEN, EOS_TOKEN])
     tok.post_processor = processors.RobertaProcessing(
-        (EOS_TOKEN, vocab[EOS_TOKEN]), (BOS_TOKEN, vocab[BOS_TOKEN]), trim_offsets=False, add_prefix_space=False
+        (EOS_TOKEN, vocab[EOS_TOKEN]),
+        (BOS_TOKEN, vocab[BOS_TOKEN]),
+        trim_offsets=False,
+        add_prefix_space=False,
     )
     return tok
 
