@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup proto proto-check lint format typecheck test check demo bench clean
+.PHONY: setup blas proto proto-check lint format typecheck test check demo bench clean
 
 $(STAMP): pyproject.toml
+	@$(MAKE) -s blas
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned to the local CPU build; an unpinned torch pulls a multi-GB CUDA build.
@@ -15,6 +16,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# MLX's Linux wheel uses a reference BLAS (~30x slower matmul); workers preload OpenBLAS when it is installed.
+blas:
+	@if [ "$$(uname)" = Linux ] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing libopenblas0-pthread (optimized BLAS for MLX)"; \
+			(apt-get install -y -qq libopenblas0-pthread || (apt-get update -qq && \
+				apt-get install -y -qq libopenblas0-pthread)) >/dev/null 2>&1 || \
+				echo "warning: could not install libopenblas0-pthread; MLX matmul will be ~30x slower"; \
+		else \
+			echo "warning: no OpenBLAS found; install libopenblas0-pthread (or set MLXD_BLAS) for ~30x faster MLX"; \
+		fi; \
+	fi
 
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=client --grpc_python_out=client --pyi_out=client \

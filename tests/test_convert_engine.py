@@ -331,6 +331,13 @@ class TestErrors:
                 convert(src, dst, overwrite=True)
             assert e.value.reason == "OUTPUT_IS_SOURCE"
 
+    def test_nothing_left_after_mapping(self, tmp_path: Path) -> None:
+        """A checkpoint whose every tensor the arch drops is NO_TENSORS rather than an empty model."""
+        src = make_src(tmp_path / "src", {"model.position_ids": torch.arange(3)})
+        with pytest.raises(InvalidArgument) as e:
+            convert(src, tmp_path / "out")
+        assert e.value.reason == "NO_TENSORS"
+
     def test_index_mismatch(self, tmp_path: Path) -> None:
         """A sharded source whose index lacks a tensor is INDEX_MISMATCH."""
         src = make_src(tmp_path / "src", shards=2)

@@ -235,7 +235,7 @@ def cmd_daemon(a: argparse.Namespace) -> Outcome:
     }
     text = (
         f"mlxd {info.get('daemon_version')} (protocol {info.get('protocol_version')}) pid {info.get('pid')} "
-        f"at {address}; {len(models['models'])} model(s) resident, {models['used_bytes'] / 1e6:.1f} MB"
+        f"at {address}; BLAS {info.get('blas')}; {len(models['models'])} model(s) resident, {models['used_bytes'] / 1e6:.1f} MB"
     )
     return r, text, 0
 

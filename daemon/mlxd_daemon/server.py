@@ -18,6 +18,7 @@ from mlxd.v1 import mlxd_pb2 as pb
 from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
 from mlxd_client.discovery import CHANNEL_OPTIONS, is_serving
 
+from mlxd_daemon.blas import find_blas, warning
 from mlxd_daemon.servicer import MlxdServicer
 from mlxd_daemon.workers import WorkerProcess
 
@@ -146,7 +147,10 @@ class Daemon:
             os.umask(old_umask)
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("daemon_started", address=self.address, pid=os.getpid())
+        blas = find_blas()
+        log.info("daemon_started", address=self.address, pid=os.getpid(), blas=blas)
+        if warning(blas):
+            log.warning("slow_blas", message=warning(blas))
         # Warm the models worker in the background so the first Infer does not pay for process start-up.
         threading.Thread(target=self.models_worker.start, daemon=True).start()
 

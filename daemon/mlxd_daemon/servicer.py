@@ -21,6 +21,7 @@ from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
 
 from mlxd_daemon import PROTOCOL_VERSION, __version__
 from mlxd_daemon.archs import SUPPORTED
+from mlxd_daemon.blas import find_blas
 from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, MlxdError, NotFound
 from mlxd_daemon.jobs import CANCELLED, FAILED, SUCCEEDED, Job, JobTable
 from mlxd_daemon.workers import WorkerProcess
@@ -100,6 +101,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             pid=os.getpid(),
             address=self.address,
             started_at_unix=self.started_at,
+            blas=find_blas(),
         )
 
     def Shutdown(self, request: pb.ShutdownRequest, context: grpc.ServicerContext) -> pb.ShutdownResponse:

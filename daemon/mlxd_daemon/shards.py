@@ -190,6 +190,9 @@ def make_plan(
         units[target] = unit
         if skip is not None:
             skipped.append(skip)
+    if not units:
+        msg = f"no {ckpt.model_type} tensors among the {len(dropped)} in {ckpt.path}: is this the right checkpoint?"
+        raise InvalidArgument(msg, reason="NO_TENSORS", dropped=len(dropped))
     ordered = [units[k] for k in sorted(units)]
     present = {o.name for u in ordered for o in u.outputs}
     return Plan(

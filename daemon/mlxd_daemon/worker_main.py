@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from mlxd_daemon import logs
+from mlxd_daemon import blas, logs
 from mlxd_daemon.errors import MlxdError
 from mlxd_daemon.progress import Reporter
 
@@ -23,6 +23,10 @@ def worker_main(conn: Any, cancel_event: Any, role: str, options: dict[str, Any]
     """Entry point of the worker process (started with the spawn method)."""
     logs.configure(options.get("log_level", "info"), options.get("log_json"))
     structlog.contextvars.bind_contextvars(worker=role, pid=os.getpid())
+    in_use = blas.preload()  # must precede the first `import mlx.core`
+    log.info("blas", blas=in_use)
+    if blas.warning(in_use):
+        log.warning("slow_blas", message=blas.warning(in_use))
     from mlxd_daemon import ops  # heavy imports (mlx, torch) happen here, never in the front end
 
     handlers = ops.handlers(role, options)

@@ -56,20 +56,22 @@ class Capabilities(_message.Message):
     def __init__(self, architectures: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., quant_modes: _Optional[_Iterable[_Union[QuantMode, str]]] = ..., quant_bits: _Optional[_Iterable[int]] = ..., quant_group_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InitializeResponse(_message.Message):
-    __slots__ = ("protocol_version", "daemon_version", "capabilities", "pid", "address", "started_at_unix")
+    __slots__ = ("protocol_version", "daemon_version", "capabilities", "pid", "address", "started_at_unix", "blas")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DAEMON_VERSION_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    BLAS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     daemon_version: str
     capabilities: Capabilities
     pid: int
     address: str
     started_at_unix: float
-    def __init__(self, protocol_version: _Optional[int] = ..., daemon_version: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., pid: _Optional[int] = ..., address: _Optional[str] = ..., started_at_unix: _Optional[float] = ...) -> None: ...
+    blas: str
+    def __init__(self, protocol_version: _Optional[int] = ..., daemon_version: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., pid: _Optional[int] = ..., address: _Optional[str] = ..., started_at_unix: _Optional[float] = ..., blas: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("kind", "job_id", "stage", "items_done", "items_total", "bytes_done", "bytes_total", "message")

@@ -22,6 +22,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 from PIL import Image
 from tokenizers import Tokenizer
 
@@ -427,13 +428,8 @@ def load(model_dir: Path) -> ClipBundle:
         raise NotFound(msg, reason="MODEL_NOT_FOUND", path=str(model_dir))
     cfg = read_config(model_dir)
     raw, layout = _read_safetensors(model_dir)
-    dtype = _storage_dtype(
-        {
-            k: v
-            for k, v in raw.items()
-            if not k.endswith((".scales", ".biases")) and k[: -len(".weight")] + ".scales" not in raw
-        }
-    )
+    # Packed quantized weights are uint32 and not counted; their scales/biases keep the float dtype.
+    dtype = _storage_dtype(raw)
     _dequantize(raw, cfg.quantization)
     weights = {new: v for k, v in raw.items() if (new := map_weight(k)) is not None}
     # Without a layout record, behave like mlx-examples' loader: HF/PyTorch conv weights are OIHW, transpose.
@@ -445,7 +441,7 @@ def load(model_dir: Path) -> ClipBundle:
     # Linux CPU fp16/bf16 matmul is ~40x slower than float32, so compute in float32 whatever the storage.
     model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()])
     model.eval()
-    params = dict(_flatten(model.parameters()))
+    params = dict(tree_flatten(model.parameters()))
     mx.eval(params)
     return ClipBundle(
         model=model,
@@ -459,15 +455,9 @@ def load(model_dir: Path) -> ClipBundle:
     )
 
 
-def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, mx.array]]:
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree, prefix=prefix)
-
-
 def _check_structure(model: CLIPModel, weights: dict[str, mx.array], model_dir: Path) -> None:
     """Key sets and every shape before any value is loaded, with an error naming the first differences."""
-    expected = {k: tuple(v.shape) for k, v in _flatten(model.parameters())}
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
