@@ -191,7 +191,7 @@ def make_plan(
         if skip is not None:
             skipped.append(skip)
     if not units:
-        msg = f"no {ckpt.model_type} tensors among the {len(dropped)} in {ckpt.path}: is this the right checkpoint?"
+        msg = f"no {ckpt.model_type} tensors among the {len(dropped)} in {ckpt.path}: wrong checkpoint?"
         raise InvalidArgument(msg, reason="NO_TENSORS", dropped=len(dropped))
     ordered = [units[k] for k in sorted(units)]
     present = {o.name for u in ordered for o in u.outputs}
