@@ -281,7 +281,7 @@ class TestConvLayout:
         dst = convert(tiny, tmp_path / "m", layout="mlx")
         arrays = mx.load(str(dst / "model.safetensors"))
         mx.save_safetensors(str(dst / "model.safetensors"), arrays)  # drop the metadata record
-        (dst / "mlxd_manifest.json").write_text(json.dumps({"layout": {}}))
+        (dst / "mlxd_manifest.json").write_text(json.dumps({"layouts": {}}))
         assert clip.load(dst).model.vision_model.embeddings.patch_embedding.weight.shape == (32, 15, 15, 3)
 
     def test_wrong_record_is_a_shape_error(self, tiny: Path, tmp_path: Path) -> None:
@@ -364,6 +364,29 @@ class TestValidateModel:
         dst = convert(tiny, tmp_path / "h", dtype="float16")
         result = validate_model(tiny, dst)
         assert (result["dtype"], result["band"], result["passed"]) == ("float16", "float16", True)
+
+
+class TestWithConverter:
+    @pytest.mark.parametrize(
+        ("src_dtype", "weights_format", "kwargs", "band"),
+        [
+            ("float32", "safetensors", {}, "float32"),
+            ("bfloat16", "safetensors", {}, "float32"),
+            ("float32", "bin", {"dtype": "float16"}, "float16"),
+            ("float32", "safetensors", {"max_shard_size": "20KB"}, "float32"),
+            ("float32", "safetensors", {"quantize": True, "q_bits": 4, "q_group_size": 32}, "q4"),
+        ],
+    )
+    def test_converted_model_validates(
+        self, src_dtype: str, weights_format: str, kwargs: dict, band: str, tmp_path: Path
+    ) -> None:
+        """The real converter's output (dtypes, .bin source, shards, q4) loads and passes validation."""
+        from mlxd_daemon.convert import convert as real_convert
+
+        src = fixtures.make_clip(tmp_path / "src", dtype=src_dtype, weights_format=weights_format)
+        real_convert(src, tmp_path / "mlx", **kwargs)
+        result = validate_model(src, tmp_path / "mlx")
+        assert (result["band"], result["passed"]) == (band, True), result["outputs"]
 
 
 @pytest.mark.slow

@@ -314,15 +314,6 @@ class TestErrors:
         assert e.value.reason == "OUTPUT_EXISTS"
         assert "pass --overwrite or choose another path" in e.value.message
 
-    def test_overwrite_refuses_a_non_model_directory(self, tmp_path: Path) -> None:
-        """--overwrite aimed at a directory that is not a model output is refused and leaves it intact."""
-        (tmp_path / "docs").mkdir()
-        (tmp_path / "docs" / "thesis.tex").write_text("precious")
-        with pytest.raises(FailedPrecondition) as e:
-            convert(make_src(tmp_path / "src"), tmp_path / "docs", overwrite=True)
-        assert e.value.reason == "OUTPUT_NOT_A_MODEL"
-        assert (tmp_path / "docs" / "thesis.tex").read_text() == "precious"
-
     def test_output_containing_source(self, tmp_path: Path) -> None:
         """An output path that is or contains the source is refused, even with --overwrite."""
         src = make_src(tmp_path / "src")

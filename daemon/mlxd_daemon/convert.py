@@ -63,7 +63,6 @@ TOKENIZER_FILES: tuple[str, ...] = (
 )
 FLOAT16_MAX = 65504.0
 MANIFEST = "mlxd_manifest.json"
-_MODEL_MARKERS = (MANIFEST, "config.json")
 _HASH_LIMIT = 64 << 20  # sha256 only for small files; hashing multi-GB weights would double the run time.
 
 
@@ -127,18 +126,9 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     if src.resolve() == dst.resolve() or dst.resolve() in src.resolve().parents:
         msg = f"output {dst} is or contains the source directory: choose another path"
         raise InvalidArgument(msg, reason="OUTPUT_IS_SOURCE", path=dst)
-    if not dst.exists():
-        return
-    if not overwrite:
+    if dst.exists() and not overwrite:
         msg = f"output {dst} already exists: pass --overwrite or choose another path"
         raise FailedPrecondition(msg, reason="OUTPUT_EXISTS", path=dst)
-    # --overwrite pointed at the wrong directory must not delete it: only replace what looks like a model.
-    if dst.is_dir() and any(dst.iterdir()) and not any((dst / n).exists() for n in _MODEL_MARKERS):
-        msg = (
-            f"refusing to replace {dst}: it does not look like a model directory (no "
-            f"{' or '.join(_MODEL_MARKERS)}); remove it yourself or choose another path"
-        )
-        raise FailedPrecondition(msg, reason="OUTPUT_NOT_A_MODEL", path=dst)
 
 
 def _write_weights(ckpt: Checkpoint, plan: Plan, out: Path, reporter: Reporter) -> None:

@@ -123,6 +123,23 @@ def metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     }
 
 
+def _report(name: str, tol: Tolerance, m: dict[str, float] | None, passed: bool, note: str) -> OutputReport:
+    nan = float("nan")
+    m = m or {}
+    return OutputReport(
+        name=name,
+        max_abs=m.get("max_abs", nan),
+        max_rel=m.get("max_rel", nan),
+        cosine=m.get("cosine", nan),
+        nmse=m.get("nmse", nan),
+        atol=tol.atol,
+        rtol=tol.rtol,
+        min_cosine=tol.min_cosine,
+        passed=passed,
+        note=note,
+    )
+
+
 def compare(
     reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], tolerances: dict[str, Tolerance]
 ) -> list[OutputReport]:
@@ -132,36 +149,17 @@ def compare(
     present, else the float32 band's entry for that kind of output.
     """
     reports = []
-    for name, ref in reference.items():
+    for name, ref_raw in reference.items():
         tol = tolerances.get(name) or tolerances.get("*") or tolerance_for(name, TOLERANCES["float32"])
-        base = {"name": name, "atol": tol.atol, "rtol": tol.rtol, "min_cosine": tol.min_cosine}
-        nan = float("nan")
-        if name not in candidate:
-            reports.append(
-                OutputReport(
-                    **base,
-                    max_abs=nan,
-                    max_rel=nan,
-                    cosine=nan,
-                    nmse=nan,
-                    passed=False,
-                    note="missing from the MLX outputs",
-                )
+        ref = np.asarray(ref_raw)
+        cand = np.asarray(candidate[name]) if name in candidate else None
+        if cand is None or ref.shape != cand.shape:
+            note = (
+                "missing from the MLX outputs"
+                if cand is None
+                else f"shape {cand.shape} != reference {ref.shape}"
             )
-            continue
-        ref, cand = np.asarray(ref), np.asarray(candidate[name])
-        if ref.shape != cand.shape:
-            reports.append(
-                OutputReport(
-                    **base,
-                    max_abs=nan,
-                    max_rel=nan,
-                    cosine=nan,
-                    nmse=nan,
-                    passed=False,
-                    note=f"shape {cand.shape} != reference {ref.shape}",
-                )
-            )
+            reports.append(_report(name, tol, None, False, note))
             continue
         m = metrics(ref, cand)
         finite = bool(np.isfinite(cand).all())
@@ -169,8 +167,7 @@ def compare(
             np.allclose(cand.astype(np.float64), ref.astype(np.float64), atol=tol.atol, rtol=tol.rtol)
         )
         passed = finite and close and m["cosine"] >= tol.min_cosine
-        note = "" if finite else "non-finite values in the MLX output"
-        reports.append(OutputReport(**base, **m, passed=passed, note=note))
+        reports.append(_report(name, tol, m, passed, "" if finite else "non-finite values in the MLX output"))
     return reports
 
 

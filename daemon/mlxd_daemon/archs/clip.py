@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -377,15 +377,17 @@ def _read_safetensors(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, s
     weights: dict[str, mx.array] = {}
     layout: dict[str, str] | None = None
     for f in files:
-        arrays, meta = mx.load(str(f), return_metadata=True)
+        arrays, meta = cast(
+            "tuple[dict[str, mx.array], dict[str, str]]", mx.load(str(f), return_metadata=True)
+        )
         weights.update(arrays)
         if LAYOUT_METADATA_KEY in meta:
             layout = {**(layout or {}), **json.loads(meta[LAYOUT_METADATA_KEY])}
     manifest = model_dir / "mlxd_manifest.json"
     if manifest.exists():
-        # The converter's manifest may record the layout too ("layout" or "disk_layout": {name: layout}).
+        # The converter's manifest records the layouts too ("layouts": {name: layout}).
         m = _read_json(manifest)
-        recorded = m.get("layout", m.get("disk_layout"))
+        recorded = m.get("layouts", m.get("layout"))
         if isinstance(recorded, dict):
             layout = {**(layout or {}), **recorded}
     return weights, layout
@@ -401,8 +403,10 @@ def _dequantize(weights: dict[str, mx.array], quant: dict[str, Any] | None) -> N
             msg = f"{prefix} is quantized but config.json has no 'quantization' entry: re-run the conversion"
             raise InvalidArgument(msg, reason="BAD_QUANTIZATION", tensor=prefix)
         # CPU backend: quantized matmul is ~57x slower than float32, so dequantize once at load.
-        weights[prefix + ".weight"] = mx.dequantize(
-            weights[prefix + ".weight"],
+        # Quantized matrices are "<p>.weight" (+ "<p>.scales"); a bare 2-D tensor "<p>" would keep its name.
+        name = prefix + ".weight" if prefix + ".weight" in weights else prefix
+        weights[name] = mx.dequantize(
+            weights[name],
             weights.pop(scales_name),
             weights.pop(prefix + ".biases", None),
             group_size=params.get("group_size", 64),
@@ -457,7 +461,8 @@ def load(model_dir: Path) -> ClipBundle:
 
 def _check_structure(model: CLIPModel, weights: dict[str, mx.array], model_dir: Path) -> None:
     """Key sets and every shape before any value is loaded, with an error naming the first differences."""
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    params = cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
+    expected = {k: tuple(v.shape) for k, v in params}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
