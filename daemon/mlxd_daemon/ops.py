@@ -69,8 +69,8 @@ def validate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
 
     images = decode_images(args["images"]) if args["images"] else None
     return validate_model(
-        Path(args["model_dir"]),
         Path(args["reference"]),
+        Path(args["model_dir"]),
         texts=args["texts"] or None,
         images=images,
         reporter=reporter,
