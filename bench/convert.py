@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_clip, machine  # noqa: E402
+from common import base_clip, machine
 
 
 def plain_copy(src: Path, dst: Path) -> float:
@@ -45,10 +45,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
         copy_s = plain_copy(src, Path(tmp) / "copy")
         print(f"{'plain copy + fsync (baseline)':<34} {copy_s:7.2f} s")
-        for label, dtype, extra in [("mlxd convert float32", "float32", ""),
-                                    ("mlxd convert float16", "float16", ""),
-                                    ("mlxd convert bfloat16", "bfloat16", ""),
-                                    ("mlxd convert q4 g64", "float32", ", quantize=True, q_bits=4")]:
+        for label, dtype, extra in [
+            ("mlxd convert float32", "float32", ""),
+            ("mlxd convert float16", "float16", ""),
+            ("mlxd convert bfloat16", "bfloat16", ""),
+            ("mlxd convert q4 g64", "float32", ", quantize=True, q_bits=4"),
+        ]:
             seconds, rss = mlxd_convert(src, Path(tmp) / label.replace(" ", "-"), dtype, extra)
             print(f"{label:<34} {seconds:7.2f} s  {seconds / copy_s:5.2f}x copy  peak RSS {rss / 1e6:6.0f} MB")
 

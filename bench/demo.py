@@ -50,8 +50,7 @@ def main() -> None:
             mlxctl("infer", str(DEMO / "mlx-clip"), *text_args, *image_args, env=env)
             mlxctl("daemon", "status", env=env)
         finally:
-            subprocess.run([sys.executable, "-m", "mlxd_client.cli", "daemon", "stop"], env=env,
-                           capture_output=True)
+            subprocess.run([sys.executable, "-m", "mlxd_client.cli", "daemon", "stop"], env=env, capture_output=True)
 
 
 if __name__ == "__main__":

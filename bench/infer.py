@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, base_clip, machine, timeit  # noqa: E402
+from common import CACHE, base_clip, machine, timeit
 
 THREADS = os.cpu_count() or 1
 TEXTS = [f"a photo of object number {i}" for i in range(8)]
@@ -35,9 +35,8 @@ def torch_baseline() -> dict[int, float]:
 
 def torch_main() -> None:
     import torch
-    from transformers import CLIPModel, CLIPProcessor
-
     from mlxd_daemon.fixtures import golden_images
+    from transformers import CLIPModel, CLIPProcessor
 
     torch.set_num_threads(THREADS)
     src = base_clip()
@@ -76,8 +75,10 @@ def main() -> None:
     for n in (1, 8):
         t_torch = torch_times[n]
         t_mlx = timeit(lambda n=n: bundle.embed(TEXTS[:n], images[:n]), repeat=5)
-        print(f"{f'CLIP text+image batch {n} (in process)':<36} {t_torch * 1e3:7.1f}ms {t_mlx * 1e3:7.1f}ms "
-              f"{t_mlx / t_torch:6.2f}x")
+        print(
+            f"{f'CLIP text+image batch {n} (in process)':<36} {t_torch * 1e3:7.1f}ms {t_mlx * 1e3:7.1f}ms "
+            f"{t_mlx / t_torch:6.2f}x"
+        )
 
     with tempfile.TemporaryDirectory(prefix="mlxd-bench-") as run:
         address = f"unix://{run}/mlxd.sock"
@@ -86,37 +87,48 @@ def main() -> None:
             pngs.append(Path(run) / f"{i}.png")
             image.save(pngs[-1])
         env = {**os.environ, "MLXD_ADDRESS": address}
-        subprocess.run([sys.executable, "-m", "mlxd_client.cli", "daemon", "start"], env=env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "mlxd_client.cli", "daemon", "start"],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         try:
             with Client(address, autostart=False) as c:
                 c.infer(mlx_dir, texts=TEXTS[:1])  # load once: the daemon keeps it resident
                 for n in (1, 8):
                     t_rpc = timeit(lambda n=n: c.infer(mlx_dir, texts=TEXTS[:n], images=pngs[:n]), repeat=5)
                     t_torch = torch_times[n]
-                    print(f"{f'CLIP batch {n} via daemon (warm)':<36} {t_torch * 1e3:7.1f}ms {t_rpc * 1e3:7.1f}ms "
-                          f"{t_rpc / t_torch:6.2f}x")
+                    print(
+                        f"{f'CLIP batch {n} via daemon (warm)':<36} {t_torch * 1e3:7.1f}ms {t_rpc * 1e3:7.1f}ms "
+                        f"{t_rpc / t_torch:6.2f}x"
+                    )
                 rtts = []
                 for _ in range(300):
                     start = time.perf_counter()
                     c.list_models()
                     rtts.append(time.perf_counter() - start)
                 rtts.sort()
-                print(f"unary RPC round trip (ListModels): p50 {statistics.median(rtts) * 1e3:.2f} ms, "
-                      f"p99 {rtts[int(len(rtts) * 0.99)] * 1e3:.2f} ms")
+                print(
+                    f"unary RPC round trip (ListModels): p50 {statistics.median(rtts) * 1e3:.2f} ms, "
+                    f"p99 {rtts[int(len(rtts) * 0.99)] * 1e3:.2f} ms"
+                )
                 warm = timeit(lambda: c.infer(mlx_dir, texts=TEXTS[:1], images=pngs[:1]), repeat=5)
-            cold_code = ("from mlxd_daemon.blas import preload; preload(); from pathlib import Path; "
-                         "from PIL import Image; from mlxd_daemon.archs import clip; "
-                         f"b = clip.load(Path({str(mlx_dir)!r})); "
-                         f"b.embed([{TEXTS[0]!r}], [Image.open({str(pngs[0])!r}).convert('RGB')])")
+            cold_code = (
+                "from mlxd_daemon.blas import preload; preload(); from pathlib import Path; "
+                "from PIL import Image; from mlxd_daemon.archs import clip; "
+                f"b = clip.load(Path({str(mlx_dir)!r})); "
+                f"b.embed([{TEXTS[0]!r}], [Image.open({str(pngs[0])!r}).convert('RGB')])"
+            )
             start = time.perf_counter()
             subprocess.run([sys.executable, "-c", cold_code], check=True)
             cold = time.perf_counter() - start
-            print(f"batch 1: cold load-and-infer process {cold:.2f} s vs warm daemon {warm * 1e3:.1f} ms: "
-                  f"warm is {cold / warm:.0f}x faster")
+            print(
+                f"batch 1: cold load-and-infer process {cold:.2f} s vs warm daemon {warm * 1e3:.1f} ms: "
+                f"warm is {cold / warm:.0f}x faster"
+            )
         finally:
-            subprocess.run([sys.executable, "-m", "mlxd_client.cli", "daemon", "stop"], env=env,
-                           capture_output=True)
+            subprocess.run([sys.executable, "-m", "mlxd_client.cli", "daemon", "stop"], env=env, capture_output=True)
 
 
 if __name__ == "__main__":

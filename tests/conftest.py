@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from mlxd_client import Client
 from mlxd_client.discovery import is_serving
 
@@ -26,8 +25,19 @@ class DaemonProcess:
         env = {**os.environ, "MLXD_ADDRESS": self.address}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlxd_daemon", "--address", self.address, "--log-format", "json", *extra],
-                stdout=log, stderr=log, env=env,
+                [
+                    sys.executable,
+                    "-m",
+                    "mlxd_daemon",
+                    "--address",
+                    self.address,
+                    "--log-format",
+                    "json",
+                    *extra,
+                ],
+                stdout=log,
+                stderr=log,
+                env=env,
             )
         deadline = time.monotonic() + 60
         while not is_serving(self.address, timeout=0.5):

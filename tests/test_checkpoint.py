@@ -12,9 +12,7 @@ from mlxd_daemon.errors import InvalidArgument, NotFound
 from safetensors.torch import save_file
 
 
-def write_dir(
-    root: Path, tensors: dict[str, torch.Tensor], fmt: str = "safetensors", shards: int = 1
-) -> Path:
+def write_dir(root: Path, tensors: dict[str, torch.Tensor], fmt: str = "safetensors", shards: int = 1) -> Path:
     """A minimal HF directory with ``tensors`` split round-robin over ``shards`` files of format ``fmt``."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps({"model_type": "toy"}))
@@ -97,9 +95,7 @@ class TestFindWeights:
 
 
 class TestOpenCheckpoint:
-    @pytest.mark.parametrize(
-        ("fmt", "shards"), [("safetensors", 1), ("safetensors", 2), ("bin", 1), ("bin", 2)]
-    )
+    @pytest.mark.parametrize(("fmt", "shards"), [("safetensors", 1), ("safetensors", 2), ("bin", 1), ("bin", 2)])
     def test_reads_every_tensor(self, tmp_path: Path, fmt: str, shards: int) -> None:
         """Names, dtypes and shapes come from headers and every tensor reads back equal."""
         ckpt = open_checkpoint(write_dir(tmp_path, TENSORS, fmt, shards), {"model_type": "toy"})

@@ -19,8 +19,13 @@ class Mlxctl:
         self.env = {**os.environ, "MLXD_ADDRESS": address}
 
     def run(self, *args: str, check: bool = True) -> tuple[int, Any, str]:
-        proc = subprocess.run([sys.executable, "-m", "mlxd_client.cli", "--json", *args], capture_output=True,
-                              text=True, env=self.env, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlxd_client.cli", "--json", *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=300,
+        )
         lines = proc.stdout.strip().splitlines()
         assert len(lines) == 1, f"expected one JSON line, got:\n{proc.stdout}\n{proc.stderr}"
         if check:
@@ -46,8 +51,9 @@ class TestMlxctl:
         _, status, _ = mlxctl.run("daemon", "status")
         assert status["running"] is True and status["pid"] == started["pid"]
 
-    def test_convert_validate_infer_models(self, mlxctl: Mlxctl, tiny_clip: Path, golden_pngs: list[Path],
-                                           tmp_path: Path) -> None:
+    def test_convert_validate_infer_models(
+        self, mlxctl: Mlxctl, tiny_clip: Path, golden_pngs: list[Path], tmp_path: Path
+    ) -> None:
         """convert, validate, infer and models each print one JSON object with the documented keys."""
         dst = tmp_path / "mlx"
         _, conv, _ = mlxctl.run("convert", str(tiny_clip), str(dst), "--dtype", "float32")
@@ -56,8 +62,7 @@ class TestMlxctl:
         code, report, _ = mlxctl.run("validate", str(dst), "--reference", str(tiny_clip), check=False)
         assert code == 0 and report["passed"] is True
         assert {o["name"] for o in report["outputs"]} >= {"text_embeds", "image_embeds"}
-        _, out, _ = mlxctl.run("infer", str(dst), "--text", "a cat", "--text", "a dog",
-                               "--image", str(golden_pngs[0]))
+        _, out, _ = mlxctl.run("infer", str(dst), "--text", "a cat", "--text", "a dog", "--image", str(golden_pngs[0]))
         assert len(out["text_embeds"]) == 2 and len(out["image_embeds"]) == 1
         assert len(out["logits_per_image"]) == 1 and len(out["logits_per_image"][0]) == 2
         _, models, _ = mlxctl.run("models")
@@ -77,8 +82,13 @@ class TestMlxctl:
 
     def test_human_output_without_json(self, mlxctl: Mlxctl, tiny_clip: Path, tmp_path: Path) -> None:
         """Without --json, convert prints a readable summary (and no progress bar when not on a TTY)."""
-        proc = subprocess.run([sys.executable, "-m", "mlxd_client.cli", "convert", str(tiny_clip),
-                               str(tmp_path / "h")], capture_output=True, text=True, env=mlxctl.env, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlxd_client.cli", "convert", str(tiny_clip), str(tmp_path / "h")],
+            capture_output=True,
+            text=True,
+            env=mlxctl.env,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith("wrote ") and "tensors" in proc.stdout
         assert "\r" not in proc.stderr

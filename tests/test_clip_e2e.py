@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors import safe_open
-
 from mlxd.v1 import mlxd_pb2 as pb
 from mlxd_client import Client
 from mlxd_client.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnsupportedError
+from safetensors import safe_open
 
 TEXTS = ["a photo of a cat", "a diagram of a red circle", "blue square on a gradient"]
 
@@ -28,8 +27,11 @@ def hf_reference(src: Path, texts: list[str], images: list[Path]) -> dict[str, n
     inputs = processor(text=texts, images=pil, padding=True, return_tensors="pt")
     with torch.no_grad():
         out = model(**inputs)
-    return {"text_embeds": out.text_embeds.numpy(), "image_embeds": out.image_embeds.numpy(),
-            "logits_per_image": out.logits_per_image.numpy()}
+    return {
+        "text_embeds": out.text_embeds.numpy(),
+        "image_embeds": out.image_embeds.numpy(),
+        "logits_per_image": out.logits_per_image.numpy(),
+    }
 
 
 def convert(client: Client, src: Path, dst: Path, **options: object) -> tuple[list[pb.Progress], pb.ConvertResult]:
@@ -41,8 +43,9 @@ def convert(client: Client, src: Path, dst: Path, **options: object) -> tuple[li
 
 
 class TestClipFloat32:
-    def test_convert_streams_progress_and_writes_mlx_layout(self, client: Client, tiny_clip: Path,
-                                                            tmp_path: Path) -> None:
+    def test_convert_streams_progress_and_writes_mlx_layout(
+        self, client: Client, tiny_clip: Path, tmp_path: Path
+    ) -> None:
         """Convert streams begin/report/end events and writes config, weights and tokenizer files."""
         dst = tmp_path / "mlx"
         progress, result = convert(client, tiny_clip, dst)
@@ -53,11 +56,23 @@ class TestClipFloat32:
         assert result.job_id and all(p.job_id == result.job_id for p in progress)
         assert result.model_type == "clip"
         assert result.dtype == pb.DTYPE_FLOAT32
-        for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer.json",
-                     "preprocessor_config.json"):
+        for name in (
+            "config.json",
+            "model.safetensors",
+            "vocab.json",
+            "merges.txt",
+            "tokenizer.json",
+            "preprocessor_config.json",
+        ):
             assert (dst / name).is_file(), name
-        for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                     "special_tokens_map.json", "preprocessor_config.json"):
+        for name in (
+            "vocab.json",
+            "merges.txt",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "preprocessor_config.json",
+        ):
             if (tiny_clip / name).exists():
                 assert (dst / name).read_bytes() == (tiny_clip / name).read_bytes(), name
         with safe_open(dst / "model.safetensors", framework="numpy") as f:
@@ -67,7 +82,8 @@ class TestClipFloat32:
             assert "position_ids" not in " ".join(f.keys())
         assert meta["format"] == "mlx"
         assert json.loads(meta["mlxd.layout"]) == {
-            "vision_model.embeddings.patch_embedding.weight": "pytorch_conv2d_OIHW"}
+            "vision_model.embeddings.patch_embedding.weight": "pytorch_conv2d_OIHW"
+        }
 
     def test_validate_passes(self, client: Client, tiny_clip: Path, tmp_path: Path) -> None:
         """A correct float32 conversion validates against transformers with embeddings within 1e-4."""
@@ -84,8 +100,9 @@ class TestClipFloat32:
         assert report.matching_agreement == 1.0
         assert json.loads((dst / "validation.json").read_text())["passed"] is True
 
-    def test_infer_matches_transformers(self, client: Client, tiny_clip: Path, tmp_path: Path,
-                                        golden_pngs: list[Path]) -> None:
+    def test_infer_matches_transformers(
+        self, client: Client, tiny_clip: Path, tmp_path: Path, golden_pngs: list[Path]
+    ) -> None:
         """Infer returns text/image embeddings and the similarity matrix that transformers computes."""
         dst = tmp_path / "mlx"
         convert(client, tiny_clip, dst)
@@ -101,18 +118,23 @@ class TestClipFloat32:
 
 
 class TestClipOtherSources:
-    @pytest.mark.parametrize(("dtype", "weights_format"), [("bfloat16", "safetensors"), ("float32", "bin"),
-                                                           ("float16", "safetensors")])
-    def test_convert_validate_infer(self, client: Client, tmp_path: Path, golden_pngs: list[Path],
-                                    dtype: str, weights_format: str) -> None:
+    @pytest.mark.parametrize(
+        ("dtype", "weights_format"),
+        [("bfloat16", "safetensors"), ("float32", "bin"), ("float16", "safetensors")],
+    )
+    def test_convert_validate_infer(
+        self, client: Client, tmp_path: Path, golden_pngs: list[Path], dtype: str, weights_format: str
+    ) -> None:
         """bf16, fp16 and .bin checkpoints convert (keeping their dtype), validate and infer."""
         from mlxd_daemon.fixtures import make_clip
 
         src = make_clip(tmp_path / "hf", size="tiny", dtype=dtype, weights_format=weights_format, seed=1)
         dst = tmp_path / "mlx"
         _, result = convert(client, src, dst)
-        assert result.dtype == {"float32": pb.DTYPE_FLOAT32, "bfloat16": pb.DTYPE_BFLOAT16,
-                                "float16": pb.DTYPE_FLOAT16}[dtype]
+        assert (
+            result.dtype
+            == {"float32": pb.DTYPE_FLOAT32, "bfloat16": pb.DTYPE_BFLOAT16, "float16": pb.DTYPE_FLOAT16}[dtype]
+        )
         report = client.validate(dst, src)
         assert report.passed, [o for o in report.outputs if not o.passed]
         out = client.infer(dst, texts=TEXTS[:2], images=golden_pngs[:1])
@@ -122,9 +144,8 @@ class TestClipOtherSources:
     def test_bf16_weights_are_bit_exact(self, client: Client, tmp_path: Path) -> None:
         """A bf16 source keeps every weight bit when converted with dtype auto."""
         import torch
-        from safetensors.torch import load_file
-
         from mlxd_daemon.fixtures import make_clip
+        from safetensors.torch import load_file
 
         src = make_clip(tmp_path / "hf", size="tiny", dtype="bfloat16", seed=2)
         dst = tmp_path / "mlx"
@@ -144,8 +165,7 @@ class TestErrors:
         assert not (tmp_path / "out").exists()
         assert client.initialize().protocol_version == 1
 
-    def test_existing_output_is_failed_precondition(self, client: Client, tiny_clip: Path,
-                                                     tmp_path: Path) -> None:
+    def test_existing_output_is_failed_precondition(self, client: Client, tiny_clip: Path, tmp_path: Path) -> None:
         """An existing destination is refused without --overwrite and left untouched."""
         dst = tmp_path / "mlx"
         dst.mkdir()

@@ -43,10 +43,7 @@ def convert(
         import torch
 
         state = torch.load(src / "pytorch_model.bin", weights_only=True)
-        hf = {
-            k: mx.array(v.float().numpy()).astype(getattr(mx, str(v.dtype).split(".")[1]))
-            for k, v in state.items()
-        }
+        hf = {k: mx.array(v.float().numpy()).astype(getattr(mx, str(v.dtype).split(".")[1])) for k, v in state.items()}
     out = {}
     for k, v in hf.items():
         name = clip.map_weight(k)
@@ -266,9 +263,7 @@ class TestConvLayout:
         expected = clip.run_mlx(clip.load(tiny_mlx), inputs)["image_embeds"]
         for layout in ("mlx", "none"):
             dst = convert(tiny, tmp_path / layout, layout=layout)
-            np.testing.assert_allclose(
-                clip.run_mlx(clip.load(dst), inputs)["image_embeds"], expected, atol=1e-6
-            )
+            np.testing.assert_allclose(clip.run_mlx(clip.load(dst), inputs)["image_embeds"], expected, atol=1e-6)
 
     def test_disk_tensor_keeps_pytorch_layout(self, tiny_mlx: Path) -> None:
         """On disk the patch embedding stays [O, I, kH, kW], recorded in the safetensors metadata."""
@@ -354,9 +349,7 @@ class TestValidateModel:
 
     def test_user_inputs(self, tiny: Path, tiny_mlx: Path) -> None:
         """Caller texts and images replace the golden ones."""
-        result = validate_model(
-            tiny, tiny_mlx, texts=["one", "two", "three"], images=fixtures.golden_images(2, 50)
-        )
+        result = validate_model(tiny, tiny_mlx, texts=["one", "two", "three"], images=fixtures.golden_images(2, 50))
         assert (result["num_texts"], result["num_images"], result["passed"]) == (3, 2, True)
 
     def test_fp16_conversion_of_fp32_source(self, tiny: Path, tmp_path: Path) -> None:
@@ -395,7 +388,5 @@ class TestBaseSize:
         """The ViT-B/32-shaped model runs and matches transformers within the float32 tolerances."""
         src = fixtures.make_clip(tmp_path / "base", size="base")
         dst = convert(src, tmp_path / "mlx")
-        inputs = clip.golden_inputs(
-            dst, texts=list(fixtures.GOLDEN_TEXTS[:2]), images=fixtures.golden_images(2)
-        )
+        inputs = clip.golden_inputs(dst, texts=list(fixtures.GOLDEN_TEXTS[:2]), images=fixtures.golden_images(2))
         _assert_match(clip.run_reference(src, inputs), clip.run_mlx(clip.load(dst), inputs), atol=1e-4)

@@ -111,9 +111,7 @@ def bits16(t: torch.Tensor) -> torch.Tensor:
 
 
 class TestConvert:
-    @pytest.mark.parametrize(
-        ("fmt", "shards"), [("safetensors", 1), ("safetensors", 3), ("bin", 1), ("bin", 2)]
-    )
+    @pytest.mark.parametrize(("fmt", "shards"), [("safetensors", 1), ("safetensors", 3), ("bin", 1), ("bin", 2)])
     def test_round_trip(self, tmp_path: Path, fmt: str, shards: int) -> None:
         """Every kept tensor is written under its MLX name with equal values; dropped ones are reported."""
         src = make_src(tmp_path / "src", fmt=fmt, shards=shards)
@@ -362,9 +360,7 @@ class TestAtomicity:
     def test_cancel_leaves_nothing(self, tmp_path: Path) -> None:
         """Cancelling mid-write (after some shards were flushed) leaves neither dst nor a temp dir."""
         with pytest.raises(Cancelled):
-            convert(
-                make_src(tmp_path / "src"), tmp_path / "out", max_shard_size=1000, reporter=cancel_after(6)
-            )
+            convert(make_src(tmp_path / "src"), tmp_path / "out", max_shard_size=1000, reporter=cancel_after(6))
         assert not (tmp_path / "out").exists()
         assert leftovers(tmp_path) == []
 
@@ -393,9 +389,7 @@ class TestAtomicity:
 class TestDryRun:
     def test_writes_nothing(self, tmp_path: Path) -> None:
         """A dry run creates no files and returns the shard plan, dtypes and a memory estimate."""
-        result = convert(
-            make_src(tmp_path / "src"), tmp_path / "new" / "out", dry_run=True, max_shard_size=2000
-        )
+        result = convert(make_src(tmp_path / "src"), tmp_path / "new" / "out", dry_run=True, max_shard_size=2000)
         assert not (tmp_path / "new").exists()
         assert result["dry_run"] and len(result["shards"]) > 1
         assert result["total_bytes"] == sum(s["bytes"] for s in result["shards"])
@@ -407,9 +401,7 @@ class TestQuantize:
     def test_quantized_output(self, tmp_path: Path) -> None:
         """Linear/Embedding weights become weight/scales/biases that mx.load reads and dequantize closely."""
         src_t = toy_tensors()
-        result = convert(
-            make_src(tmp_path / "src", src_t), tmp_path / "out", quantize=True, q_bits=8, q_group_size=32
-        )
+        result = convert(make_src(tmp_path / "src", src_t), tmp_path / "out", quantize=True, q_bits=8, q_group_size=32)
         q = {"group_size": 32, "bits": 8, "mode": "affine"}
         assert q == result["quantization"]
         assert result["quantized_layers"] == ["fc1", "tok_embedding"]  # fc2 has input dim 16
@@ -443,17 +435,13 @@ class TestQuantize:
     @pytest.mark.parametrize("bits", [3, 4, 6])
     def test_planned_shapes_match_mlx(self, tmp_path: Path, bits: int) -> None:
         """The planned byte counts (used for sharding) equal what mx.quantize produced."""
-        result = convert(
-            make_src(tmp_path / "src"), tmp_path / "out", quantize=True, q_bits=bits, dtype="bfloat16"
-        )
+        result = convert(make_src(tmp_path / "src"), tmp_path / "out", quantize=True, q_bits=bits, dtype="bfloat16")
         out = read_out(tmp_path / "out")
         assert result["total_bytes"] == sum(t.nbytes for t in out.values())
         assert torch.bfloat16 == out["fc1.scales"].dtype
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("mlxd_daemon.archs.clip") is None, reason="archs/clip.py not there yet"
-)
+@pytest.mark.skipif(importlib.util.find_spec("mlxd_daemon.archs.clip") is None, reason="archs/clip.py not there yet")
 class TestRealClip:
     @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
     def test_tiny_clip_quantized(self, tmp_path: Path, fmt: str) -> None:

@@ -13,15 +13,14 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from safetensors.torch import save_file
-
 from conftest import DaemonProcess
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlxd.v1 import mlxd_pb2 as pb
 from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
 from mlxd_client import Client
 from mlxd_client.discovery import is_serving
 from mlxd_client.errors import CancelledError, FailedPreconditionError, UnavailableError
+from safetensors.torch import save_file
 
 
 def slow_checkpoint(root: Path, tensors: int = 48, numel: int = 2_000_000) -> Path:
@@ -29,15 +28,23 @@ def slow_checkpoint(root: Path, tensors: int = 48, numel: int = 2_000_000) -> Pa
     root.mkdir(parents=True)
     (root / "config.json").write_text(json.dumps({"model_type": "clip"}))
     g = torch.Generator().manual_seed(0)
-    save_file({f"text_model.encoder.layers.{i}.mlp.fc1.weight": torch.randn(numel // 1000, 1000, generator=g)
-               for i in range(tensors)}, root / "model.safetensors")
+    save_file(
+        {
+            f"text_model.encoder.layers.{i}.mlp.fc1.weight": torch.randn(numel // 1000, 1000, generator=g)
+            for i in range(tensors)
+        },
+        root / "model.safetensors",
+    )
     return root
 
 
 def worker_pid(daemon: DaemonProcess, role: str) -> int:
     """The pid of the daemon's worker ``role``, read from the daemon's own structured log."""
-    pids = [json.loads(line)["pid"] for line in daemon.log.read_text().splitlines()
-            if line.startswith("{") and '"worker_started"' in line and f'"role": "{role}"' in line]
+    pids = [
+        json.loads(line)["pid"]
+        for line in daemon.log.read_text().splitlines()
+        if line.startswith("{") and '"worker_started"' in line and f'"role": "{role}"' in line
+    ]
     assert pids, daemon.log.read_text()
     return int(pids[-1])
 
@@ -58,9 +65,8 @@ class TestSocketAndHandshake:
 
     def test_protocol_mismatch_is_failed_precondition(self, daemon: DaemonProcess) -> None:
         """A client speaking another protocol version gets FAILED_PRECONDITION / PROTOCOL_MISMATCH."""
-        with grpc.insecure_channel(daemon.address) as channel:
-            with pytest.raises(grpc.RpcError) as err:
-                pb_grpc.MlxdStub(channel).Initialize(pb.InitializeRequest(protocol_version=99))
+        with grpc.insecure_channel(daemon.address) as channel, pytest.raises(grpc.RpcError) as err:
+            pb_grpc.MlxdStub(channel).Initialize(pb.InitializeRequest(protocol_version=99))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "PROTOCOL_MISMATCH" in str(err.value.trailing_metadata())
 
@@ -79,15 +85,13 @@ class TestSocketAndHandshake:
 
     def test_relative_path_is_invalid_argument(self, daemon: DaemonProcess) -> None:
         """Raw stub calls with relative paths are refused: the daemon's working directory is not the client's."""
-        with grpc.insecure_channel(daemon.address) as channel:
-            with pytest.raises(grpc.RpcError) as err:
-                list(pb_grpc.MlxdStub(channel).Convert(pb.ConvertRequest(src="rel/src", dst="/tmp/x")))
+        with grpc.insecure_channel(daemon.address) as channel, pytest.raises(grpc.RpcError) as err:
+            list(pb_grpc.MlxdStub(channel).Convert(pb.ConvertRequest(src="rel/src", dst="/tmp/x")))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 class TestJobs:
-    def test_rpcs_answer_while_convert_runs_and_cancel_cleans_up(self, daemon: DaemonProcess,
-                                                                 tmp_path: Path) -> None:
+    def test_rpcs_answer_while_convert_runs_and_cancel_cleans_up(self, daemon: DaemonProcess, tmp_path: Path) -> None:
         """During a long convert, health and ListModels answer; CancelJob stops it and leaves no output."""
         src = slow_checkpoint(tmp_path / "src")
         dst = tmp_path / "out"
@@ -109,8 +113,9 @@ class TestJobs:
         assert not dst.exists()
         assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no temporary directory left behind
 
-    def test_worker_crash_is_unavailable_and_recovers(self, daemon: DaemonProcess, tmp_path: Path,
-                                                      tiny_clip: Path) -> None:
+    def test_worker_crash_is_unavailable_and_recovers(
+        self, daemon: DaemonProcess, tmp_path: Path, tiny_clip: Path
+    ) -> None:
         """If the jobs worker dies mid-convert the job fails with UNAVAILABLE and the next job succeeds."""
         src = slow_checkpoint(tmp_path / "src")
         with daemon.client() as c:
@@ -147,8 +152,12 @@ class TestLifecycle:
         import subprocess
         import sys
 
-        proc = subprocess.run([sys.executable, "-m", "mlxd_daemon", "--address", daemon.address],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlxd_daemon", "--address", daemon.address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode != 0
         assert "already serves" in proc.stderr
         assert is_serving(daemon.address)

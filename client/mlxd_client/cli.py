@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from google.protobuf.message import Message
-
 from mlxd.v1 import mlxd_pb2 as pb
+
 from mlxd_client import discovery
 from mlxd_client.client import Client
 from mlxd_client.errors import MlxdClientError
@@ -39,9 +39,7 @@ def _scalar(field: Any, value: Any) -> Any:
         return to_dict(value)
     if field.enum_type is not None:
         name = field.enum_type.values_by_number[value].name
-        prefix = (
-            "".join("_" + c if c.isupper() else c.upper() for c in field.enum_type.name).lstrip("_") + "_"
-        )
+        prefix = "".join("_" + c if c.isupper() else c.upper() for c in field.enum_type.name).lstrip("_") + "_"
         short = name.removeprefix(prefix).lower()
         return "auto" if short == "unspecified" and field.enum_type.name == "Dtype" else short
     if isinstance(value, bytes):
@@ -63,9 +61,7 @@ class ProgressBar:
         frac = p.items_done / p.items_total if p.items_total else 0.0
         bar = "#" * int(frac * 30)
         size = f" {p.bytes_done / 1e6:.1f}/{p.bytes_total / 1e6:.1f} MB" if p.bytes_total else ""
-        sys.stderr.write(
-            f"\r{p.stage:>10} [{bar:<30}] {p.items_done}/{p.items_total}{size} {p.message[:40]:<40}"
-        )
+        sys.stderr.write(f"\r{p.stage:>10} [{bar:<30}] {p.items_done}/{p.items_total}{size} {p.message[:40]:<40}")
         if p.kind == pb.Progress.KIND_END:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -118,9 +114,7 @@ def _convert_text(r: dict[str, Any]) -> str:
     lines += [f"  {s['file']}: {s['tensors']} tensors, {s['bytes'] / 1e6:.1f} MB" for s in r["shards"]]
     if r["quantization"]:
         q = r["quantization"]
-        lines.append(
-            f"quantized {len(r['quantized_layers'])} layers to {q['bits']} bits, group {q['group_size']}"
-        )
+        lines.append(f"quantized {len(r['quantized_layers'])} layers to {q['bits']} bits, group {q['group_size']}")
     lines += [f"  kept in float: {s['name']} ({s['reason']})" for s in r["skipped_layers"]]
     if r["copied_files"]:
         lines.append("copied byte-for-byte: " + ", ".join(r["copied_files"]))
@@ -171,20 +165,18 @@ def cmd_infer(client: Client, a: argparse.Namespace) -> Outcome:
     for i, row in enumerate(res.logits_per_image):
         best = int(row.argmax())
         lines.append(
-            f"image {a.image[i]}: best text {a.text[best]!r} (logits "
-            + ", ".join(f"{x:.3f}" for x in row)
-            + ")"
+            f"image {a.image[i]}: best text {a.text[best]!r} (logits " + ", ".join(f"{x:.3f}" for x in row) + ")"
         )
     if not len(res.logits_per_image):
-        lines += [f"text {t!r}: {e[:4].round(4).tolist()}..." for t, e in zip(a.text or (), res.text_embeds)]
+        texts = a.text or ()
+        lines += [f"text {t!r}: {e[:4].round(4).tolist()}..." for t, e in zip(texts, res.text_embeds, strict=True)]
     return r, "\n".join(lines), 0
 
 
 def cmd_models(client: Client, a: argparse.Namespace) -> Outcome:
     r = to_dict(client.list_models())
     lines = [
-        f"{m['id']}  {m['model_type']} {m['dtype']} {m['resident_bytes'] / 1e6:.1f} MB, "
-        f"{m['infer_count']} calls"
+        f"{m['id']}  {m['model_type']} {m['dtype']} {m['resident_bytes'] / 1e6:.1f} MB, {m['infer_count']} calls"
         for m in r["models"]
     ]
     lines.append(f"resident {r['used_bytes'] / 1e6:.1f} MB of {r['budget_bytes'] / 1e6:.0f} MB budget")
@@ -235,7 +227,8 @@ def cmd_daemon(a: argparse.Namespace) -> Outcome:
     }
     text = (
         f"mlxd {info.get('daemon_version')} (protocol {info.get('protocol_version')}) pid {info.get('pid')} "
-        f"at {address}; BLAS {info.get('blas')}; {len(models['models'])} model(s) resident, {models['used_bytes'] / 1e6:.1f} MB"
+        f"at {address}; BLAS {info.get('blas')}; {len(models['models'])} model(s) resident, "
+        f"{models['used_bytes'] / 1e6:.1f} MB"
     )
     return r, text, 0
 

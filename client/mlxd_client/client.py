@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -239,7 +239,7 @@ class Client:
         return self._unary(self._stub.ListModels, pb.ListModelsRequest())
 
 
-def _enum(table: dict[str, int], value: str, what: str) -> int:
+def _enum(table: Mapping[str, Any], value: str, what: str) -> Any:
     if value not in table:
         msg = f"unknown {what} {value!r}; choose one of {', '.join(table)}"
         raise ValueError(msg)

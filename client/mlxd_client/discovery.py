@@ -45,9 +45,7 @@ def is_serving(address: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def start_daemon(
-    address: str, timeout: float = 60.0, log_path: Path | None = None
-) -> subprocess.Popen[bytes]:
+def start_daemon(address: str, timeout: float = 60.0, log_path: Path | None = None) -> subprocess.Popen[bytes]:
     """Start ``mlxd`` in the background at ``address`` and wait until it serves."""
     log_path = log_path or runtime_dir() / "mlxd.log"
     with open(log_path, "ab") as log:

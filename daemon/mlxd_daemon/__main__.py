@@ -32,9 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0.5,
         help="resident model budget: a fraction of RAM (<= 1) or bytes (default 0.5)",
     )
-    parser.add_argument(
-        "--idle-timeout", type=float, default=0, help="exit after this many idle seconds (0: never)"
-    )
+    parser.add_argument("--idle-timeout", type=float, default=0, help="exit after this many idle seconds (0: never)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     args = parser.parse_args(argv)

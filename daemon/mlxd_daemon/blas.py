@@ -62,7 +62,9 @@ def preload() -> str:
 def warning(blas: str) -> str | None:
     """A loud message for users running on the slow reference BLAS."""
     if sys.platform.startswith("linux") and blas.startswith(REFERENCE):
-        return ("MLX is using its reference BLAS: matmul is ~30x slower. Install OpenBLAS (Debian/Ubuntu: "
-                "apt-get install libopenblas0-pthread; Fedora: dnf install openblas-threads) or set MLXD_BLAS "
-                "to a libopenblas.so path")
+        return (
+            "MLX is using its reference BLAS: matmul is ~30x slower. Install OpenBLAS (Debian/Ubuntu: "
+            "apt-get install libopenblas0-pthread; Fedora: dnf install openblas-threads) or set MLXD_BLAS "
+            "to a libopenblas.so path"
+        )
     return None

@@ -194,9 +194,7 @@ def _scan_file(path: Path, fmt: str) -> list[TensorInfo]:
             infos = []
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 sl = f.get_slice(name)
-                infos.append(
-                    TensorInfo(name, _st_dtype(sl.get_dtype(), path), tuple(sl.get_shape()), path.name)
-                )
+                infos.append(TensorInfo(name, _st_dtype(sl.get_dtype(), path), tuple(sl.get_shape()), path.name))
             return infos
     state = _load_bin(path)
     return [TensorInfo(n, t.dtype, tuple(t.shape), path.name) for n, t in state.items()]

@@ -308,8 +308,7 @@ def _summary(
         "num_parameters": plan.num_parameters,
         "total_bytes": plan.total_bytes,
         "shards": [
-            {"file": s.file, "bytes": s.nbytes, "tensors": sum(len(u.outputs) for u in s.units)}
-            for s in plan.shards
+            {"file": s.file, "bytes": s.nbytes, "tensors": sum(len(u.outputs) for u in s.units)} for s in plan.shards
         ],
         "tensor_dtypes": dict(sorted(dtypes.items())),
         "copied_files": [n for n in TOKENIZER_FILES if (ckpt.path / n).is_file()],

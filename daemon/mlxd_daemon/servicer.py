@@ -8,7 +8,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
@@ -50,12 +50,13 @@ PROGRESS_KINDS = {
 }
 
 
-def abort(context: grpc.ServicerContext, err: MlxdError) -> None:
+def abort(context: grpc.ServicerContext, err: MlxdError) -> NoReturn:
     """End the RPC with the error's status code and an ErrorInfo(reason, metadata) detail."""
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata))
     status = status_pb2.Status(code=code_pb2.Code.Value(err.code), message=err.message, details=[detail])
     context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("unreachable: abort_with_status raises")
 
 
 class MlxdServicer(pb_grpc.MlxdServicer):
@@ -74,9 +75,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         self.request_shutdown = request_shutdown
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def Initialize(
-        self, request: pb.InitializeRequest, context: grpc.ServicerContext
-    ) -> pb.InitializeResponse:
+    def Initialize(self, request: pb.InitializeRequest, context: grpc.ServicerContext) -> pb.InitializeResponse:
         if request.protocol_version and request.protocol_version != PROTOCOL_VERSION:
             abort(
                 context,
@@ -109,9 +108,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         return pb.ShutdownResponse()
 
     # -- jobs ------------------------------------------------------------------------------------
-    def Convert(
-        self, request: pb.ConvertRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.ConvertResponse]:
+    def Convert(self, request: pb.ConvertRequest, context: grpc.ServicerContext) -> Iterator[pb.ConvertResponse]:
         args: dict[str, Any] = {
             "src": request.src,
             "dst": request.dst,
@@ -132,9 +129,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         for kind, value in self._run_job("convert", args, context):
             yield pb.ConvertResponse(**{kind: value if kind == "progress" else convert_result(value)})
 
-    def Quantize(
-        self, request: pb.QuantizeRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.QuantizeResponse]:
+    def Quantize(self, request: pb.QuantizeRequest, context: grpc.ServicerContext) -> Iterator[pb.QuantizeResponse]:
         args = {
             "src": request.src,
             "dst": request.dst,
@@ -147,9 +142,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         for kind, value in self._run_job("quantize", args, context):
             yield pb.QuantizeResponse(**{kind: value if kind == "progress" else convert_result(value)})
 
-    def Validate(
-        self, request: pb.ValidateRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.ValidateResponse]:
+    def Validate(self, request: pb.ValidateRequest, context: grpc.ServicerContext) -> Iterator[pb.ValidateResponse]:
         args = {
             "model_dir": request.model_dir,
             "reference": request.reference,
@@ -165,9 +158,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.CancelJobResponse:
         job = self.jobs.get(request.job_id)
         if job is None:
-            abort(
-                context, NotFound(f"no job {request.job_id!r}", reason="JOB_NOT_FOUND", job_id=request.job_id)
-            )
+            abort(context, NotFound(f"no job {request.job_id!r}", reason="JOB_NOT_FOUND", job_id=request.job_id))
         return pb.CancelJobResponse(cancelled=self.jobs.cancel(job))
 
     def _require_paths(self, context: grpc.ServicerContext, *paths: str) -> None:
@@ -182,9 +173,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
                     ),
                 )
 
-    def _run_job(
-        self, kind: str, args: dict[str, Any], context: grpc.ServicerContext
-    ) -> Iterator[tuple[str, Any]]:
+    def _run_job(self, kind: str, args: dict[str, Any], context: grpc.ServicerContext) -> Iterator[tuple[str, Any]]:
         """Run a job on the jobs worker in a thread; yield ("progress", Progress) then ("result", value)."""
         job = self.jobs.create(kind)
         structlog.contextvars.bind_contextvars(job=job.id)
@@ -246,14 +235,10 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         reply = self._models_call(context, "load", {"path": request.path})
         return pb.LoadModelResponse(model=pb.ModelInfo(**reply["model"]), evicted=reply["evicted"])
 
-    def UnloadModel(
-        self, request: pb.UnloadModelRequest, context: grpc.ServicerContext
-    ) -> pb.UnloadModelResponse:
+    def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.ServicerContext) -> pb.UnloadModelResponse:
         return pb.UnloadModelResponse(freed_bytes=self._models_call(context, "unload", {"id": request.id}))
 
-    def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
-    ) -> pb.ListModelsResponse:
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         reply = self._models_call(context, "list", {})
         return pb.ListModelsResponse(
             models=[pb.ModelInfo(**m) for m in reply["models"]],
@@ -293,15 +278,11 @@ def convert_result(r: dict[str, Any]) -> pb.ConvertResult:
         shards=[pb.ShardInfo(file=s["file"], bytes=s["bytes"], tensors=s["tensors"]) for s in r["shards"]],
         copied_files=r.get("copied_files", []),
         dropped_tensors=r.get("dropped_tensors", []),
-        quantization=pb.QuantizationSpec(
-            bits=q["bits"], group_size=q["group_size"], mode=pb.QUANT_MODE_AFFINE
-        )
+        quantization=pb.QuantizationSpec(bits=q["bits"], group_size=q["group_size"], mode=pb.QUANT_MODE_AFFINE)
         if q
         else None,
         quantized_layers=r.get("quantized_layers", []),
-        skipped_layers=[
-            pb.SkippedLayer(name=s["name"], reason=s["reason"]) for s in r.get("skipped_layers", [])
-        ],
+        skipped_layers=[pb.SkippedLayer(name=s["name"], reason=s["reason"]) for s in r.get("skipped_layers", [])],
         seconds=r.get("seconds", 0.0),
         peak_rss_bytes=r.get("peak_rss_bytes", 0),
         dry_run=r.get("dry_run", False),
@@ -310,9 +291,7 @@ def convert_result(r: dict[str, Any]) -> pb.ConvertResult:
 
 def validation_report(r: dict[str, Any], model_dir: str) -> pb.ValidationReport:
     outputs = [
-        pb.OutputReport(
-            **{k: o[k] for k in ("name", "max_abs", "max_rel", "cosine", "nmse", "atol", "rtol", "passed")}
-        )
+        pb.OutputReport(**{k: o[k] for k in ("name", "max_abs", "max_rel", "cosine", "nmse", "atol", "rtol", "passed")})
         for o in r["outputs"]
     ]
     return pb.ValidationReport(

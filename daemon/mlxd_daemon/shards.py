@@ -224,9 +224,7 @@ def _plan_unit(
             info.nbytes,
             info.numel,
         ), None
-    plain = Unit(
-        src_name, target, dtype, False, (OutTensor(target, dtype, info.shape),), info.nbytes, info.numel
-    )
+    plain = Unit(src_name, target, dtype, False, (OutTensor(target, dtype, info.shape),), info.nbytes, info.numel)
     # Biases and scalars are not layers: only weights and matrices are quantization candidates.
     if quant is None or not (target.endswith(".weight") or len(info.shape) >= 2):
         return plain, None
@@ -250,11 +248,7 @@ def assign_shards(units: list[Unit], max_bytes: int) -> list[Shard]:
         groups[-1].append(unit)
         size += unit.nbytes
     n = len(groups)
-    names = (
-        ["model.safetensors"]
-        if n == 1
-        else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    )
+    names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     return [Shard(name, group) for name, group in zip(names, groups, strict=True)]
 
 

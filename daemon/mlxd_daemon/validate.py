@@ -42,13 +42,9 @@ def _band(embeds: Tolerance, logits: Tolerance, hidden: Tolerance) -> dict[str, 
 # L2-normalised (|x| <= 1); "logits" are cosines * exp(logit_scale) (up to 100); "hidden" are raw activations.
 TOLERANCES: dict[str, dict[str, Tolerance]] = {
     # Same weights, float32 on both sides: only summation order differs (~1e-6 measured on tiny CLIP).
-    "float32": _band(
-        Tolerance(1e-4, 1e-3, 0.99999), Tolerance(1e-2, 1e-3, 0.99999), Tolerance(1e-3, 1e-3, 0.9999)
-    ),
+    "float32": _band(Tolerance(1e-4, 1e-3, 0.99999), Tolerance(1e-2, 1e-3, 0.99999), Tolerance(1e-3, 1e-3, 0.9999)),
     # fp16 rounds each weight by up to 2^-11 relative; the errors add up over layers to ~1e-3 on embeddings.
-    "float16": _band(
-        Tolerance(5e-3, 1e-2, 0.9995), Tolerance(0.5, 1e-2, 0.9995), Tolerance(5e-2, 5e-2, 0.999)
-    ),
+    "float16": _band(Tolerance(5e-3, 1e-2, 0.9995), Tolerance(0.5, 1e-2, 0.9995), Tolerance(5e-2, 5e-2, 0.999)),
     # bf16 keeps 8 mantissa bits (2^-9 relative rounding), ~8x fp16's error.
     "bfloat16": _band(Tolerance(3e-2, 5e-2, 0.995), Tolerance(2.0, 5e-2, 0.995), Tolerance(0.3, 0.1, 0.99)),
     # Affine quantization: per-group step = range / (2^bits - 1); gate mainly on cosine, elementwise is coarse
@@ -97,9 +93,7 @@ class OutputReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (non-finite metrics become ``None``)."""
-        return {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()
-        }
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
 def metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -154,18 +148,12 @@ def compare(
         ref = np.asarray(ref_raw)
         cand = np.asarray(candidate[name]) if name in candidate else None
         if cand is None or ref.shape != cand.shape:
-            note = (
-                "missing from the MLX outputs"
-                if cand is None
-                else f"shape {cand.shape} != reference {ref.shape}"
-            )
+            note = "missing from the MLX outputs" if cand is None else f"shape {cand.shape} != reference {ref.shape}"
             reports.append(_report(name, tol, None, False, note))
             continue
         m = metrics(ref, cand)
         finite = bool(np.isfinite(cand).all())
-        close = bool(
-            np.allclose(cand.astype(np.float64), ref.astype(np.float64), atol=tol.atol, rtol=tol.rtol)
-        )
+        close = bool(np.allclose(cand.astype(np.float64), ref.astype(np.float64), atol=tol.atol, rtol=tol.rtol))
         passed = finite and close and m["cosine"] >= tol.min_cosine
         reports.append(_report(name, tol, m, passed, "" if finite else "non-finite values in the MLX output"))
     return reports

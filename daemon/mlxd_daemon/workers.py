@@ -8,6 +8,7 @@ a conversion. A worker that dies is reported as WorkerCrashed and restarted on n
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import threading
 from collections.abc import Callable
@@ -116,8 +117,7 @@ class WorkerProcess:
         log.error("worker_crashed", role=self.role, op=op, exit_code=code)
         what = " resident models were lost." if self.role == "models" else ""
         msg = (
-            f"the {self.role} worker died (exit code {code}) while running {op}; it restarts on the next "
-            f"request.{what}"
+            f"the {self.role} worker died (exit code {code}) while running {op}; it restarts on the next request.{what}"
         )
         raise WorkerCrashed(msg, reason="WORKER_CRASHED", exit_code=code, op=op)
 
@@ -135,10 +135,8 @@ class WorkerProcess:
             if proc is None:
                 return
             if locked:
-                try:
+                with contextlib.suppress(OSError):  # the worker may already be gone
                     conn.send(("stop", {}))
-                except OSError:
-                    pass
             proc.join(timeout)
             if proc.is_alive():
                 proc.kill()

@@ -202,9 +202,7 @@ class CLIPTextTransformer(nn.Module):
         """(pooled [B, D], last_hidden_state [B, L, D]); pooling at EOS exactly as transformers does."""
         b, n = input_ids.shape
         if n > self.cfg.max_position_embeddings:
-            msg = (
-                f"text is {n} tokens, the model takes at most {self.cfg.max_position_embeddings}: truncate it"
-            )
+            msg = f"text is {n} tokens, the model takes at most {self.cfg.max_position_embeddings}: truncate it"
             raise InvalidArgument(msg, reason="TEXT_TOO_LONG")
         # Boolean mask (True = attend): causal, and padded keys hidden, like HF's create_causal_mask.
         causal = np.tril(np.ones((n, n), dtype=bool))
@@ -313,9 +311,7 @@ class ClipBundle:
         m, cfg = self.model, self.config
         out: dict[str, mx.array] = {}
         if len(input_ids):
-            pooled, out["text_last_hidden_state"] = m.text_model(
-                np.asarray(input_ids), np.asarray(attention_mask)
-            )
+            pooled, out["text_last_hidden_state"] = m.text_model(np.asarray(input_ids), np.asarray(attention_mask))
             out["text_embeds"] = _l2_normalise(m.text_projection(pooled))
         else:
             out["text_embeds"] = mx.zeros((0, cfg.projection_dim))
@@ -377,9 +373,7 @@ def _read_safetensors(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, s
     weights: dict[str, mx.array] = {}
     layout: dict[str, str] | None = None
     for f in files:
-        arrays, meta = cast(
-            "tuple[dict[str, mx.array], dict[str, str]]", mx.load(str(f), return_metadata=True)
-        )
+        arrays, meta = cast("tuple[dict[str, mx.array], dict[str, str]]", mx.load(str(f), return_metadata=True))
         weights.update(arrays)
         if LAYOUT_METADATA_KEY in meta:
             layout = {**(layout or {}), **json.loads(meta[LAYOUT_METADATA_KEY])}
