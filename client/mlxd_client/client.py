@@ -36,7 +36,9 @@ ProgressCallback = Callable[[pb.Progress], None]
 
 
 def tensor_to_numpy(t: pb.Tensor) -> np.ndarray:
-    """Decode a wire Tensor (little-endian, dense) into a numpy array."""
+    """Decode a wire Tensor (little-endian, dense) into a numpy array; an unset one is empty."""
+    if not t.dtype:
+        return np.zeros((0,), dtype=np.float32)
     return np.frombuffer(t.data, dtype=np.dtype(t.dtype).newbyteorder("<")).reshape(tuple(t.shape))
 
 
@@ -47,6 +49,8 @@ class InferResult:
     image_embeds: np.ndarray
     logits_per_image: np.ndarray
     seconds: float
+    logits: np.ndarray
+    labels: list[str]
 
 
 class Client:
@@ -227,6 +231,8 @@ class Client:
             tensor_to_numpy(reply.image_embeds),
             tensor_to_numpy(reply.logits_per_image),
             reply.seconds,
+            tensor_to_numpy(reply.logits),
+            list(reply.labels),
         )
 
     def load_model(self, path: str | Path) -> pb.LoadModelResponse:

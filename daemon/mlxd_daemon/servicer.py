@@ -43,6 +43,7 @@ QUANT_MODE_NAMES = {
     pb.QUANT_MODE_MXFP8: "mxfp8",
     pb.QUANT_MODE_NVFP4: "nvfp4",
 }
+INFER_TENSORS = ("text_embeds", "image_embeds", "logits_per_image", "logits")
 PROGRESS_KINDS = {
     "begin": pb.Progress.KIND_BEGIN,
     "report": pb.Progress.KIND_REPORT,
@@ -224,11 +225,8 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             {"model": request.model, "texts": list(request.texts), "images": list(request.images)},
         )
         out = reply["outputs"]
-        return pb.InferResponse(
-            model=reply["model"],
-            seconds=reply["seconds"],
-            **{k: tensor(out[k]) for k in ("text_embeds", "image_embeds", "logits_per_image")},
-        )
+        tensors = {k: tensor(v) for k, v in out.items() if k in INFER_TENSORS}
+        return pb.InferResponse(model=reply["model"], seconds=reply["seconds"], labels=out.get("labels", []), **tensors)
 
     def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> pb.LoadModelResponse:
         self._require_paths(context, request.path)

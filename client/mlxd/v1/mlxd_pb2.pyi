@@ -104,14 +104,36 @@ class Progress(_message.Message):
     def __init__(self, kind: _Optional[_Union[Progress.Kind, str]] = ..., job_id: _Optional[str] = ..., stage: _Optional[str] = ..., items_done: _Optional[int] = ..., items_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class QuantizationSpec(_message.Message):
-    __slots__ = ("bits", "group_size", "mode")
+    __slots__ = ("bits", "group_size", "mode", "overrides", "recipe")
     BITS_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
     bits: int
     group_size: int
     mode: QuantMode
-    def __init__(self, bits: _Optional[int] = ..., group_size: _Optional[int] = ..., mode: _Optional[_Union[QuantMode, str]] = ...) -> None: ...
+    overrides: _containers.RepeatedScalarFieldContainer[str]
+    recipe: str
+    def __init__(self, bits: _Optional[int] = ..., group_size: _Optional[int] = ..., mode: _Optional[_Union[QuantMode, str]] = ..., overrides: _Optional[_Iterable[str]] = ..., recipe: _Optional[str] = ...) -> None: ...
+
+class LayerQuantReport(_message.Message):
+    __slots__ = ("name", "bits", "group_size", "mode", "rel_error", "bytes_before", "bytes_after")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    REL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_AFTER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    bits: int
+    group_size: int
+    mode: QuantMode
+    rel_error: float
+    bytes_before: int
+    bytes_after: int
+    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., mode: _Optional[_Union[QuantMode, str]] = ..., rel_error: _Optional[float] = ..., bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("file", "bytes", "tensors")
@@ -150,7 +172,7 @@ class ConvertRequest(_message.Message):
     def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_shard_size: _Optional[str] = ..., overwrite: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., quantize: _Optional[_Union[QuantizationSpec, _Mapping]] = ...) -> None: ...
 
 class ConvertResult(_message.Message):
-    __slots__ = ("job_id", "dst", "model_type", "dtype", "num_tensors", "num_parameters", "total_bytes", "shards", "copied_files", "dropped_tensors", "quantization", "quantized_layers", "skipped_layers", "seconds", "peak_rss_bytes", "dry_run")
+    __slots__ = ("job_id", "dst", "model_type", "dtype", "num_tensors", "num_parameters", "total_bytes", "shards", "copied_files", "dropped_tensors", "quantization", "quantized_layers", "skipped_layers", "seconds", "peak_rss_bytes", "dry_run", "layer_reports", "bits_per_weight", "bytes_before")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +189,9 @@ class ConvertResult(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    LAYER_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     dst: str
     model_type: str
@@ -183,7 +208,10 @@ class ConvertResult(_message.Message):
     seconds: float
     peak_rss_bytes: int
     dry_run: bool
-    def __init__(self, job_id: _Optional[str] = ..., dst: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., num_tensors: _Optional[int] = ..., num_parameters: _Optional[int] = ..., total_bytes: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., copied_files: _Optional[_Iterable[str]] = ..., dropped_tensors: _Optional[_Iterable[str]] = ..., quantization: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., quantized_layers: _Optional[_Iterable[str]] = ..., skipped_layers: _Optional[_Iterable[_Union[SkippedLayer, _Mapping]]] = ..., seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    layer_reports: _containers.RepeatedCompositeFieldContainer[LayerQuantReport]
+    bits_per_weight: float
+    bytes_before: int
+    def __init__(self, job_id: _Optional[str] = ..., dst: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., num_tensors: _Optional[int] = ..., num_parameters: _Optional[int] = ..., total_bytes: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., copied_files: _Optional[_Iterable[str]] = ..., dropped_tensors: _Optional[_Iterable[str]] = ..., quantization: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., quantized_layers: _Optional[_Iterable[str]] = ..., skipped_layers: _Optional[_Iterable[_Union[SkippedLayer, _Mapping]]] = ..., seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., dry_run: _Optional[bool] = ..., layer_reports: _Optional[_Iterable[_Union[LayerQuantReport, _Mapping]]] = ..., bits_per_weight: _Optional[float] = ..., bytes_before: _Optional[int] = ...) -> None: ...
 
 class ConvertResponse(_message.Message):
     __slots__ = ("progress", "result")
@@ -194,16 +222,18 @@ class ConvertResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ConvertResult, _Mapping]] = ...) -> None: ...
 
 class QuantizeRequest(_message.Message):
-    __slots__ = ("src", "dst", "spec", "overwrite")
+    __slots__ = ("src", "dst", "spec", "overwrite", "dequantize")
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    DEQUANTIZE_FIELD_NUMBER: _ClassVar[int]
     src: str
     dst: str
     spec: QuantizationSpec
     overwrite: bool
-    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., spec: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+    dequantize: bool
+    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., spec: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., overwrite: _Optional[bool] = ..., dequantize: _Optional[bool] = ...) -> None: ...
 
 class QuantizeResponse(_message.Message):
     __slots__ = ("progress", "result")
@@ -310,18 +340,22 @@ class InferRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("model", "text_embeds", "image_embeds", "logits_per_image", "seconds")
+    __slots__ = ("model", "text_embeds", "image_embeds", "logits_per_image", "seconds", "logits", "labels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     text_embeds: Tensor
     image_embeds: Tensor
     logits_per_image: Tensor
     seconds: float
-    def __init__(self, model: _Optional[str] = ..., text_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., image_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., logits_per_image: _Optional[_Union[Tensor, _Mapping]] = ..., seconds: _Optional[float] = ...) -> None: ...
+    logits: Tensor
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., text_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., image_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., logits_per_image: _Optional[_Union[Tensor, _Mapping]] = ..., seconds: _Optional[float] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("id", "model_type", "dtype", "compute_dtype", "resident_bytes", "loaded_at_unix", "last_used_unix", "infer_count")
