@@ -63,6 +63,7 @@ class Client:
         autostart: bool = True,
         handshake: bool = True,
         timeout: float | None = None,
+        token: str | None = None,
     ) -> None:
         self.address = address or discovery.default_address()
         if autostart:
@@ -70,6 +71,7 @@ class Client:
         self._channel = grpc.insecure_channel(self.address, options=discovery.CHANNEL_OPTIONS)
         self._stub = pb_grpc.MlxdStub(self._channel)
         self._timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else discovery.call_metadata()
         self.server_info: pb.InitializeResponse | None = None
         if handshake:
             self.server_info = self.initialize()
@@ -85,13 +87,13 @@ class Client:
 
     def _unary(self, method: Callable[..., Any], request: Any) -> Any:
         try:
-            return method(request, timeout=self._timeout)
+            return method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
     def _stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
         try:
-            for response in method(request, timeout=self._timeout):
+            for response in method(request, timeout=self._timeout, metadata=self._metadata):
                 yield getattr(response, response.WhichOneof("event"))
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
@@ -210,6 +212,17 @@ class Client:
     ) -> pb.ValidationReport:
         """Run the PyTorch reference and the MLX model on the same inputs and compare them."""
         return self._drain(self.validate_events(model_dir, reference, **options), on_progress)
+
+    def list_jobs(self) -> list[pb.JobInfo]:
+        """Jobs the daemon remembers (also across restarts), newest first."""
+        return list(self._unary(self._stub.ListJobs, pb.ListJobsRequest()).jobs)
+
+    def get_job(self, job_id: str) -> pb.GetJobResponse:
+        return self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
+
+    def watch_job(self, job_id: str, from_seq: int = 0) -> Iterator[Any]:
+        """Re-attach to a job: its Progress events from ``from_seq``, then its result (or its error)."""
+        return self._stream(self._stub.WatchJob, pb.WatchJobRequest(job_id=job_id, from_seq=from_seq))
 
     def cancel_job(self, job_id: str) -> bool:
         return bool(self._unary(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id)).cancelled)

@@ -13,6 +13,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ENV_ADDRESS = "MLXD_ADDRESS"
+ENV_TOKEN = "MLXD_TOKEN"  # sent as "authorization: Bearer <token>" (required by TCP listeners)
+ENV_IDLE_TIMEOUT = "MLXD_IDLE_TIMEOUT"  # seconds an auto-started daemon waits unused before exiting
 # Raw images and embeddings exceed gRPC's 4 MiB default; both sides use this limit.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -34,6 +36,12 @@ def default_address() -> str:
     return os.environ.get(ENV_ADDRESS) or f"unix://{runtime_dir() / 'mlxd.sock'}"
 
 
+def call_metadata() -> tuple[tuple[str, str], ...]:
+    """Per-call metadata: the token when MLXD_TOKEN is set."""
+    token = os.environ.get(ENV_TOKEN)
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 def is_serving(address: str, timeout: float = 1.0) -> bool:
     """True when a daemon at ``address`` answers the standard health check with SERVING."""
     try:
@@ -49,8 +57,9 @@ def start_daemon(address: str, timeout: float = 60.0, log_path: Path | None = No
     """Start ``mlxd`` in the background at ``address`` and wait until it serves."""
     log_path = log_path or runtime_dir() / "mlxd.log"
     with open(log_path, "ab") as log:
+        idle = os.environ.get(ENV_IDLE_TIMEOUT, "3600")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlxd_daemon", "--address", address],
+            [sys.executable, "-m", "mlxd_daemon", "--address", address, "--idle-timeout", idle],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 
-from mlxd_client.discovery import default_address
+from mlxd_client.discovery import ENV_TOKEN, default_address, runtime_dir
 
 from mlxd_daemon import logs
 
@@ -19,42 +21,65 @@ def total_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlxd", description="mlxd: PyTorch/Hugging Face -> MLX daemon")
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="unix:///path/to.sock or localhost:PORT (default: $MLXD_ADDRESS or a per-user socket)",
-    )
-    parser.add_argument(
-        "--memory-budget",
-        type=float,
-        default=0.5,
-        help="resident model budget: a fraction of RAM (<= 1) or bytes (default 0.5)",
-    )
-    parser.add_argument("--idle-timeout", type=float, default=0, help="exit after this many idle seconds (0: never)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
-    args = parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlxd", description="mlxd: PyTorch/Hugging Face -> MLX daemon (foreground)")
+    p.add_argument("--address", help="unix:///path/to.sock or HOST:PORT (default: $MLXD_ADDRESS or a per-user socket)")
+    p.add_argument("--memory-budget", type=float, default=0.5,
+                   help="resident model budget: a fraction of RAM (<= 1) or bytes (default 0.5)")  # fmt: skip
+    p.add_argument("--idle-timeout", type=float, default=0, help="exit after this many idle seconds (0: never)")
+    p.add_argument("--state-dir", type=Path, help="job journal and discovery files (default: beside the socket)")
+    p.add_argument("--allowed-root", action="append", default=[],
+                   help="only read and write model paths under this directory (repeatable)")  # fmt: skip
+    p.add_argument("--token-file", type=Path,
+                   help=f"TCP: file with the token clients send (${ENV_TOKEN}); created if missing")  # fmt: skip
+    p.add_argument("--allow-remote", action="store_true", help="allow a TCP address other than loopback")
+    p.add_argument("--max-queued-jobs", type=int, default=16)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    return p
 
+
+def tcp_token(token_file: Path | None, state_dir: Path) -> tuple[str, Path]:
+    """The token TCP clients must present: from --token-file (created 0600 with a random token if missing)."""
+    path = token_file or state_dir / "token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path.read_text().strip(), path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     log_json = None if args.log_format == "auto" else args.log_format == "json"
     logs.configure(args.log_level, log_json)
-    from mlxd_daemon.server import Daemon
+    import structlog
 
-    budget = args.memory_budget
-    budget_bytes = int(budget * total_memory_bytes()) if budget <= 1 else int(budget)
+    from mlxd_daemon.server import Daemon, socket_path
+
     address = args.address or default_address()
-    if not address.startswith("unix://") and not address.startswith(LOOPBACK):
-        parser.error(
-            f"refusing to listen on {address}: mlxd has no authentication yet, so it listens only on a "
-            "unix socket or a loopback address (localhost:PORT, 127.0.0.1:PORT, [::1]:PORT)"
-        )
+    is_unix = address.startswith("unix://")
+    if not is_unix and not address.startswith(LOOPBACK) and not args.allow_remote:
+        parser.error(f"refusing to listen on {address}: pass --allow-remote to accept connections from other hosts")
+    sock = socket_path(address)
+    state_dir = args.state_dir or (sock.parent if sock is not None else runtime_dir())
+    token = None
+    if not is_unix:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        token, token_path = tcp_token(args.token_file, state_dir)
+        structlog.get_logger().info("tcp_token_required", token_file=str(token_path))
+    budget = args.memory_budget
     daemon = Daemon(
         address,
-        memory_budget=budget_bytes,
+        memory_budget=int(budget * total_memory_bytes()) if budget <= 1 else int(budget),
+        state_dir=state_dir,
         log_level=args.log_level,
         log_json=log_json,
         idle_timeout=args.idle_timeout,
+        token=token,
+        allowed_roots=tuple(args.allowed_root),
+        max_queued_jobs=args.max_queued_jobs,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

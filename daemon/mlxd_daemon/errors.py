@@ -6,7 +6,10 @@
     ├── FailedPrecondition       FAILED_PRECONDITION  output exists, model not loaded, ...
     ├── Unsupported              UNIMPLEMENTED        architecture, dtype or op we do not handle
     ├── ResourceExhausted        RESOURCE_EXHAUSTED   memory budget, queue full
-    ├── Cancelled                CANCELLED            job cancelled by the client
+    ├── Cancelled                CANCELLED            job cancelled by the client (or its deadline)
+    ├── Aborted                  ABORTED              job interrupted by a daemon restart
+    ├── PermissionDenied         PERMISSION_DENIED    path outside the allowed roots
+    ├── Unauthenticated          UNAUTHENTICATED      TCP client without the daemon's token
     └── WorkerCrashed            UNAVAILABLE          the MLX worker process died mid-request
 
 Every error carries a machine-readable ``reason`` (UPPER_SNAKE, sent as google.rpc.ErrorInfo.reason)
@@ -73,6 +76,21 @@ class Cancelled(MlxdError):
     default_reason = "CANCELLED"
 
 
+class Aborted(MlxdError):
+    code = "ABORTED"
+    default_reason = "ABORTED"
+
+
+class PermissionDenied(MlxdError):
+    code = "PERMISSION_DENIED"
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(MlxdError):
+    code = "UNAUTHENTICATED"
+    default_reason = "UNAUTHENTICATED"
+
+
 class WorkerCrashed(MlxdError):
     code = "UNAVAILABLE"
     default_reason = "WORKER_CRASHED"
@@ -80,14 +98,12 @@ class WorkerCrashed(MlxdError):
 
 _BY_NAME = {
     c.__name__: c
-    for c in (
-        MlxdError,
-        NotFound,
-        InvalidArgument,
-        FailedPrecondition,
-        Unsupported,
-        ResourceExhausted,
-        Cancelled,
-        WorkerCrashed,
-    )
-}
+    for c in (MlxdError, NotFound, InvalidArgument, FailedPrecondition, Unsupported, ResourceExhausted, Cancelled,
+              Aborted, PermissionDenied, Unauthenticated, WorkerCrashed)
+}  # fmt: skip
+
+
+def from_status(code: str, message: str, reason: str) -> MlxdError:
+    """The error class for a gRPC status code name (used for jobs restored from the journal)."""
+    cls = next((c for c in _BY_NAME.values() if c.code == code), MlxdError)
+    return cls(message, reason=reason)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+import json
 import os
 import threading
 import time
@@ -18,7 +20,10 @@ from mlxd.v1 import mlxd_pb2 as pb
 from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
 from mlxd_client.discovery import CHANNEL_OPTIONS, is_serving
 
+from mlxd_daemon import PROTOCOL_VERSION, __version__
 from mlxd_daemon.blas import find_blas, warning
+from mlxd_daemon.errors import Unauthenticated
+from mlxd_daemon.jobs import JobTable
 from mlxd_daemon.servicer import MlxdServicer
 from mlxd_daemon.workers import WorkerProcess
 
@@ -99,6 +104,46 @@ def prepare_socket(address: str) -> None:
         path.unlink()
 
 
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """TCP listeners require ``authorization: Bearer <token>`` on every call except health checks."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}"
+
+        def deny(request: Any, context: grpc.ServicerContext) -> Any:
+            from mlxd_daemon.servicer import abort
+
+            abort(context, Unauthenticated("missing or wrong token: set MLXD_TOKEN to the daemon's token "
+                                           "(its --token-file)", reason="BAD_TOKEN"))  # fmt: skip
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(details)
+        metadata = dict(details.invocation_metadata or ())
+        if hmac.compare_digest(str(metadata.get("authorization", "")), self._expected):
+            return continuation(details)
+        return self._deny
+
+
+def discovery_path(address: str, state_dir: Path) -> Path:
+    """Where the discovery file (pid, address, version) lives: beside the socket, or in the state dir."""
+    sock = socket_path(address)
+    if sock is not None:
+        return sock.with_name(sock.name + ".json")
+    return state_dir / f"mlxd-{address.rsplit(':', 1)[-1]}.json"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a 0600 file atomically (created private, then renamed into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    tmp.replace(path)
+
+
 class Daemon:
     """The front end process: gRPC server plus its two worker processes."""
 
@@ -107,24 +152,37 @@ class Daemon:
         address: str,
         *,
         memory_budget: int,
+        state_dir: Path,
         max_rpc_threads: int = 16,
         log_level: str = "info",
         log_json: bool | None = None,
         idle_timeout: float = 0,
+        token: str | None = None,
+        allowed_roots: tuple[str, ...] = (),
+        max_queued_jobs: int = 16,
     ) -> None:
         options = {"log_level": log_level, "log_json": log_json, "memory_budget": memory_budget}
         self.address = address
         self.idle_timeout = idle_timeout
+        self.state_dir = state_dir
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.discovery = discovery_path(address, state_dir)
         self.jobs_worker = WorkerProcess("jobs", options)
         self.models_worker = WorkerProcess("models", options)
         self.stopping = threading.Event()
         self.interceptor = CanonicalLogInterceptor()
+        interceptors: list[grpc.ServerInterceptor] = [self.interceptor]
+        if token:
+            interceptors.append(TokenAuthInterceptor(token))
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_rpc_threads, thread_name_prefix="rpc"),
-            interceptors=[self.interceptor],
+            interceptors=interceptors,
             options=CHANNEL_OPTIONS,
         )
-        self.servicer = MlxdServicer(self.jobs_worker, self.models_worker, address, self.stopping.set)
+        jobs = JobTable(journal=state_dir / f"{self.discovery.stem}.jobs.jsonl", max_queued=max_queued_jobs)
+        self.servicer = MlxdServicer(
+            self.jobs_worker, self.models_worker, address, self.stopping.set, jobs=jobs, allowed_roots=allowed_roots
+        )
         pb_grpc.add_MlxdServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -144,7 +202,10 @@ class Daemon:
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         blas = find_blas()
-        log.info("daemon_started", address=self.address, pid=os.getpid(), blas=blas)
+        info = {"pid": os.getpid(), "address": self.address, "version": __version__, "protocol": PROTOCOL_VERSION,
+                "started_at": time.time(), "blas": blas}  # fmt: skip
+        write_private(self.discovery, json.dumps(info))
+        log.info("daemon_started", address=self.address, pid=os.getpid(), blas=blas, discovery=str(self.discovery))
         if warning(blas):
             log.warning("slow_blas", message=warning(blas))
         # Warm the models worker in the background so the first Infer does not pay for process start-up.
@@ -167,6 +228,7 @@ class Daemon:
         self.jobs_worker.stop()
         self.models_worker.stop()
         path = socket_path(self.address)
-        if path is not None and path.exists():
-            path.unlink()
+        for leftover in (path, self.discovery):
+            if leftover is not None and leftover.exists():
+                leftover.unlink()
         log.info("daemon_stopped", address=self.address)

@@ -4,7 +4,6 @@ become gRPC statuses (with a google.rpc.ErrorInfo detail)."""
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,8 +21,8 @@ from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
 from mlxd_daemon import PROTOCOL_VERSION, __version__
 from mlxd_daemon.archs import SUPPORTED
 from mlxd_daemon.blas import find_blas
-from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, MlxdError, NotFound
-from mlxd_daemon.jobs import CANCELLED, FAILED, SUCCEEDED, Job, JobTable
+from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, MlxdError, NotFound, PermissionDenied, from_status
+from mlxd_daemon.jobs import SUCCEEDED, TERMINAL, Job, JobTable
 from mlxd_daemon.workers import WorkerProcess
 
 log = structlog.get_logger()
@@ -67,10 +66,13 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         models_worker: WorkerProcess,
         address: str,
         request_shutdown: Callable[[], None],
+        jobs: JobTable | None = None,
+        allowed_roots: tuple[str, ...] = (),
     ) -> None:
         self.jobs_worker = jobs_worker
         self.models_worker = models_worker
-        self.jobs = JobTable()
+        self.jobs = jobs or JobTable()
+        self.allowed_roots = tuple(os.path.realpath(r) for r in allowed_roots)
         self.address = address
         self.started_at = time.time()
         self.request_shutdown = request_shutdown
@@ -157,58 +159,92 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             yield pb.ValidateResponse(**{kind: value})
 
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.CancelJobResponse:
-        job = self.jobs.get(request.job_id)
-        if job is None:
-            abort(context, NotFound(f"no job {request.job_id!r}", reason="JOB_NOT_FOUND", job_id=request.job_id))
-        return pb.CancelJobResponse(cancelled=self.jobs.cancel(job))
+        return pb.CancelJobResponse(cancelled=self.jobs.cancel(self._job(context, request.job_id)))
 
     def _require_paths(self, context: grpc.ServicerContext, *paths: str) -> None:
+        """Paths must be absolute and, when the daemon has allowed roots, inside one of them."""
         for path in paths:
             if not path or not os.path.isabs(path):
-                abort(
-                    context,
-                    InvalidArgument(
-                        f"path {path!r} must be absolute (the daemon has its own working directory)",
-                        reason="RELATIVE_PATH",
-                        path=path,
-                    ),
-                )
+                msg = f"path {path!r} must be absolute (the daemon has its own working directory)"
+                abort(context, InvalidArgument(msg, reason="RELATIVE_PATH", path=path))
+            real = os.path.realpath(path)  # symlinks cannot escape the roots
+            if self.allowed_roots and not any(real == r or real.startswith(r + os.sep) for r in self.allowed_roots):
+                msg = f"{path} is outside the daemon's allowed roots ({', '.join(self.allowed_roots)})"
+                abort(context, PermissionDenied(msg, reason="PATH_NOT_ALLOWED", path=path))
 
     def _run_job(self, kind: str, args: dict[str, Any], context: grpc.ServicerContext) -> Iterator[tuple[str, Any]]:
-        """Run a job on the jobs worker in a thread; yield ("progress", Progress) then ("result", value)."""
-        job = self.jobs.create(kind)
+        """Start a job on the jobs worker; yield ("progress", Progress) events then ("result", dict)."""
+        src = args.get("src") or args.get("reference", "")
+        dst = args.get("dst") or args.get("model_dir", "")
+        try:
+            job = self.jobs.create(kind, src, dst)
+        except MlxdError as e:
+            abort(context, e)
         structlog.contextvars.bind_contextvars(job=job.id)
         context.set_trailing_metadata((("mlxd-job-id", job.id),))
-        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        threading.Thread(target=self._execute, args=(job, args), name=f"job-{job.id}", daemon=True).start()
+        yield from self._follow(job, 0, context)
 
-        def run() -> None:
-            try:
-                result = self.jobs_worker.call(
-                    kind,
-                    args,
-                    on_event=lambda e: events.put(("event", e)),
-                    is_cancelled=job.is_cancelled,
-                    on_start=lambda: self.jobs.start(job, self.jobs_worker),
-                )
-                self.jobs.finish(job, SUCCEEDED)
-                events.put(("result", result))
-            except MlxdError as e:
-                self.jobs.finish(job, CANCELLED if e.code == "CANCELLED" else FAILED, e.message)
-                events.put(("error", e))
+    def _execute(self, job: Job, args: dict[str, Any]) -> None:
+        try:
+            result = self.jobs_worker.call(
+                job.kind,
+                args,
+                on_event=lambda e: self.jobs.event(job, e),
+                is_cancelled=job.is_cancelled,
+                on_start=lambda: self.jobs.start(job, self.jobs_worker),
+            )
+            self.jobs.succeed(job, {**result, "job_id": job.id})
+        except MlxdError as e:
+            self.jobs.fail(job, e)
+        except Exception as e:  # never leave a job without a terminal state
+            log.error("job_crashed", job=job.id, error=repr(e))
+            self.jobs.fail(job, MlxdError(f"internal error: {type(e).__name__}: {e}", reason="INTERNAL"))
 
-        threading.Thread(target=run, name=f"job-{job.id}", daemon=True).start()
-        yield "progress", pb.Progress(kind=pb.Progress.KIND_BEGIN, job_id=job.id, stage="queued")
-        while True:
-            what, value = events.get()
-            if what == "event":
-                yield "progress", progress_message(job, value)
-            elif what == "result":
-                if isinstance(value, dict):
-                    value["job_id"] = job.id
-                yield "result", value
-                return
-            else:
-                abort(context, value)
+    def _follow(self, job: Job, from_seq: int, context: grpc.ServicerContext) -> Iterator[tuple[str, Any]]:
+        """Relay a job's events to one RPC. A dropped stream leaves the job running; a deadline cancels it."""
+
+        def on_rpc_end() -> None:
+            remaining = context.time_remaining()
+            if job.state not in TERMINAL and remaining is not None and remaining <= 0:
+                log.info("job_deadline_exceeded", job=job.id)
+                self.jobs.cancel(job)
+
+        context.add_callback(on_rpc_end)
+        for event in self.jobs.watch(job, from_seq):
+            if event is None:
+                if not context.is_active():
+                    return
+                continue
+            yield "progress", progress_message(job, event)
+        if job.state == SUCCEEDED:
+            yield "result", job.result
+        else:
+            error = job.error or {"code": "INTERNAL", "reason": "INTERNAL", "message": "job ended without a result"}
+            abort(context, from_status(error["code"], error["message"], error["reason"]))
+
+    def _job(self, context: grpc.ServicerContext, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            abort(
+                context, NotFound(f"no job {job_id!r}; mlxctl jobs lists them", reason="JOB_NOT_FOUND", job_id=job_id)
+            )
+        return job
+
+    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
+        return pb.ListJobsResponse(jobs=[job_info(j) for j in self.jobs.newest_first()])
+
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
+        job = self._job(context, request.job_id)
+        reply = pb.GetJobResponse(job=job_info(job))
+        if job.state == SUCCEEDED and job.result is not None:
+            reply.MergeFrom(pb.GetJobResponse(**job_result(job)))
+        return reply
+
+    def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchJobResponse]:
+        job = self._job(context, request.job_id)
+        for kind, value in self._follow(job, request.from_seq, context):
+            yield pb.WatchJobResponse(progress=value) if kind == "progress" else pb.WatchJobResponse(**job_result(job))
 
     # -- models ----------------------------------------------------------------------------------
     def _models_call(self, context: grpc.ServicerContext, op: str, args: dict[str, Any]) -> Any:
@@ -245,6 +281,28 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         )
 
 
+JOB_STATES = {"QUEUED": pb.JOB_STATE_QUEUED, "RUNNING": pb.JOB_STATE_RUNNING, "SUCCEEDED": pb.JOB_STATE_SUCCEEDED,
+              "FAILED": pb.JOB_STATE_FAILED, "CANCELLED": pb.JOB_STATE_CANCELLED}  # fmt: skip
+
+
+def job_info(job: Job) -> pb.JobInfo:
+    error = job.error or {}
+    return pb.JobInfo(
+        job_id=job.id, kind=job.kind, state=JOB_STATES[job.state], src=job.src, dst=job.dst,
+        created_at_unix=job.created_at, started_at_unix=job.started_at, finished_at_unix=job.finished_at,
+        error_code=error.get("code", ""), error_reason=error.get("reason", ""), error_message=error.get("message", ""),
+        last_progress=progress_message(job, job.events[-1]) if job.events else None, events=len(job.events),
+    )  # fmt: skip
+
+
+def job_result(job: Job) -> dict[str, Any]:
+    """The result oneof for GetJob / WatchJob: a ConvertResult or a ValidationReport."""
+    assert job.result is not None
+    if job.kind == "validate":
+        return {"validation_report": validation_report(job.result, job.dst)}
+    return {"convert_result": convert_result(job.result)}
+
+
 def progress_message(job: Job, event: dict[str, Any]) -> pb.Progress:
     return pb.Progress(
         kind=PROGRESS_KINDS[event["kind"]],
@@ -255,6 +313,7 @@ def progress_message(job: Job, event: dict[str, Any]) -> pb.Progress:
         bytes_done=event.get("bytes_done", 0),
         bytes_total=event.get("bytes_total", 0),
         message=event.get("message", ""),
+        seq=event.get("seq", 0),
     )
 
 

@@ -21,6 +21,15 @@ class QuantMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     QUANT_MODE_MXFP4: _ClassVar[QuantMode]
     QUANT_MODE_MXFP8: _ClassVar[QuantMode]
     QUANT_MODE_NVFP4: _ClassVar[QuantMode]
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_FLOAT16: Dtype
@@ -30,6 +39,12 @@ QUANT_MODE_AFFINE: QuantMode
 QUANT_MODE_MXFP4: QuantMode
 QUANT_MODE_MXFP8: QuantMode
 QUANT_MODE_NVFP4: QuantMode
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLED: JobState
 
 class InitializeRequest(_message.Message):
     __slots__ = ("protocol_version", "client_name", "client_version")
@@ -74,7 +89,7 @@ class InitializeResponse(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., daemon_version: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., pid: _Optional[int] = ..., address: _Optional[str] = ..., started_at_unix: _Optional[float] = ..., blas: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("kind", "job_id", "stage", "items_done", "items_total", "bytes_done", "bytes_total", "message")
+    __slots__ = ("kind", "job_id", "stage", "items_done", "items_total", "bytes_done", "bytes_total", "message", "seq")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Progress.Kind]
@@ -93,6 +108,7 @@ class Progress(_message.Message):
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     kind: Progress.Kind
     job_id: str
     stage: str
@@ -101,7 +117,8 @@ class Progress(_message.Message):
     bytes_done: int
     bytes_total: int
     message: str
-    def __init__(self, kind: _Optional[_Union[Progress.Kind, str]] = ..., job_id: _Optional[str] = ..., stage: _Optional[str] = ..., items_done: _Optional[int] = ..., items_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    seq: int
+    def __init__(self, kind: _Optional[_Union[Progress.Kind, str]] = ..., job_id: _Optional[str] = ..., stage: _Optional[str] = ..., items_done: _Optional[int] = ..., items_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., message: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class QuantizationSpec(_message.Message):
     __slots__ = ("bits", "group_size", "mode", "overrides", "recipe")
@@ -307,6 +324,80 @@ class ValidateResponse(_message.Message):
     result: ValidationReport
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ValidationReport, _Mapping]] = ...) -> None: ...
 
+class JobInfo(_message.Message):
+    __slots__ = ("job_id", "kind", "state", "src", "dst", "created_at_unix", "started_at_unix", "finished_at_unix", "error_code", "error_reason", "error_message", "last_progress", "events")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LAST_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    kind: str
+    state: JobState
+    src: str
+    dst: str
+    created_at_unix: float
+    started_at_unix: float
+    finished_at_unix: float
+    error_code: str
+    error_reason: str
+    error_message: str
+    last_progress: Progress
+    events: int
+    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., created_at_unix: _Optional[float] = ..., started_at_unix: _Optional[float] = ..., finished_at_unix: _Optional[float] = ..., error_code: _Optional[str] = ..., error_reason: _Optional[str] = ..., error_message: _Optional[str] = ..., last_progress: _Optional[_Union[Progress, _Mapping]] = ..., events: _Optional[int] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class GetJobResponse(_message.Message):
+    __slots__ = ("job", "convert_result", "validation_report")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    CONVERT_RESULT_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_REPORT_FIELD_NUMBER: _ClassVar[int]
+    job: JobInfo
+    convert_result: ConvertResult
+    validation_report: ValidationReport
+    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., convert_result: _Optional[_Union[ConvertResult, _Mapping]] = ..., validation_report: _Optional[_Union[ValidationReport, _Mapping]] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("job_id", "from_seq")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_SEQ_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    from_seq: int
+    def __init__(self, job_id: _Optional[str] = ..., from_seq: _Optional[int] = ...) -> None: ...
+
+class WatchJobResponse(_message.Message):
+    __slots__ = ("progress", "convert_result", "validation_report")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CONVERT_RESULT_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_REPORT_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    convert_result: ConvertResult
+    validation_report: ValidationReport
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., convert_result: _Optional[_Union[ConvertResult, _Mapping]] = ..., validation_report: _Optional[_Union[ValidationReport, _Mapping]] = ...) -> None: ...
+
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -378,10 +469,12 @@ class ModelInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., loaded_at_unix: _Optional[float] = ..., last_used_unix: _Optional[float] = ..., infer_count: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("path",)
+    __slots__ = ("path", "keep_alive_seconds")
     PATH_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     path: str
-    def __init__(self, path: _Optional[str] = ...) -> None: ...
+    keep_alive_seconds: float
+    def __init__(self, path: _Optional[str] = ..., keep_alive_seconds: _Optional[float] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("model", "evicted")
@@ -407,15 +500,29 @@ class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Eviction(_message.Message):
+    __slots__ = ("id", "reason", "at_unix")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    reason: str
+    at_unix: float
+    def __init__(self, id: _Optional[str] = ..., reason: _Optional[str] = ..., at_unix: _Optional[float] = ...) -> None: ...
+
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "budget_bytes", "used_bytes")
+    __slots__ = ("models", "budget_bytes", "used_bytes", "recent_evictions", "worker_rss_bytes")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECENT_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     budget_bytes: int
     used_bytes: int
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ...) -> None: ...
+    recent_evictions: _containers.RepeatedCompositeFieldContainer[Eviction]
+    worker_rss_bytes: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., recent_evictions: _Optional[_Iterable[_Union[Eviction, _Mapping]]] = ..., worker_rss_bytes: _Optional[int] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ()

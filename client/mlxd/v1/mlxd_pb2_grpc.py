@@ -59,6 +59,21 @@ class MlxdStub:
                 request_serializer=mlxd_dot_v1_dot_mlxd__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=mlxd_dot_v1_dot_mlxd__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/mlxd.v1.Mlxd/ListJobs',
+                request_serializer=mlxd_dot_v1_dot_mlxd__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=mlxd_dot_v1_dot_mlxd__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/mlxd.v1.Mlxd/GetJob',
+                request_serializer=mlxd_dot_v1_dot_mlxd__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=mlxd_dot_v1_dot_mlxd__pb2.GetJobResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/mlxd.v1.Mlxd/WatchJob',
+                request_serializer=mlxd_dot_v1_dot_mlxd__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=mlxd_dot_v1_dot_mlxd__pb2.WatchJobResponse.FromString,
+                _registered_method=True)
         self.Infer = channel.unary_unary(
                 '/mlxd.v1.Mlxd/Infer',
                 request_serializer=mlxd_dot_v1_dot_mlxd__pb2.InferRequest.SerializeToString,
@@ -121,6 +136,25 @@ class MlxdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobs(self, request, context):
+        """Jobs survive their client: list them, read one, or re-attach to its event stream from a sequence number.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Infer(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -179,6 +213,21 @@ def add_MlxdServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=mlxd_dot_v1_dot_mlxd__pb2.CancelJobRequest.FromString,
                     response_serializer=mlxd_dot_v1_dot_mlxd__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=mlxd_dot_v1_dot_mlxd__pb2.ListJobsRequest.FromString,
+                    response_serializer=mlxd_dot_v1_dot_mlxd__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=mlxd_dot_v1_dot_mlxd__pb2.GetJobRequest.FromString,
+                    response_serializer=mlxd_dot_v1_dot_mlxd__pb2.GetJobResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=mlxd_dot_v1_dot_mlxd__pb2.WatchJobRequest.FromString,
+                    response_serializer=mlxd_dot_v1_dot_mlxd__pb2.WatchJobResponse.SerializeToString,
             ),
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
@@ -341,6 +390,87 @@ class Mlxd:
             '/mlxd.v1.Mlxd/CancelJob',
             mlxd_dot_v1_dot_mlxd__pb2.CancelJobRequest.SerializeToString,
             mlxd_dot_v1_dot_mlxd__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxd.v1.Mlxd/ListJobs',
+            mlxd_dot_v1_dot_mlxd__pb2.ListJobsRequest.SerializeToString,
+            mlxd_dot_v1_dot_mlxd__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxd.v1.Mlxd/GetJob',
+            mlxd_dot_v1_dot_mlxd__pb2.GetJobRequest.SerializeToString,
+            mlxd_dot_v1_dot_mlxd__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlxd.v1.Mlxd/WatchJob',
+            mlxd_dot_v1_dot_mlxd__pb2.WatchJobRequest.SerializeToString,
+            mlxd_dot_v1_dot_mlxd__pb2.WatchJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
