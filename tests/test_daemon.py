@@ -12,41 +12,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from conftest import DaemonProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import slow_checkpoint, worker_pid
 from mlxd.v1 import mlxd_pb2 as pb
 from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
 from mlxd_client import Client
 from mlxd_client.discovery import is_serving
 from mlxd_client.errors import CancelledError, FailedPreconditionError, UnavailableError
-from safetensors.torch import save_file
-
-
-def slow_checkpoint(root: Path, tensors: int = 48, numel: int = 2_000_000) -> Path:
-    """A CLIP-typed checkpoint of many large tensors: converting it takes long enough to interfere with."""
-    root.mkdir(parents=True)
-    (root / "config.json").write_text(json.dumps({"model_type": "clip"}))
-    g = torch.Generator().manual_seed(0)
-    save_file(
-        {
-            f"text_model.encoder.layers.{i}.mlp.fc1.weight": torch.randn(numel // 1000, 1000, generator=g)
-            for i in range(tensors)
-        },
-        root / "model.safetensors",
-    )
-    return root
-
-
-def worker_pid(daemon: DaemonProcess, role: str) -> int:
-    """The pid of the daemon's worker ``role``, read from the daemon's own structured log."""
-    pids = [
-        json.loads(line)["pid"]
-        for line in daemon.log.read_text().splitlines()
-        if line.startswith("{") and '"worker_started"' in line and f'"role": "{role}"' in line
-    ]
-    assert pids, daemon.log.read_text()
-    return int(pids[-1])
 
 
 class TestSocketAndHandshake:

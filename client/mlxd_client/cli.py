@@ -17,7 +17,7 @@ from mlxd.v1 import mlxd_pb2 as pb
 
 from mlxd_client import discovery
 from mlxd_client.client import Client
-from mlxd_client.errors import MlxdClientError
+from mlxd_client.errors import FailedPreconditionError, MlxdClientError
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
@@ -96,9 +96,12 @@ def cmd_convert(client: Client, a: argparse.Namespace) -> Outcome:
         max_shard_size=a.max_shard_size or "",
         overwrite=a.overwrite,
         dry_run=a.dry_run,
-        q_bits=a.q_bits if a.quantize else 0,
+        # --quantize with no --q-bits: the mode's default bits (mxfp8 is 8-bit, the others 4).
+        q_bits=(a.q_bits or (8 if a.q_mode == "mxfp8" else 4)) if a.quantize else 0,
         q_group_size=a.q_group_size,
-        q_mode=a.q_mode,
+        q_mode=a.q_mode if a.quantize else "affine",
+        q_overrides=a.q_override or () if a.quantize else (),
+        q_recipe=a.q_recipe or "" if a.quantize else "",
     )
     r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
     return r, _convert_text(r), 0
@@ -114,7 +117,25 @@ def _convert_text(r: dict[str, Any]) -> str:
     lines += [f"  {s['file']}: {s['tensors']} tensors, {s['bytes'] / 1e6:.1f} MB" for s in r["shards"]]
     if r["quantization"]:
         q = r["quantization"]
-        lines.append(f"quantized {len(r['quantized_layers'])} layers to {q['bits']} bits, group {q['group_size']}")
+        how = f"recipe {q['recipe']} (default {q['bits']} bits)" if q.get("recipe") else f"{q['bits']} bits"
+        lines.append(
+            f"quantized {len(r['quantized_layers'])} layers ({q['mode']}) to {how}, group {q['group_size']}: "
+            f"{r.get('bits_per_weight', 0):.3f} bits per weight, {r.get('bytes_before', 0) / 1e6:.1f} MB of weights "
+            f"before"
+        )
+        lines += [f"  override: {o}" for o in q.get("overrides", [])]
+        reports = [x for x in r.get("layer_reports", []) if x["bits"]]
+        lines.append(f"  {'layer':<48} {'bits':>4} {'group':>5} {'rel_error':>10} {'bytes':>10}")
+        for x in reports:
+            lines.append(
+                f"  {x['name'][:48]:<48} {x['bits']:>4} {x['group_size']:>5} {x['rel_error']:>10.4g} "
+                f"{x['bytes_after']:>10,}"
+            )
+        lines += [
+            f"  group fallback: {x['name']} quantized with group {x['group_size']} (not {q['group_size']})"
+            for x in reports
+            if q["mode"] == "affine" and x["mode"] == "affine" and x["group_size"] < q["group_size"]
+        ]
     lines += [f"  kept in float: {s['name']} ({s['reason']})" for s in r["skipped_layers"]]
     if r["copied_files"]:
         lines.append("copied byte-for-byte: " + ", ".join(r["copied_files"]))
@@ -123,7 +144,15 @@ def _convert_text(r: dict[str, Any]) -> str:
 
 def cmd_quantize(client: Client, a: argparse.Namespace) -> Outcome:
     events = client.quantize_events(
-        a.src, a.dst, bits=a.q_bits, group_size=a.q_group_size, mode=a.q_mode, overwrite=a.overwrite
+        a.src,
+        a.dst,
+        bits=a.q_bits,
+        group_size=a.q_group_size,
+        mode=a.q_mode,
+        overrides=a.q_override or (),
+        recipe=a.q_recipe or "",
+        overwrite=a.overwrite,
+        dequantize=a.dequantize,
     )
     r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
     return r, _convert_text(r), 0
@@ -173,6 +202,28 @@ def cmd_infer(client: Client, a: argparse.Namespace) -> Outcome:
     return r, "\n".join(lines), 0
 
 
+def _job_line(j: dict[str, Any]) -> str:
+    p = j["last_progress"] or {}
+    progress = f" {p.get('stage', '')} {p.get('items_done', 0)}/{p.get('items_total', 0)}" if p else ""
+    error = f" {j['error_code']} {j['error_reason']}: {j['error_message']}" if j["error_code"] else ""
+    return f"{j['job_id']}  {j['state']:<9} {j['kind']:<8} {j['dst']}{progress}{error}"
+
+
+def cmd_jobs(client: Client, a: argparse.Namespace) -> Outcome:
+    jobs = [to_dict(j) for j in client.list_jobs()]
+    return {"jobs": jobs}, "\n".join(_job_line(j) for j in jobs) or "no jobs", 0
+
+
+def cmd_job(client: Client, a: argparse.Namespace) -> Outcome:
+    r = to_dict(client.get_job(a.job_id))
+    return r, _job_line(r["job"]), 0
+
+
+def cmd_watch(client: Client, a: argparse.Namespace) -> Outcome:
+    r = to_dict(_run_job(client, client.watch_job(a.job_id, a.from_seq), ProgressBar(not a.json)))
+    return r, f"job {a.job_id} finished", 0
+
+
 def cmd_models(client: Client, a: argparse.Namespace) -> Outcome:
     r = to_dict(client.list_models())
     lines = [
@@ -184,7 +235,7 @@ def cmd_models(client: Client, a: argparse.Namespace) -> Outcome:
 
 
 def cmd_load(client: Client, a: argparse.Namespace) -> Outcome:
-    r = to_dict(client.load_model(a.model_dir))
+    r = to_dict(client.load_model(a.model_dir, keep_alive=a.keep_alive))
     return r, f"loaded {r['model']['id']} ({r['model']['resident_bytes'] / 1e6:.1f} MB)", 0
 
 
@@ -233,6 +284,23 @@ def cmd_daemon(a: argparse.Namespace) -> Outcome:
     return r, text, 0
 
 
+def connect(args: argparse.Namespace) -> Client:
+    """A handshaken client; a daemon speaking another protocol is stopped and a compatible one started."""
+    try:
+        return Client(args.address, autostart=not args.no_autostart)
+    except FailedPreconditionError as e:
+        if e.reason != "PROTOCOL_MISMATCH" or args.no_autostart:
+            raise
+        address = args.address or discovery.default_address()
+        print(f"mlxctl: {e.message}; restarting the daemon at {address}", file=sys.stderr)
+        with Client(address, autostart=False, handshake=False) as old:
+            old.shutdown()
+        deadline = time.monotonic() + 30
+        while discovery.is_serving(address, timeout=0.3) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return Client(address, autostart=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlxctl", description="Drive the mlxd daemon (started on demand).")
     p.add_argument("--address", help="daemon address (default: $MLXD_ADDRESS or the per-user socket)")
@@ -246,10 +314,24 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sp
 
-    def quant_flags(sp: argparse.ArgumentParser, bits: int) -> None:
-        sp.add_argument("--q-bits", type=int, default=bits, help="2, 3, 4, 5, 6 or 8 (default %(default)s)")
-        sp.add_argument("--q-group-size", type=int, default=64, help="32, 64 or 128 (default 64)")
+    def quant_flags(sp: argparse.ArgumentParser, bits: int, *, dequantize: bool = False) -> None:
+        sp.add_argument(
+            "--q-bits", type=int, default=bits, help="2, 3, 4, 5, 6 or 8 (default: the mode's, affine 4, mxfp8 8)"
+        )
+        sp.add_argument(
+            "--q-group-size", type=int, default=0, help="affine 32, 64 or 128; mxfp4/mxfp8 32; nvfp4 16 (default: 64)"
+        )
         sp.add_argument("--q-mode", default="affine", choices=["affine", "mxfp4", "mxfp8", "nvfp4"])
+        sp.add_argument(
+            "--q-override",
+            action="append",
+            metavar="PATTERN=BITS[:GROUP]|skip",
+            help="per-layer setting by glob on the module path, e.g. 'lm_head=8', 'vision_model.*=skip', "
+            "'*.v_proj=6:32' (repeatable; first match wins)",
+        )
+        sp.add_argument("--q-recipe", choices=["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"])
+        if dequantize:
+            sp.add_argument("--dequantize", action="store_true", help="the reverse: a quantized MLX dir to float")
 
     c = add("convert", cmd_convert, "convert a Hugging Face checkpoint directory to MLX")
     c.add_argument("src")
@@ -259,12 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace DST once the new output is complete")
     c.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     c.add_argument("--quantize", action="store_true")
-    quant_flags(c, 4)
+    quant_flags(c, 0)
     q = add("quantize", cmd_quantize, "quantize an MLX model directory")
     q.add_argument("src")
     q.add_argument("dst")
     q.add_argument("--overwrite", action="store_true")
-    quant_flags(q, 4)
+    quant_flags(q, 0, dequantize=True)
     v = add("validate", cmd_validate, "compare an MLX model with its PyTorch source")
     v.add_argument("model_dir")
     v.add_argument("--reference", required=True, help="the source Hugging Face checkpoint directory")
@@ -274,9 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model_dir")
     i.add_argument("--text", action="append")
     i.add_argument("--image", action="append")
+    add("jobs", cmd_jobs, "list jobs (running and finished, also across daemon restarts)")
+    jb = add("job", cmd_job, "show one job and its result")
+    jb.add_argument("job_id")
+    w = add("watch", cmd_watch, "re-attach to a job's progress and wait for its result")
+    w.add_argument("job_id")
+    w.add_argument("--from-seq", type=int, default=0, help="replay events from this sequence number")
     add("models", cmd_models, "list resident models")
     ld = add("load", cmd_load, "load a model and keep it resident")
     ld.add_argument("model_dir")
+    ld.add_argument("--keep-alive", type=float, default=0.0, help="seconds after last use it may not be evicted")
     ul = add("unload", cmd_unload, "unload a resident model")
     ul.add_argument("model_dir")
     d = add("daemon", cmd_daemon, "start, stop or inspect the daemon")
@@ -290,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "daemon":
             result, text, code = cmd_daemon(args)
         else:
-            with Client(args.address, autostart=not args.no_autostart) as client:
+            with connect(args) as client:
                 result, text, code = args.fn(client, args)
     except MlxdClientError as e:
         if args.json:

@@ -140,10 +140,16 @@ class Client:
         overwrite: bool = False,
         dry_run: bool = False,
         q_bits: int = 0,
-        q_group_size: int = 64,
+        q_group_size: int = 0,
         q_mode: str = "affine",
+        q_overrides: Iterable[str] = (),
+        q_recipe: str = "",
     ) -> Iterator[pb.Progress | pb.ConvertResult]:
-        """Stream Convert: Progress events, then one ConvertResult. ``q_bits`` > 0 quantizes."""
+        """Stream Convert: Progress events, then one ConvertResult.
+
+        ``q_bits`` > 0 (or a non-affine ``q_mode``, or a ``q_recipe``) quantizes; a 0 bits/group size means the
+        mode's default. ``q_overrides``: ``PATTERN=BITS[:GROUP]`` or ``PATTERN=skip`` on module paths.
+        """
         request = pb.ConvertRequest(
             src=str(Path(src).resolve()),
             dst=str(Path(dst).resolve()),
@@ -152,8 +158,8 @@ class Client:
             overwrite=overwrite,
             dry_run=dry_run,
         )
-        if q_bits:
-            request.quantize.CopyFrom(_quant_spec(q_bits, q_group_size, q_mode))
+        if q_bits or q_mode != "affine" or q_recipe:
+            request.quantize.CopyFrom(_quant_spec(q_bits, q_group_size, q_mode, q_overrides, q_recipe))
         return self._stream(self._stub.Convert, request)
 
     def convert(
@@ -167,16 +173,24 @@ class Client:
         src: str | Path,
         dst: str | Path,
         *,
-        bits: int = 4,
-        group_size: int = 64,
+        bits: int = 0,
+        group_size: int = 0,
         mode: str = "affine",
+        overrides: Iterable[str] = (),
+        recipe: str = "",
         overwrite: bool = False,
+        dequantize: bool = False,
     ) -> Iterator[pb.Progress | pb.ConvertResult]:
+        """Stream Quantize on an MLX directory (0 bits/group size = the mode's default, affine 4-bit g64).
+
+        With ``dequantize`` the reverse: a quantized MLX directory back to float (the spec is ignored).
+        """
         request = pb.QuantizeRequest(
             src=str(Path(src).resolve()),
             dst=str(Path(dst).resolve()),
-            spec=_quant_spec(bits, group_size, mode),
+            spec=_quant_spec(bits, group_size, mode, overrides, recipe),
             overwrite=overwrite,
+            dequantize=dequantize,
         )
         return self._stream(self._stub.Quantize, request)
 
@@ -248,8 +262,10 @@ class Client:
             list(reply.labels),
         )
 
-    def load_model(self, path: str | Path) -> pb.LoadModelResponse:
-        return self._unary(self._stub.LoadModel, pb.LoadModelRequest(path=str(Path(path).resolve())))
+    def load_model(self, path: str | Path, keep_alive: float = 0.0) -> pb.LoadModelResponse:
+        """Load a model and keep it resident; ``keep_alive`` seconds protect it from budget eviction."""
+        request = pb.LoadModelRequest(path=str(Path(path).resolve()), keep_alive_seconds=keep_alive)
+        return self._unary(self._stub.LoadModel, request)
 
     def unload_model(self, model_id: str | Path) -> pb.UnloadModelResponse:
         return self._unary(self._stub.UnloadModel, pb.UnloadModelRequest(id=str(Path(model_id).resolve())))
@@ -265,8 +281,16 @@ def _enum(table: Mapping[str, Any], value: str, what: str) -> Any:
     return table[value]
 
 
-def _quant_spec(bits: int, group_size: int, mode: str) -> pb.QuantizationSpec:
-    return pb.QuantizationSpec(bits=bits, group_size=group_size, mode=_enum(QUANT_MODES, mode, "quant mode"))
+def _quant_spec(
+    bits: int, group_size: int, mode: str, overrides: Iterable[str] = (), recipe: str = ""
+) -> pb.QuantizationSpec:
+    return pb.QuantizationSpec(
+        bits=bits,
+        group_size=group_size,
+        mode=_enum(QUANT_MODES, mode, "quant mode"),
+        overrides=list(overrides),
+        recipe=recipe,
+    )
 
 
 def _image_bytes(image: bytes | str | Path) -> bytes:

@@ -6,13 +6,12 @@
 from __future__ import annotations
 
 import io
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlxd_daemon.errors import FailedPrecondition, InvalidArgument
+from mlxd_daemon.errors import InvalidArgument
 from mlxd_daemon.progress import Reporter
 from mlxd_daemon.residency import Residency
 
@@ -44,22 +43,23 @@ def convert(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
 
 
 def quantize(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
-    """Quantize an MLX directory: the converter re-reads it (its names are already MLX names)."""
-    from mlxd_daemon.convert import convert as run_convert
+    """Quantize an MLX directory (names are already MLX names), or with ``dequantize`` turn one back to float."""
+    from mlxd_daemon import convert
 
-    src = Path(args["src"])
-    config = src / "config.json"
-    if config.is_file() and "quantization" in json.loads(config.read_text()):
-        msg = f"{src} is already quantized; quantize its float source instead (or convert with --quantize)"
-        raise FailedPrecondition(msg, reason="ALREADY_QUANTIZED", path=src)
-    return run_convert(
+    src, dst = Path(args["src"]), Path(args["dst"])
+    if args.get("dequantize"):
+        return convert.dequantize(
+            src, dst, dtype=args.get("dtype", "auto"), overwrite=args["overwrite"], reporter=reporter
+        )
+    return convert.quantize(
         src,
-        Path(args["dst"]),
+        dst,
+        bits=args["bits"],
+        group_size=args["group_size"],
+        mode=args["mode"],
+        overrides=args.get("overrides", ()),
+        recipe=args.get("recipe", ""),
         overwrite=args["overwrite"],
-        quantize=True,
-        q_bits=args["bits"],
-        q_group_size=args["group_size"],
-        q_mode=args["mode"],
         reporter=reporter,
     )
 
@@ -78,7 +78,7 @@ def validate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
 
 
 def load(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
-    resident, evicted = _models().get(args["path"])
+    resident, evicted = _models().get(args["path"], keep_alive=args.get("keep_alive"))
     return {"model": resident.info(), "evicted": evicted}
 
 
@@ -87,7 +87,7 @@ def unload(args: dict[str, Any], reporter: Reporter) -> int:
 
 
 def list_models(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
-    return _models().list()
+    return _models().snapshot()
 
 
 def infer(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ class Resident:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     infer_count: int = 0
+    keep_alive: float = 0.0  # seconds after last use during which the budget may not evict it
+
+    def pinned(self, now: float) -> bool:
+        return now - self.last_used < self.keep_alive
 
     def info(self) -> dict[str, Any]:
         return {
@@ -66,16 +71,19 @@ class Residency:
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self.models: OrderedDict[str, Resident] = OrderedDict()
+        self.evictions: list[dict[str, Any]] = []  # the last few, so clients can see why a model went away
 
     @property
     def used_bytes(self) -> int:
         return sum(int(r.bundle.nbytes) for r in self.models.values())
 
-    def get(self, path: str) -> tuple[Resident, list[str]]:
+    def get(self, path: str, keep_alive: float | None = None) -> tuple[Resident, list[str]]:
         """The resident model for ``path``, loading it (and evicting others) if needed."""
         model_id = str(Path(path).resolve())
         if model_id in self.models:
             self.models.move_to_end(model_id)
+            if keep_alive is not None:
+                self.models[model_id].keep_alive = keep_alive
             return self.models[model_id], []
         model_type = read_model_type(Path(model_id))
         bundle = get_arch(model_type).load(Path(model_id))
@@ -88,11 +96,18 @@ class Residency:
             )
             raise ResourceExhausted(msg, reason="MODEL_TOO_LARGE", need=need, budget=self.budget_bytes)
         evicted = []
-        while self.models and self.used_bytes + need > self.budget_bytes:
-            victim, _ = next(iter(self.models.items()))
+        while self.used_bytes + need > self.budget_bytes:
+            now = time.time()
+            victim = next((m for m, r in self.models.items() if not r.pinned(now)), None)  # least recently used
+            if victim is None:
+                del bundle
+                gc.collect()
+                msg = (f"{model_id} needs {need} bytes but the budget is held by models within their keep-alive; "
+                       "unload one or retry later")  # fmt: skip
+                raise ResourceExhausted(msg, reason="BUDGET_PINNED", need=need, budget=self.budget_bytes)
             self.unload(victim, reason="memory_budget")
             evicted.append(victim)
-        self.models[model_id] = Resident(model_id, model_type, bundle)
+        self.models[model_id] = Resident(model_id, model_type, bundle, keep_alive=keep_alive or 0.0)
         log.info("model_loaded", model=model_id, bytes=need, evicted=evicted)
         return self.models[model_id], evicted
 
@@ -110,11 +125,23 @@ class Residency:
 
         mx.clear_cache()  # return MLX's buffer cache to the system, not just to MLX
         log.info("model_unloaded", model=model_id, bytes=freed, reason=reason)
+        self.evictions = [*self.evictions[-19:], {"id": model_id, "reason": reason, "at_unix": time.time()}]
         return freed
 
-    def list(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         return {
             "models": [r.info() for r in self.models.values()],
             "budget_bytes": self.budget_bytes,
             "used_bytes": self.used_bytes,
+            "recent_evictions": self.evictions,
+            "worker_rss_bytes": current_rss_bytes(),
         }
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set size now (not the peak), from /proc; 0 where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -45,8 +45,16 @@ class CanonicalLogInterceptor(grpc.ServerInterceptor):
 
         def finish(context: grpc.ServicerContext, start: float, error: BaseException | None) -> None:
             code = context.code() if hasattr(context, "code") else None
-            if code is None:
-                code = grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK
+            if code is None and not context.is_active():  # the client left, or its deadline passed
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            elif code is None:
+                code = (
+                    grpc.StatusCode.UNKNOWN
+                    if error is not None and not isinstance(error, GeneratorExit)
+                    else grpc.StatusCode.OK
+                )
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)
             level = log.info if name in ("OK", "CANCELLED") else log.warning
             level("rpc", method=method, code=name, latency_ms=round((time.perf_counter() - start) * 1e3, 2))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NoReturn
 
 import grpc
@@ -57,6 +57,14 @@ def abort(context: grpc.ServicerContext, err: MlxdError) -> NoReturn:
     status = status_pb2.Status(code=code_pb2.Code.Value(err.code), message=err.message, details=[detail])
     context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("unreachable: abort_with_status raises")
+
+
+def enum_name(context: grpc.ServicerContext, table: Mapping[Any, str], value: int, field: str) -> str:
+    """The name of an enum value; INVALID_ARGUMENT for a number this daemon does not know."""
+    if value not in table:
+        msg = f"{field}={value} is not a known value; this daemon knows {sorted(table)}"
+        abort(context, InvalidArgument(msg, reason="BAD_ENUM", field=field, value=value))
+    return table[value]
 
 
 class MlxdServicer(pb_grpc.MlxdServicer):
@@ -115,7 +123,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         args: dict[str, Any] = {
             "src": request.src,
             "dst": request.dst,
-            "dtype": DTYPE_NAMES[request.dtype],
+            "dtype": enum_name(context, DTYPE_NAMES, request.dtype, "dtype"),
             "overwrite": request.overwrite,
             "dry_run": request.dry_run,
         }
@@ -126,7 +134,9 @@ class MlxdServicer(pb_grpc.MlxdServicer):
                 quantize=True,
                 q_bits=request.quantize.bits,
                 q_group_size=request.quantize.group_size,
-                q_mode=QUANT_MODE_NAMES[request.quantize.mode],
+                q_mode=enum_name(context, QUANT_MODE_NAMES, request.quantize.mode, "quantize.mode"),
+                q_overrides=list(request.quantize.overrides),
+                q_recipe=request.quantize.recipe,
             )
         self._require_paths(context, request.src, request.dst)
         for kind, value in self._run_job("convert", args, context):
@@ -137,9 +147,12 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             "src": request.src,
             "dst": request.dst,
             "overwrite": request.overwrite,
-            "bits": request.spec.bits or 4,
-            "group_size": request.spec.group_size or 64,
-            "mode": QUANT_MODE_NAMES[request.spec.mode],
+            "bits": request.spec.bits,  # 0: the mode's default
+            "group_size": request.spec.group_size,
+            "mode": enum_name(context, QUANT_MODE_NAMES, request.spec.mode, "spec.mode"),
+            "overrides": list(request.spec.overrides),
+            "recipe": request.spec.recipe,
+            "dequantize": request.dequantize,
         }
         self._require_paths(context, request.src, request.dst)
         for kind, value in self._run_job("quantize", args, context):
@@ -204,19 +217,24 @@ class MlxdServicer(pb_grpc.MlxdServicer):
     def _follow(self, job: Job, from_seq: int, context: grpc.ServicerContext) -> Iterator[tuple[str, Any]]:
         """Relay a job's events to one RPC. A dropped stream leaves the job running; a deadline cancels it."""
 
-        def on_rpc_end() -> None:
-            remaining = context.time_remaining()
-            if job.state not in TERMINAL and remaining is not None and remaining <= 0:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+
+        def detach() -> None:
+            if deadline is not None and time.monotonic() >= deadline - 0.1 and job.state not in TERMINAL:
                 log.info("job_deadline_exceeded", job=job.id)
                 self.jobs.cancel(job)
 
-        context.add_callback(on_rpc_end)
-        for event in self.jobs.watch(job, from_seq):
-            if event is None:
+        try:
+            for event in self.jobs.watch(job, from_seq):
                 if not context.is_active():
+                    detach()
                     return
-                continue
-            yield "progress", progress_message(job, event)
+                if event is not None:
+                    yield "progress", progress_message(job, event)
+        except GeneratorExit:  # gRPC dropped the stream (client gone or deadline passed)
+            detach()
+            raise
         if job.state == SUCCEEDED:
             yield "result", job.result
         else:
@@ -266,7 +284,8 @@ class MlxdServicer(pb_grpc.MlxdServicer):
 
     def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> pb.LoadModelResponse:
         self._require_paths(context, request.path)
-        reply = self._models_call(context, "load", {"path": request.path})
+        args = {"path": request.path, "keep_alive": request.keep_alive_seconds or None}
+        reply = self._models_call(context, "load", args)
         return pb.LoadModelResponse(model=pb.ModelInfo(**reply["model"]), evicted=reply["evicted"])
 
     def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.ServicerContext) -> pb.UnloadModelResponse:
@@ -278,6 +297,8 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             models=[pb.ModelInfo(**m) for m in reply["models"]],
             budget_bytes=reply["budget_bytes"],
             used_bytes=reply["used_bytes"],
+            recent_evictions=[pb.Eviction(**e) for e in reply["recent_evictions"]],
+            worker_rss_bytes=reply["worker_rss_bytes"],
         )
 
 
@@ -324,6 +345,7 @@ def tensor(array: np.ndarray) -> pb.Tensor:
 
 def convert_result(r: dict[str, Any]) -> pb.ConvertResult:
     q = r.get("quantization")
+    modes = {name: num for num, name in QUANT_MODE_NAMES.items() if num != pb.QUANT_MODE_UNSPECIFIED}
     return pb.ConvertResult(
         job_id=r.get("job_id", ""),
         dst=str(r["dst"]),
@@ -335,7 +357,13 @@ def convert_result(r: dict[str, Any]) -> pb.ConvertResult:
         shards=[pb.ShardInfo(file=s["file"], bytes=s["bytes"], tensors=s["tensors"]) for s in r["shards"]],
         copied_files=r.get("copied_files", []),
         dropped_tensors=r.get("dropped_tensors", []),
-        quantization=pb.QuantizationSpec(bits=q["bits"], group_size=q["group_size"], mode=pb.QUANT_MODE_AFFINE)
+        quantization=pb.QuantizationSpec(
+            bits=q["bits"],
+            group_size=q["group_size"],
+            mode=modes.get(q.get("mode", "affine"), pb.QUANT_MODE_AFFINE),
+            overrides=q.get("overrides") or [],
+            recipe=q.get("recipe") or "",
+        )
         if q
         else None,
         quantized_layers=r.get("quantized_layers", []),
@@ -343,6 +371,20 @@ def convert_result(r: dict[str, Any]) -> pb.ConvertResult:
         seconds=r.get("seconds", 0.0),
         peak_rss_bytes=r.get("peak_rss_bytes", 0),
         dry_run=r.get("dry_run", False),
+        layer_reports=[
+            pb.LayerQuantReport(
+                name=x["name"],
+                bits=x["bits"],
+                group_size=x["group_size"],
+                mode=modes.get(x["mode"], pb.QUANT_MODE_UNSPECIFIED),
+                rel_error=x["rel_error"] or 0.0,  # None in a dry run: nothing was quantized yet
+                bytes_before=x["bytes_before"],
+                bytes_after=x["bytes_after"],
+            )
+            for x in r.get("layer_reports", [])
+        ],
+        bits_per_weight=r.get("bits_per_weight", 0.0),
+        bytes_before=r.get("bytes_before", 0),
     )
 
 

@@ -1,0 +1,260 @@
+"""Llama-family support: parity with transformers, KV-cache generation, mlx-lm compatibility, validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlxd_client import Client
+
+from mlxd_daemon.archs import get_arch, llama
+from mlxd_daemon.archs.llama_generate import IncrementalDecoder, KVCache
+from mlxd_daemon.convert import convert
+from mlxd_daemon.errors import InvalidArgument
+from mlxd_daemon.fixtures import make_llama
+from mlxd_daemon.validate import validate_model
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Small enough that head_dim 16's wavelengths fall in all three bands (kept, smoothed, scaled).
+    "original_max_position_embeddings": 32,
+}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "gqa": {},
+    "tied": {"tie_word_embeddings": True},
+    "llama3_rope": {"rope_scaling": LLAMA3_ROPE},
+    "linear_rope": {"rope_scaling": {"type": "linear", "factor": 2.0}},
+    "biases_head_dim": {"attention_bias": True, "mlp_bias": True, "head_dim": 32},
+    "qwen2": {"model_type": "qwen2", "tie_word_embeddings": True},
+    "mistral": {"model_type": "mistral", "sliding_window": None},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight HF Llama (GQA: 4 heads, 2 kv heads; float32 safetensors) with a BPE tokenizer."""
+    return make_llama(tmp_path_factory.mktemp("hf") / "tiny-llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dst = tmp_path_factory.mktemp("mlx") / "tiny-llama"
+    convert(tiny_llama, dst)
+    return dst
+
+
+def hf_model(src: Path) -> Any:
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+
+
+def hf_greedy(src: Path, prompt: list[int], max_tokens: int) -> list[int]:
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf_model(src).generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False
+        )
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
+class TestLayout:
+    def test_map_weight_keeps_hf_names_and_drops_rotary_buffers(self) -> None:
+        """Names stay Hugging Face's (mlx-lm's layout); inv_freq buffers are dropped."""
+        assert llama.map_weight("model.layers.3.self_attn.q_proj.weight") == "model.layers.3.self_attn.q_proj.weight"
+        assert llama.map_weight("lm_head.weight") == "lm_head.weight"
+        assert llama.map_weight("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+        assert llama.map_weight("model.rotary_emb.inv_freq") is None
+
+    def test_aliases_resolve_to_the_llama_module(self) -> None:
+        """mistral and qwen2 share the implementation."""
+        assert get_arch("mistral") is llama
+        assert get_arch("qwen2") is llama
+
+    def test_transformers5_rope_parameters_are_read(self) -> None:
+        """transformers 5's ``rope_parameters`` (theta inside) parse like classic rope_theta/rope_scaling."""
+        cfg = llama.LlamaConfig.from_dict(
+            {"model_type": "llama", "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}}
+        )
+        assert (500000.0, "llama3") == (cfg.rope_theta, (cfg.rope_scaling or {})["rope_type"])
+
+    def test_converted_directory_has_mlx_lm_names_and_no_tied_head(self, tmp_path: Path) -> None:
+        """A tied model converts without lm_head; every tensor keeps its HF name."""
+        from safetensors import safe_open
+
+        src = make_llama(tmp_path / "hf", tie_word_embeddings=True)
+        convert(src, tmp_path / "mlx")
+        with safe_open(tmp_path / "mlx" / "model.safetensors", framework="numpy") as f:
+            names = set(f.keys())
+        assert "lm_head.weight" not in names
+        assert {"model.embed_tokens.weight", "model.norm.weight", "model.layers.1.mlp.down_proj.weight"} <= names
+
+    def test_embed_says_use_generate(self, converted: Path) -> None:
+        """Infer on a causal LM is refused with a reason a client can act on."""
+        with pytest.raises(InvalidArgument) as e:
+            llama.load(converted).embed(["hi"], [])
+        assert e.value.reason == "USE_GENERATE"
+
+
+class TestParity:
+    @pytest.mark.parametrize("variant", sorted(VARIANTS))
+    def test_logits_match_transformers(self, variant: str, tmp_path: Path) -> None:
+        """Full-sequence logits and hidden states equal LlamaForCausalLM's within 1e-4 (float32)."""
+        src = make_llama(tmp_path / variant, seed=1, **VARIANTS[variant])
+        inputs = llama.golden_inputs(src)
+        ref = llama.run_reference(src, inputs)
+        out = llama.run_mlx(llama.load(src), inputs)
+        for name in ("logits", "last_hidden_state"):
+            np.testing.assert_allclose(out[name], ref[name], atol=1e-4, rtol=0, err_msg=name)
+
+    def test_topk_agreement(self) -> None:
+        """Top-k overlap: identical logits agree fully, a swapped best token halves top-2 overlap at most."""
+        a = np.array([[[3.0, 2.0, 1.0, 0.0]]])
+        b = np.array([[[0.0, 2.0, 1.0, 3.0]]])
+        assert 1.0 == llama.topk_agreement(a, a, 2)
+        assert 0.0 == llama.topk_agreement(a, b, 1)
+        assert 0.5 == llama.topk_agreement(a, b, 2)
+
+
+class TestGeneration:
+    def test_kv_cache_equals_full_recompute_and_transformers(self, tiny_llama: Path) -> None:
+        """Greedy tokens with the KV cache = argmax of a full forward at each step = transformers generate."""
+        bundle = llama.load(tiny_llama)
+        prompt = bundle.encode("Once upon a time")
+        ours = [e["token_id"] for e in bundle.generate(prompt, max_tokens=16)]
+        seq = list(prompt)
+        for _ in range(16):
+            seq.append(int(mx.argmax(bundle.model.logits(bundle.model.hidden(mx.array([seq])))[0, -1]).item()))
+        assert seq[len(prompt) :] == ours
+        assert hf_greedy(tiny_llama, prompt, 16) == ours
+
+    def test_chunked_prefill_matches_single_pass(self, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A prompt prefilled in chunks (cache offset > 0 with a causal block mask) decodes the same tokens."""
+        from mlxd_daemon.archs import llama_generate
+
+        bundle = llama.load(tiny_llama)
+        prompt = bundle.encode("the quick brown fox jumps over the lazy dog. the dog sleeps in the sun")
+        whole = [e["token_id"] for e in bundle.generate(prompt, max_tokens=8)]
+        monkeypatch.setattr(llama_generate, "PREFILL_CHUNK", 5)
+        assert whole == [e["token_id"] for e in bundle.generate(prompt, max_tokens=8)]
+
+    def test_events_text_stats_and_finish(self, tiny_llama: Path) -> None:
+        """Pieces concatenate to the decoded tokens; the last event has finish_reason and stats."""
+        bundle = llama.load(tiny_llama)
+        events = list(bundle.generate("The quick brown fox", max_tokens=10, temperature=0.8, top_p=0.9, seed=3))
+        ids = [e["token_id"] for e in events]
+        assert bundle.tokenizer.decode(ids, skip_special_tokens=True) == "".join(e["text"] for e in events)
+        last = events[-1]
+        assert last["finish_reason"] in ("stop", "length") and all("finish_reason" not in e for e in events[:-1])
+        assert last["stats"]["prompt_tokens"] == len(bundle.encode("The quick brown fox"))
+        assert bundle.stats is not None and bundle.stats.generation_tokens == len(events) - 1
+        again = [e["token_id"] for e in bundle.generate("The quick brown fox", max_tokens=10, temperature=0.8, seed=3)]
+        assert again == [
+            e["token_id"] for e in bundle.generate("The quick brown fox", max_tokens=10, temperature=0.8, seed=3)
+        ]
+
+    def test_stops_at_generation_config_eos(self, tiny_llama: Path) -> None:
+        """A stop id from generation_config.json ends generation with finish_reason "stop" and no text."""
+        bundle = llama.load(tiny_llama)
+        prompt = bundle.encode("The quick brown fox")
+        first = next(iter(bundle.generate(prompt, max_tokens=1)))["token_id"]
+        bundle.stop_ids = frozenset({first})
+        events = list(bundle.generate(prompt, max_tokens=5))
+        assert [(first, "", "stop")] == [(e["token_id"], e["text"], e["finish_reason"]) for e in events]
+        assert {1, 4} <= llama.load(tiny_llama).stop_ids  # <|end_of_text|> (config) + <|eot_id|> (generation_config)
+
+    def test_incremental_decoder_holds_back_partial_utf8(self, tiny_llama: Path) -> None:
+        """Multi-byte characters split over byte-level tokens come out whole, never as U+FFFD."""
+        bundle = llama.load(tiny_llama)
+        text = "naïve 東京 ☕ 🙂 Zürich"
+        ids = bundle.tokenizer.encode(text, add_special_tokens=False).ids
+        assert len(ids) > len(text.split())  # some characters span several tokens
+        decoder = IncrementalDecoder(bundle.tokenizer)
+        pieces = [decoder.push(i) for i in ids]
+        assert text == "".join(pieces) + decoder.flush()
+        assert not any("\ufffd" in p for p in pieces)
+
+    def test_chat_template_renders_with_bos_once(self, tiny_llama: Path) -> None:
+        """apply_chat_template returns ids starting with exactly one BOS."""
+        bundle = llama.load(tiny_llama)
+        ids = bundle.apply_chat_template([{"role": "user", "content": "hello"}])
+        bos = bundle.tokenizer.token_to_id("<|begin_of_text|>")
+        assert (bos, 1) == (ids[0], ids.count(bos))
+        assert bundle.tokenizer.decode(ids, skip_special_tokens=False).endswith("assistant<|end_header_id|>\n\n")
+
+    def test_kv_cache_grows_past_its_step(self) -> None:
+        """Appending beyond the preallocated step keeps every earlier position."""
+        cache = KVCache()
+        cache.STEP = 4
+        chunks = [mx.full((1, 2, n, 3), float(i)) for i, n in enumerate((3, 1, 1, 6))]
+        for c in chunks:
+            k, _ = cache.update(c, c)
+        assert cache.offset == 11
+        np.testing.assert_array_equal(np.array(k), np.array(mx.concatenate(chunks, axis=2)))
+
+
+class TestMlxLmCompat:
+    @pytest.mark.parametrize("options", [{}, {"quantize": True, "q_bits": 8}, {"quantize": True, "q_bits": 4}])
+    def test_mlx_lm_loads_our_output_and_generates_our_tokens(
+        self, tiny_llama: Path, tmp_path: Path, options: dict[str, Any]
+    ) -> None:
+        """mlx_lm.load reads the converted directory unchanged; greedy tokens equal ours (float and q8/q4)."""
+        mlx_lm = pytest.importorskip("mlx_lm")
+        from mlx_lm.generate import stream_generate
+
+        dst = tmp_path / "mlx"
+        convert(tiny_llama, dst, **options)
+        bundle = llama.load(dst)
+        prompt = bundle.encode("Once upon a time")
+        ours = [e["token_id"] for e in bundle.generate(prompt, max_tokens=12)]
+        model, tokenizer = mlx_lm.load(str(dst))
+        assert ours == [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=12)]
+
+
+class TestValidate:
+    def test_correct_conversion_passes_with_full_agreement(self, tiny_llama: Path, converted: Path) -> None:
+        """validate_model passes; top-1/5 and greedy-generation agreement are 1.0."""
+        report = validate_model(tiny_llama, converted)
+        assert report["passed"], report["outputs"]
+        assert {"logits", "last_hidden_state"} == {o["name"] for o in report["outputs"]}
+        inputs = llama.golden_inputs(converted)
+        bundle = llama.load(converted)
+        metrics = llama.agreement_metrics(
+            tiny_llama, bundle, inputs, llama.run_reference(tiny_llama, inputs), llama.run_mlx(bundle, inputs)
+        )
+        assert {"top1_agreement": 1.0, "top5_agreement": 1.0, "greedy_agreement": 1.0, "greedy_exact": 1.0} == metrics
+
+    def test_scaled_o_proj_fails(self, tiny_llama: Path, converted: Path, tmp_path: Path) -> None:
+        """One layer's o_proj scaled by 1.5 makes validation fail."""
+        import shutil
+
+        broken = tmp_path / "broken"
+        shutil.copytree(converted, broken)
+        weights, meta = mx.load(str(broken / "model.safetensors"), return_metadata=True)  # type: ignore[misc]
+        name = "model.layers.1.self_attn.o_proj.weight"
+        weights[name] = weights[name] * 1.5
+        mx.save_safetensors(str(broken / "model.safetensors"), weights, metadata=meta)
+        report = validate_model(tiny_llama, broken)
+        assert not report["passed"]
+        assert not next(o for o in report["outputs"] if o["name"] == "logits")["passed"]
+
+
+class TestDaemon:
+    def test_convert_and_validate_over_grpc(self, client: Client, tiny_llama: Path, tmp_path: Path) -> None:
+        """Convert and Validate through the real daemon: the report passes."""
+        dst = tmp_path / "mlx"
+        result = client.convert(tiny_llama, dst)
+        assert result.model_type == "llama"
+        assert json.loads((dst / "config.json").read_text())["rope_theta"] == 10000.0
+        report = client.validate(dst, tiny_llama)
+        assert report.passed, report
