@@ -10,9 +10,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from mlxd_daemon.fixtures import clip as fixtures
 from mlxd_daemon.archs import clip, get_arch
 from mlxd_daemon.errors import InvalidArgument, NotFound
+from mlxd_daemon.fixtures import clip as fixtures
 from mlxd_daemon.progress import Reporter
 from mlxd_daemon.validate import validate_model
 

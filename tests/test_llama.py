@@ -10,7 +10,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlxd_client import Client
-
 from mlxd_daemon.archs import get_arch, llama
 from mlxd_daemon.archs.llama_generate import IncrementalDecoder, KVCache
 from mlxd_daemon.convert import convert
@@ -86,7 +85,7 @@ class TestLayout:
         cfg = llama.LlamaConfig.from_dict(
             {"model_type": "llama", "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}}
         )
-        assert (500000.0, "llama3") == (cfg.rope_theta, (cfg.rope_scaling or {})["rope_type"])
+        assert (cfg.rope_theta, (cfg.rope_scaling or {})["rope_type"]) == (500000.0, "llama3")
 
     def test_converted_directory_has_mlx_lm_names_and_no_tied_head(self, tmp_path: Path) -> None:
         """A tied model converts without lm_head; every tensor keeps its HF name."""
@@ -121,9 +120,9 @@ class TestParity:
         """Top-k overlap: identical logits agree fully, a swapped best token halves top-2 overlap at most."""
         a = np.array([[[3.0, 2.0, 1.0, 0.0]]])
         b = np.array([[[0.0, 2.0, 1.0, 3.0]]])
-        assert 1.0 == llama.topk_agreement(a, a, 2)
-        assert 0.0 == llama.topk_agreement(a, b, 1)
-        assert 0.5 == llama.topk_agreement(a, b, 2)
+        assert llama.topk_agreement(a, a, 2) == 1.0
+        assert llama.topk_agreement(a, b, 1) == 0.0
+        assert llama.topk_agreement(a, b, 2) == 0.5
 
 
 class TestGeneration:
@@ -232,7 +231,7 @@ class TestValidate:
         metrics = llama.agreement_metrics(
             tiny_llama, bundle, inputs, llama.run_reference(tiny_llama, inputs), llama.run_mlx(bundle, inputs)
         )
-        assert {"top1_agreement": 1.0, "top5_agreement": 1.0, "greedy_agreement": 1.0, "greedy_exact": 1.0} == metrics
+        assert metrics == {"top1_agreement": 1.0, "top5_agreement": 1.0, "greedy_agreement": 1.0, "greedy_exact": 1.0}
 
     def test_scaled_o_proj_fails(self, tiny_llama: Path, converted: Path, tmp_path: Path) -> None:
         """One layer's o_proj scaled by 1.5 makes validation fail."""
