@@ -234,7 +234,8 @@ class TestOverrides:
         assert not any(n.startswith("vision_model.") for n in r["quantized_layers"])
         quant = config(out)["quantization"]
         assert quant["text_model.encoder.layers.1.self_attn.v_proj"] == {"group_size": 32, "bits": 8, "mode": "affine"}
-        assert quant["text_projection"] == {"group_size": 64, "bits": 6, "mode": "affine"}
+        # text_projection's input dim is 32: the override's group 64 falls back too
+        assert quant["text_projection"] == {"group_size": 32, "bits": 6, "mode": "affine"}
         assert "vision_model.encoder.layers.0.mlp.fc1" not in quant  # float layers are absent, as in mlx-lm
         assert "vision_model.encoder.layers.0.mlp.fc1.scales" not in weights(out)
         check_mlx_lm_config(out, {"group_size": 64, "bits": 4, "mode": "affine"})

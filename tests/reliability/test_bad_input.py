@@ -167,8 +167,7 @@ class TestRequestBadInput:
 
         big = b"\0" * (MAX_MESSAGE_BYTES + 1024)
         options = [("grpc.max_send_message_length", -1)]
-        with grpc.insecure_channel(daemon.address, options=options) as channel:
-            with pytest.raises(grpc.RpcError) as err:
-                pb_grpc.MlxdStub(channel).Infer(pb.InferRequest(model="/x", images=[big]))
+        with grpc.insecure_channel(daemon.address, options=options) as channel, pytest.raises(grpc.RpcError) as err:
+            pb_grpc.MlxdStub(channel).Infer(pb.InferRequest(model="/x", images=[big]))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert is_serving(daemon.address)

@@ -70,8 +70,9 @@ class TestLoad:
         assert evictions and evictions[-1].reason == "requested"
 
 
-ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-           grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}  # fmt: skip
+C = grpc.StatusCode
+ALLOWED = {C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION, C.UNIMPLEMENTED, C.PERMISSION_DENIED,
+           C.RESOURCE_EXHAUSTED}  # fmt: skip
 paths = st.one_of(st.text(max_size=40), st.sampled_from(["/", "/tmp", "/nonexistent/x", "relative", "/dev/null"]))
 
 
