@@ -336,7 +336,7 @@ class TestValidateModel:
             "vision_last_hidden_state",
         }
         assert json.loads((tiny_mlx / "validation.json").read_text()) == result
-        assert [e["stage"] for e in events if e["kind"] == "begin"] == ["reference", "mlx", "compare"]
+        assert [e["stage"] for e in events if e["kind"] == "begin"] == ["mlx", "reference", "compare"]
 
     def test_perturbed_tensor_fails(self, tiny: Path, tmp_path: Path) -> None:
         """Scaling one q_proj weight by 3 makes validation fail on the text outputs."""

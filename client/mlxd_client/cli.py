@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import Message
@@ -125,17 +126,20 @@ def _convert_text(r: dict[str, Any]) -> str:
         )
         lines += [f"  override: {o}" for o in q.get("overrides", [])]
         reports = [x for x in r.get("layer_reports", []) if x["bits"]]
-        lines.append(f"  {'layer':<48} {'bits':>4} {'group':>5} {'rel_error':>10} {'bytes':>10}")
-        for x in reports:
+        if reports and not r["dry_run"]:
+            worst = max(reports, key=lambda x: x["rel_error"])
+            mean = sum(x["rel_error"] for x in reports) / len(reports)
+            lines.append(f"  rel_error mean {mean:.4g}, max {worst['rel_error']:.4g} ({worst['name']})")
+        mixed = sorted({(x["bits"], x["group_size"], x["mode"]) for x in reports})
+        if len(mixed) > 1:
+            counts = {m: sum((x["bits"], x["group_size"], x["mode"]) == m for x in reports) for m in mixed}
+            lines.append("  per layer: " + ", ".join(f"{n} x {b}-bit g{g} {md}" for (b, g, md), n in counts.items()))
+        fallback = [x["name"] for x in reports if x["mode"] == "affine" and x["group_size"] < q["group_size"]]
+        if fallback and q["mode"] == "affine":
+            more = f" and {len(fallback) - 5} more" if len(fallback) > 5 else ""
             lines.append(
-                f"  {x['name'][:48]:<48} {x['bits']:>4} {x['group_size']:>5} {x['rel_error']:>10.4g} "
-                f"{x['bytes_after']:>10,}"
+                f"  smaller group size (input dim not divisible by {q['group_size']}): {', '.join(fallback[:5])}{more}"
             )
-        lines += [
-            f"  group fallback: {x['name']} quantized with group {x['group_size']} (not {q['group_size']})"
-            for x in reports
-            if q["mode"] == "affine" and x["mode"] == "affine" and x["group_size"] < q["group_size"]
-        ]
     lines += [f"  kept in float: {s['name']} ({s['reason']})" for s in r["skipped_layers"]]
     if r["copied_files"]:
         lines.append("copied byte-for-byte: " + ", ".join(r["copied_files"]))
@@ -167,10 +171,24 @@ def cmd_validate(client: Client, a: argparse.Namespace) -> Outcome:
         f"{'yes' if o['passed'] else 'NO'}"
         for o in r["outputs"]
     ]
-    rows.append(
-        f"image-text matching agreement: {r['matching_agreement']:.3f} "
-        f"({r['num_images']} images x {r['num_texts']} texts)"
-    )
+    if r["num_images"] and r["num_texts"]:
+        rows.append(
+            f"image-text matching agreement: {r['matching_agreement']:.3f} "
+            f"({r['num_images']} images x {r['num_texts']} texts)"
+        )
+    if r["layers"]:
+        worst = max(r["layers"], key=lambda layer: layer["rel_error"] / layer["tolerance"])
+        rows.append(
+            f"layers: {sum(layer['passed'] for layer in r['layers'])}/{len(r['layers'])} within tolerance "
+            f"{r['layers'][0]['tolerance']:.0e}; worst {worst['name']} rel_error {worst['rel_error']:.3g}"
+        )
+        if r["first_divergent_layer"]:
+            rows.append(f"first divergent layer: {r['first_divergent_layer']}")
+    if a.plot:
+        from mlxd_client.plot import plot_layers
+
+        r["plot"] = str(plot_layers(r, Path(a.plot)))
+        rows.append(f"plot: {r['plot']}")
     rows.append(
         f"passed: {str(r['passed']).lower()}  ({r['model_type']}, {r['dtype']}, {r['seconds']:.2f} s; "
         f"report: {r['report_path']})"
@@ -352,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--reference", required=True, help="the source Hugging Face checkpoint directory")
     v.add_argument("--text", action="append", help="a golden text (repeatable; default: built-in)")
     v.add_argument("--image", action="append", help="a golden image file (repeatable; default: built-in)")
+    v.add_argument("--plot", metavar="PNG", help="draw the per-layer error (log scale) with the tolerance line")
     i = add("infer", cmd_infer, "embed texts and images, and match them")
     i.add_argument("model_dir")
     i.add_argument("--text", action="append")

@@ -389,10 +389,10 @@ def convert_result(r: dict[str, Any]) -> pb.ConvertResult:
 
 
 def validation_report(r: dict[str, Any], model_dir: str) -> pb.ValidationReport:
-    outputs = [
-        pb.OutputReport(**{k: o[k] for k in ("name", "max_abs", "max_rel", "cosine", "nmse", "atol", "rtol", "passed")})
-        for o in r["outputs"]
-    ]
+    keys = ("name", "max_abs", "max_rel", "cosine", "nmse", "atol", "rtol", "passed")
+    outputs = [pb.OutputReport(**{k: o[k] for k in keys}) for o in r["outputs"]]
+    layer_keys = ("name", "rel_error", "max_abs", "cosine", "tolerance", "passed", "note")
+    layers = [pb.LayerReport(**{k: layer[k] for k in layer_keys}) for layer in r.get("layers", [])]
     return pb.ValidationReport(
         job_id=r.get("job_id", ""),
         passed=r["passed"],
@@ -404,4 +404,7 @@ def validation_report(r: dict[str, Any], model_dir: str) -> pb.ValidationReport:
         num_images=r.get("num_images", 0),
         seconds=r.get("seconds", 0.0),
         report_path=os.path.join(model_dir, "validation.json"),
+        layers=layers,
+        first_divergent_layer=r.get("first_divergent_layer", ""),
+        band=r.get("band", ""),
     )

@@ -19,6 +19,7 @@ import numpy as np
 from mlxd_daemon.archs import get_arch
 from mlxd_daemon.errors import InvalidArgument, MlxdError, NotFound
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
+from mlxd_daemon.taps import mlx_taps, torch_taps
 
 REL_EPS_FRACTION = 1e-3
 """``max_rel`` divides by ``|ref| + eps`` with ``eps = REL_EPS_FRACTION * rms(ref)``, so elements near zero do
@@ -53,6 +54,34 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "q4": _band(Tolerance(0.25, 0.5, 0.9), Tolerance(10.0, 0.5, 0.9), Tolerance(2.0, 0.5, 0.85)),
     "q3": _band(Tolerance(0.5, 1.0, 0.8), Tolerance(20.0, 1.0, 0.8), Tolerance(4.0, 1.0, 0.7)),
 }
+
+
+# Per-layer bound on ||mlx - torch|| / ||torch|| of each layer's output, by the same bands. Errors grow with
+# depth, so these sit above what a correct conversion reaches at its last layer (measured on tiny and base CLIP).
+LAYER_REL_TOL: dict[str, float] = {
+    "float32": 1e-4, "float16": 5e-3, "bfloat16": 4e-2, "q8": 5e-2, "q6": 0.1, "q4": 0.3, "q3": 0.6,
+}  # fmt: skip
+
+
+def compare_layers(
+    reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], tol: float
+) -> list[dict[str, Any]]:
+    """Per-layer relative error in forward order (the candidate's tap order); unpaired layers are listed too."""
+    layers = []
+    for name, got in candidate.items():
+        ref = reference.get(name)
+        if ref is None or ref.shape != got.shape:
+            why = "no PyTorch module of this name" if ref is None else f"shape {got.shape} vs {ref.shape}"
+            layers.append({"name": name, "rel_error": math.inf, "max_abs": math.inf, "cosine": 0.0,
+                           "tolerance": tol, "passed": False, "note": why})  # fmt: skip
+            continue
+        a, b = got.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
+        diff = a - b
+        rel = float(np.linalg.norm(diff) / max(np.linalg.norm(b), 1e-30))
+        cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+        layers.append({"name": name, "rel_error": rel, "max_abs": float(np.abs(diff).max(initial=0.0)), "cosine": cos,
+                       "tolerance": tol, "passed": bool(np.isfinite(rel) and rel <= tol), "note": ""})  # fmt: skip
+    return layers
 
 
 def band_name(dtype: str, bits: int | None = None, source_dtype: str | None = None) -> str:
@@ -209,21 +238,24 @@ def validate_model(
         )
     arch = get_arch(str(model_type))
 
-    reporter.begin("reference", total_items=1, message=f"transformers on {src_dir}")
     inputs = arch.golden_inputs(mlx_dir, texts=texts, images=images)
+    reporter.begin("mlx", total_items=1, message=f"MLX on {mlx_dir}")
+    bundle = arch.load(mlx_dir)
+    with mlx_taps() as tapped:
+        candidate = arch.run_mlx(bundle, inputs)
+    mlx_layers = {name: np.array(x) for name, x in tapped.items()}
+    reporter.report(1)
+    reporter.end()
+
+    reporter.begin("reference", total_items=1, message=f"transformers on {src_dir}")
     try:
-        reference = arch.run_reference(src_dir, inputs)
+        with torch_taps(list(mlx_layers)) as ref_layers:
+            reference = arch.run_reference(src_dir, inputs)
     except MlxdError:
         raise
     except Exception as e:  # transformers raises many types (OSError, ValueError, ...) for a bad checkpoint
         msg = f"the PyTorch reference could not run on {src_dir}: {e}"
         raise InvalidArgument(msg, reason="REFERENCE_FAILED", path=str(src_dir)) from e
-    reporter.report(1)
-    reporter.end()
-
-    reporter.begin("mlx", total_items=1, message=f"MLX on {mlx_dir}")
-    bundle = arch.load(mlx_dir)
-    candidate = arch.run_mlx(bundle, inputs)
     reporter.report(1)
     reporter.end()
 
@@ -240,8 +272,12 @@ def validate_model(
         agreement = matching_agreement(reference["logits_per_image"], candidate["logits_per_image"])
     reporter.end()
 
+    layers = compare_layers(ref_layers, mlx_layers, LAYER_REL_TOL[band])
+    first_bad = next((layer["name"] for layer in layers if not layer["passed"]), "")
     result = {
-        "passed": all(r.passed for r in reports),
+        "passed": all(r.passed for r in reports) and not first_bad,
+        "layers": layers,
+        "first_divergent_layer": first_bad,
         "model_type": model_type,
         "dtype": dtype,
         "quantization_bits": bits,

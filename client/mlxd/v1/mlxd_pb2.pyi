@@ -272,6 +272,24 @@ class ValidateRequest(_message.Message):
     images: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, model_dir: _Optional[str] = ..., reference: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
+class LayerReport(_message.Message):
+    __slots__ = ("name", "rel_error", "max_abs", "cosine", "tolerance", "passed", "note")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_FIELD_NUMBER: _ClassVar[int]
+    COSINE_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rel_error: float
+    max_abs: float
+    cosine: float
+    tolerance: float
+    passed: bool
+    note: str
+    def __init__(self, name: _Optional[str] = ..., rel_error: _Optional[float] = ..., max_abs: _Optional[float] = ..., cosine: _Optional[float] = ..., tolerance: _Optional[float] = ..., passed: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
+
 class OutputReport(_message.Message):
     __slots__ = ("name", "max_abs", "max_rel", "cosine", "nmse", "atol", "rtol", "passed")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -293,7 +311,7 @@ class OutputReport(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_abs: _Optional[float] = ..., max_rel: _Optional[float] = ..., cosine: _Optional[float] = ..., nmse: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class ValidationReport(_message.Message):
-    __slots__ = ("job_id", "passed", "model_type", "dtype", "outputs", "matching_agreement", "num_texts", "num_images", "seconds", "report_path")
+    __slots__ = ("job_id", "passed", "model_type", "dtype", "outputs", "matching_agreement", "num_texts", "num_images", "seconds", "report_path", "layers", "first_divergent_layer", "band")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +322,9 @@ class ValidationReport(_message.Message):
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     REPORT_PATH_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_DIVERGENT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    BAND_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     passed: bool
     model_type: str
@@ -314,7 +335,10 @@ class ValidationReport(_message.Message):
     num_images: int
     seconds: float
     report_path: str
-    def __init__(self, job_id: _Optional[str] = ..., passed: _Optional[bool] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputReport, _Mapping]]] = ..., matching_agreement: _Optional[float] = ..., num_texts: _Optional[int] = ..., num_images: _Optional[int] = ..., seconds: _Optional[float] = ..., report_path: _Optional[str] = ...) -> None: ...
+    layers: _containers.RepeatedCompositeFieldContainer[LayerReport]
+    first_divergent_layer: str
+    band: str
+    def __init__(self, job_id: _Optional[str] = ..., passed: _Optional[bool] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputReport, _Mapping]]] = ..., matching_agreement: _Optional[float] = ..., num_texts: _Optional[int] = ..., num_images: _Optional[int] = ..., seconds: _Optional[float] = ..., report_path: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerReport, _Mapping]]] = ..., first_divergent_layer: _Optional[str] = ..., band: _Optional[str] = ...) -> None: ...
 
 class ValidateResponse(_message.Message):
     __slots__ = ("progress", "result")

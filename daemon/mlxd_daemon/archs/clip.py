@@ -13,11 +13,10 @@ Output keys of ``ClipBundle.forward_outputs``, ``run_mlx`` and ``run_reference``
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,13 +25,23 @@ from mlx.utils import tree_flatten
 from PIL import Image
 from tokenizers import Tokenizer
 
+from mlxd_daemon.archs._loading import (
+    LAYOUT_METADATA_KEY as LAYOUT_METADATA_KEY,  # re-exported: clip.LAYOUT_METADATA_KEY stays public
+)
+from mlxd_daemon.archs._loading import (
+    check_structure,
+    read_json,
+    read_safetensors,
+    storage_dtype,
+)
+from mlxd_daemon.archs._quant import dequantize_weights
 from mlxd_daemon.archs.clip_processing import ImageConfig, load_tokenizer, preprocess_images, tokenize
 from mlxd_daemon.errors import InvalidArgument, NotFound, Unsupported
+from mlxd_daemon.taps import tap
 
 PATCH_WEIGHT = "vision_model.embeddings.patch_embedding.weight"
 # Kept in PyTorch layout on disk so mlx-examples' CLIPModel.from_pretrained (which transposes) reads it.
 DISK_LAYOUT: dict[str, str] = {PATCH_WEIGHT: "pytorch_conv2d_OIHW"}
-LAYOUT_METADATA_KEY = "mlxd.layout"
 _TOP_LEVEL = ("text_model.", "vision_model.", "text_projection.", "visual_projection.", "logit_scale")
 
 
@@ -170,13 +179,14 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: TextConfig | VisionConfig):
+    def __init__(self, cfg: TextConfig | VisionConfig, name: str):
         super().__init__()
         self.layers = [CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self._name = name  # HF module path, for per-layer validation taps
 
     def __call__(self, x: mx.array, mask: mx.array | None = None) -> mx.array:
-        for layer in self.layers:
-            x = layer(x, mask)
+        for i, layer in enumerate(self.layers):
+            x = tap(f"{self._name}.layers.{i}", layer(x, mask))
         return x
 
 
@@ -195,7 +205,7 @@ class CLIPTextTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = CLIPTextEmbeddings(cfg)
-        self.encoder = CLIPEncoder(cfg)
+        self.encoder = CLIPEncoder(cfg, "text_model.encoder")
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[mx.array, mx.array]:
@@ -207,7 +217,7 @@ class CLIPTextTransformer(nn.Module):
         # Boolean mask (True = attend): causal, and padded keys hidden, like HF's create_causal_mask.
         causal = np.tril(np.ones((n, n), dtype=bool))
         mask = mx.array(causal[None, None] & attention_mask.astype(bool)[:, None, None, :])
-        x = self.embeddings(mx.array(input_ids.astype(np.int32)))
+        x = tap("text_model.embeddings", self.embeddings(mx.array(input_ids.astype(np.int32))))
         x = self.final_layer_norm(self.encoder(x, mask))
         if self.cfg.eos_token_id == 2:
             # Legacy configs (before transformers PR #24773): EOS is the largest id in each row.
@@ -254,7 +264,7 @@ class CLIPVisionTransformer(nn.Module):
         self.cfg = cfg
         self.embeddings = CLIPVisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF's name
-        self.encoder = CLIPEncoder(cfg)
+        self.encoder = CLIPEncoder(cfg, "vision_model.encoder")
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def __call__(self, pixel_values: np.ndarray) -> tuple[mx.array, mx.array]:
@@ -263,7 +273,9 @@ class CLIPVisionTransformer(nn.Module):
         if tuple(pixel_values.shape[1:]) != (self.cfg.num_channels, size, size):
             msg = f"pixel_values {tuple(pixel_values.shape)} do not match the model's [N, 3, {size}, {size}]"
             raise InvalidArgument(msg, reason="BAD_IMAGE_SIZE")
-        x = self.embeddings(mx.array(pixel_values.astype(np.float32)).transpose(0, 2, 3, 1))
+        x = tap(
+            "vision_model.embeddings", self.embeddings(mx.array(pixel_values.astype(np.float32)).transpose(0, 2, 3, 1))
+        )
         x = self.encoder(self.pre_layrnorm(x))
         return self.post_layernorm(x[:, 0]), x
 
@@ -341,14 +353,7 @@ def map_weight(name: str) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        msg = f"{path} does not exist: point at a converted CLIP directory"
-        raise NotFound(msg, reason="FILE_NOT_FOUND", path=str(path)) from None
-    except json.JSONDecodeError as e:
-        msg = f"{path} is not valid JSON ({e}): re-run the conversion"
-        raise InvalidArgument(msg, reason="BAD_CONFIG", path=str(path)) from None
+    return read_json(path, "CLIP")
 
 
 def read_config(model_dir: Path) -> ClipConfig:
@@ -360,62 +365,9 @@ def read_config(model_dir: Path) -> ClipConfig:
     return ClipConfig.from_dict(raw)
 
 
-def _read_safetensors(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, str] | None]:
-    """All tensors of the (possibly sharded) checkpoint, and the recorded disk layout if any."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        files = [model_dir / f for f in sorted(set(_read_json(index)["weight_map"].values()))]
-    else:
-        files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        msg = f"no *.safetensors in {model_dir}: convert the checkpoint first"
-        raise NotFound(msg, reason="WEIGHTS_NOT_FOUND", path=str(model_dir))
-    weights: dict[str, mx.array] = {}
-    layout: dict[str, str] | None = None
-    for f in files:
-        arrays, meta = cast("tuple[dict[str, mx.array], dict[str, str]]", mx.load(str(f), return_metadata=True))
-        weights.update(arrays)
-        if LAYOUT_METADATA_KEY in meta:
-            layout = {**(layout or {}), **json.loads(meta[LAYOUT_METADATA_KEY])}
-    manifest = model_dir / "mlxd_manifest.json"
-    if manifest.exists():
-        # The converter's manifest records the layouts too ("layouts": {name: layout}).
-        m = _read_json(manifest)
-        recorded = m.get("layouts", m.get("layout"))
-        if isinstance(recorded, dict):
-            layout = {**(layout or {}), **recorded}
-    return weights, layout
-
-
-def _dequantize(weights: dict[str, mx.array], quant: dict[str, Any] | None) -> None:
-    """Replace every ``<p>.weight`` that has ``<p>.scales`` by its float32 dequantization, in place."""
-    for scales_name in [k for k in weights if k.endswith(".scales")]:
-        prefix = scales_name[: -len(".scales")]
-        params = (quant or {}).get(prefix)
-        params = params if isinstance(params, dict) else quant
-        if not params or "bits" not in params:
-            msg = f"{prefix} is quantized but config.json has no 'quantization' entry: re-run the conversion"
-            raise InvalidArgument(msg, reason="BAD_QUANTIZATION", tensor=prefix)
-        # CPU backend: quantized matmul is ~57x slower than float32, so dequantize once at load.
-        # Quantized matrices are "<p>.weight" (+ "<p>.scales"); a bare 2-D tensor "<p>" would keep its name.
-        name = prefix + ".weight" if prefix + ".weight" in weights else prefix
-        weights[name] = mx.dequantize(
-            weights[name],
-            weights.pop(scales_name),
-            weights.pop(prefix + ".biases", None),
-            group_size=params.get("group_size", 64),
-            bits=params["bits"],
-            mode=params.get("mode", "affine"),
-        ).astype(mx.float32)
-
-
-def _storage_dtype(weights: dict[str, mx.array]) -> str:
-    counts: dict[str, int] = {}
-    for v in weights.values():
-        if v.dtype in (mx.float32, mx.float16, mx.bfloat16):
-            name = str(v.dtype).removeprefix("mlx.core.")
-            counts[name] = counts.get(name, 0) + v.size
-    return max(counts, key=counts.__getitem__) if counts else "float32"
+_read_safetensors = read_safetensors
+_dequantize = dequantize_weights  # per-module bits/group/mode from config.json, float32 out (CPU policy)
+_storage_dtype = storage_dtype
 
 
 def load(model_dir: Path) -> ClipBundle:
@@ -454,29 +406,7 @@ def load(model_dir: Path) -> ClipBundle:
 
 
 def _check_structure(model: CLIPModel, weights: dict[str, mx.array], model_dir: Path) -> None:
-    """Key sets and every shape before any value is loaded, with an error naming the first differences."""
-    params = cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
-    expected = {k: tuple(v.shape) for k, v in params}
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        detail = "; ".join(
-            f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if names
-        )
-        if wrong:
-            k = wrong[0]
-            detail += f" ({k}: {tuple(weights[k].shape)} on disk, model wants {expected[k]})"
-        msg = f"weights in {model_dir} do not fit the CLIP config: {detail}"
-        raise InvalidArgument(
-            msg,
-            reason="WEIGHTS_MISMATCH",
-            missing=len(missing),
-            unexpected=len(unexpected),
-            wrong_shape=len(wrong),
-        )
+    check_structure(model, weights, model_dir, "CLIP")
 
 
 # ---- validation hooks -------------------------------------------------------------------------------------
