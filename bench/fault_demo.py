@@ -18,11 +18,10 @@ def main() -> None:
     from mlxd_daemon.blas import preload
 
     preload()
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     from mlxd_client.plot import plot_layers
     from mlxd_daemon.validate import validate_model
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     src, good = ROOT / ".demo/hf-clip-vit-base-patch32", ROOT / ".demo/mlx-clip"
     with tempfile.TemporaryDirectory() as tmp:
