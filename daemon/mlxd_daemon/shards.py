@@ -7,14 +7,24 @@ file name (``model-0000i-of-0000N.safetensors``) up front.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
 import torch
 
 from mlxd_daemon.checkpoint import Checkpoint, TensorInfo
-from mlxd_daemon.errors import InvalidArgument, Unsupported
+from mlxd_daemon.errors import InvalidArgument
+from mlxd_daemon.quantize import (
+    QParams,
+    QuantSpec,
+    check_params,
+    choose,
+    fit_group,
+    layer_params,
+    layer_stacks,
+    packed_shapes,
+)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -22,9 +32,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-
-QUANT_BITS = (2, 3, 4, 5, 6, 8)
-QUANT_GROUP_SIZES = (32, 64, 128)
 
 _UNITS = {
     "": 1,
@@ -68,7 +75,11 @@ class OutTensor:
 
 @dataclass(frozen=True)
 class Unit:
-    """One source tensor and the output tensor(s) it becomes (three when quantized)."""
+    """One source tensor and the output tensor(s) it becomes (two or three when quantized).
+
+    ``candidate``: quantization was considered (the layer is reported); ``note``: why it stayed float, or why
+    its group size fell back; ``dequant``: the source is packed and is dequantized with these parameters.
+    """
 
     source: str
     target: str
@@ -79,10 +90,18 @@ class Unit:
     num_parameters: int
     bits: int = 0
     group_size: int = 0
+    mode: str = "affine"
+    candidate: bool = False
+    note: str = ""
+    dequant: QParams | None = None
 
     @property
     def nbytes(self) -> int:
         return sum(o.nbytes for o in self.outputs)
+
+    @property
+    def params(self) -> QParams | None:
+        return QParams(self.bits, self.group_size, self.mode) if self.quantize else None
 
 
 @dataclass
@@ -120,9 +139,9 @@ class Plan:
         """A shard accumulating, source pages mapped since the last release, one tensor's transient copies."""
         shard = max((s.nbytes for s in self.shards), default=0)
         mapped = min(self.max_bytes, sum(u.src_nbytes for u in self.units))
-        # source copy + cast copy, and for quantization a float32 staging copy plus MLX's outputs.
+        # source copy + cast copy; (de)quantization adds float32 staging and round-trip copies.
         worst = max(
-            (u.src_nbytes + u.nbytes + (u.num_parameters * 4 if u.quantize else 0) for u in self.units),
+            (u.src_nbytes + u.nbytes + (u.num_parameters * 8 if u.quantize or u.dequant else 0) for u in self.units),
             default=0,
         )
         return shard + mapped + worst
@@ -146,37 +165,29 @@ def parse_size(size: int | str) -> int:
 
 
 def check_quantization(bits: int, group_size: int, mode: str) -> dict[str, Any]:
-    """Validate quantization flags and return the config.json ``quantization`` entry."""
-    if mode != "affine":
-        msg = f"quantization mode {mode!r} is not supported by convert: use affine"
-        raise Unsupported(msg, reason="UNSUPPORTED_QUANT_MODE", mode=mode)
-    if bits not in QUANT_BITS:
-        msg = f"bad q_bits {bits}: choose one of {', '.join(map(str, QUANT_BITS))}"
-        raise InvalidArgument(msg, reason="BAD_QUANT_BITS", bits=bits)
-    if group_size not in QUANT_GROUP_SIZES:
-        msg = f"bad q_group_size {group_size}: choose one of {', '.join(map(str, QUANT_GROUP_SIZES))}"
-        raise InvalidArgument(msg, reason="BAD_QUANT_GROUP_SIZE", group_size=group_size)
-    return {"group_size": group_size, "bits": bits, "mode": mode}
+    """Validate quantization flags (0 = the mode's default) and return the config.json ``quantization`` entry."""
+    return check_params(bits, group_size, mode).as_config()
 
 
-def keep_float_reason(name: str, shape: tuple[int, ...], layout: str | None, group_size: int) -> str | None:
-    """Why tensor ``name`` is not quantized, or None when it will be."""
+def keep_float_reason(
+    name: str, shape: tuple[int, ...], layout: str | None, group_size: int | None = None
+) -> str | None:
+    """Why tensor ``name`` is structurally not quantizable (or, given ``group_size``, not at it), else None."""
     for rule, reason in KEEP_FLOAT_RULES:
         if rule(name, shape, layout):
             return reason.format(layout=layout, shape=list(shape))
-    if shape[-1] % group_size:
+    if group_size and shape[-1] % group_size:
         return f"input dim {shape[-1]} not divisible by group size {group_size}"
     return None
 
 
-def make_plan(
-    ckpt: Checkpoint, arch: ModuleType, dtype: torch.dtype, max_bytes: int, quant: dict[str, Any] | None
-) -> Plan:
+def make_plan(ckpt: Checkpoint, arch: ModuleType, dtype: torch.dtype, max_bytes: int, quant: QuantSpec | None) -> Plan:
     """Map, type and (optionally) quantize every tensor on paper, then cut the result into shards."""
     layouts: dict[str, str] = dict(getattr(arch, "DISK_LAYOUT", {}))
     units: dict[str, Unit] = {}
     dropped: list[str] = []
     skipped: list[dict[str, str]] = []
+    stacks = layer_stacks(t for n in ckpt.tensors if (t := arch.map_weight(n)) is not None) if quant else {}
     for src_name in sorted(ckpt.tensors):
         info = ckpt.tensors[src_name]
         target = arch.map_weight(src_name)
@@ -186,7 +197,7 @@ def make_plan(
         if target in units:
             msg = f"tensors {units[target].source} and {src_name} both map to {target}"
             raise InvalidArgument(msg, reason="DUPLICATE_TENSOR", tensor=target)
-        unit, skip = _plan_unit(src_name, target, info, dtype, layouts.get(target), quant)
+        unit, skip = _plan_unit(src_name, target, info, dtype, layouts.get(target), quant, stacks)
         units[target] = unit
         if skip is not None:
             skipped.append(skip)
@@ -211,7 +222,8 @@ def _plan_unit(
     info: TensorInfo,
     dtype: torch.dtype,
     layout: str | None,
-    quant: dict[str, Any] | None,
+    quant: QuantSpec | None,
+    stacks: dict[str, int],
 ) -> tuple[Unit, dict[str, str] | None]:
     """One tensor's outputs, and a skipped_layers entry when quantization was asked for but not applied."""
     if not info.dtype.is_floating_point:  # integer ids and masks are kept exactly as they are
@@ -228,13 +240,20 @@ def _plan_unit(
     # Biases and scalars are not layers: only weights and matrices are quantization candidates.
     if quant is None or not (target.endswith(".weight") or len(info.shape) >= 2):
         return plain, None
-    reason = keep_float_reason(target, info.shape, layout, quant["group_size"])
-    if reason is not None:
-        return plain, {"name": target.removesuffix(".weight"), "reason": reason}
-    outputs = _quantized_outputs(target, info.shape, dtype, quant)
-    return Unit(
-        src_name, target, dtype, True, outputs, info.nbytes, info.numel, quant["bits"], quant["group_size"]
-    ), None
+    path = target.removesuffix(".weight")
+    reason = keep_float_reason(target, info.shape, layout)
+    params = None
+    if reason is None:
+        params, reason = choose(quant, path, stacks)
+    note = None
+    if params is not None:
+        params, note = fit_group(params, (info.shape[0], info.shape[-1]))
+    if params is None:
+        reason = reason or note or ""
+        return replace(plain, candidate=True, note=reason), {"name": path, "reason": reason}
+    outputs = _quantized_outputs(target, info.shape, dtype, params)
+    unit = Unit(src_name, target, dtype, True, outputs, info.nbytes, info.numel, params.bits, params.group_size)
+    return replace(unit, mode=params.mode, candidate=True, note=note or ""), None
 
 
 def assign_shards(units: list[Unit], max_bytes: int) -> list[Shard]:
@@ -260,15 +279,42 @@ def index_json(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _quantized_outputs(
-    name: str, shape: tuple[int, ...], dtype: torch.dtype, quant: dict[str, Any]
-) -> tuple[OutTensor, ...]:
-    # mx.quantize packs each row into uint32 words and keeps one scale and bias per group, in the weight dtype
-    rows, cols = shape
+def _quantized_outputs(name: str, shape: tuple[int, ...], dtype: torch.dtype, p: QParams) -> tuple[OutTensor, ...]:
+    # mx.quantize packs each row into uint32 words; affine keeps a scale and bias per group in the weight dtype,
+    # the MX modes one uint8 (e8m0 / e4m3) scale per group and no bias.
+    packed, scales, has_biases = packed_shapes(shape, p)
     base = name.removesuffix(".weight")
-    groups = cols // quant["group_size"]
+    scale_dtype = dtype if has_biases else torch.uint8
     return (
-        OutTensor(name, torch.uint32, (rows, cols * quant["bits"] // 32)),
-        OutTensor(f"{base}.scales", dtype, (rows, groups)),
-        OutTensor(f"{base}.biases", dtype, (rows, groups)),
+        OutTensor(name, torch.uint32, packed),
+        OutTensor(f"{base}.scales", scale_dtype, scales),
+        *((OutTensor(f"{base}.biases", dtype, scales),) if has_biases else ()),
+    )
+
+
+def plan_dequantize(
+    ckpt: Checkpoint, quantization: dict[str, Any], dtype: torch.dtype, max_bytes: int, layouts: dict[str, str]
+) -> Plan:
+    """Plan a quantized MLX directory back to float: every ``<p>.weight`` with ``<p>.scales`` becomes one
+    ``dtype`` tensor (its scales/biases are consumed); other float tensors are cast, integer ones kept."""
+    tensors = ckpt.tensors
+    packed = {n.removesuffix(".scales") for n in tensors if n.endswith(".scales")}
+    units: list[Unit] = []
+    for name in sorted(tensors):
+        info = tensors[name]
+        prefix = name.removesuffix(".weight")
+        if name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] in packed:
+            continue
+        if prefix in packed and info.dtype == torch.uint32:
+            p = layer_params(quantization, prefix)
+            rows, cols = info.shape[0], info.shape[-1] * 32 // p.bits
+            extra = sum(tensors[f"{prefix}.{k}"].nbytes for k in ("scales", "biases") if f"{prefix}.{k}" in tensors)
+            out = OutTensor(name, dtype, (rows, cols))
+            units.append(Unit(name, name, dtype, False, (out,), info.nbytes + extra, rows * cols, dequant=p))
+        else:
+            keep = dtype if info.dtype.is_floating_point else info.dtype
+            units.append(Unit(name, name, keep, False, (OutTensor(name, keep, info.shape),), info.nbytes, info.numel))
+    present = {u.target for u in units}
+    return Plan(
+        units, assign_shards(units, max_bytes), [], [], {k: v for k, v in layouts.items() if k in present}, max_bytes
     )

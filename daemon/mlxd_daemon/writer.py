@@ -1,0 +1,223 @@
+"""Writing a planned conversion: tensors shard by shard (cast, quantize or dequantize one at a time), config.json,
+the manifest, then an fsync'd atomic publish. Used by every entry point in ``convert``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+import mlxd_daemon
+from mlxd_daemon.checkpoint import Checkpoint
+from mlxd_daemon.errors import FailedPrecondition, InvalidArgument
+from mlxd_daemon.progress import Reporter
+from mlxd_daemon.quantize import QParams, QuantSpec, config_entry
+from mlxd_daemon.shards import DTYPE_NAMES, Plan, Shard, Unit, index_json
+
+FLOAT16_MAX = 65504.0
+MANIFEST = "mlxd_manifest.json"
+_HASH_LIMIT = 64 << 20  # sha256 only for small files; hashing multi-GB weights would double the run time.
+_MANIFEST_RESULT_KEYS = ("quantization", "skipped_layers", "layer_reports", "bits_per_weight", "bytes_before")
+
+
+def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, reporter: Reporter, stage: str) -> dict[str, float]:
+    """Stream tensors shard by shard; with a float16 target, scan everything before refusing an overflow.
+
+    Returns each quantized layer's relative reconstruction error ||W - dequant(q(W))|| / ||W||.
+    """
+    reporter.begin(stage, len(plan.units), plan.total_bytes)
+    done = done_bytes = mapped = 0
+    overflow: list[dict[str, Any]] = []
+    errors: dict[str, float] = {}
+    for shard in plan.shards:
+        tensors: dict[str, torch.Tensor] = {}
+        for unit in shard.units:
+            source = ckpt.get(unit.source)
+            if unit.dequant is not None:
+                source = _dequantize_unit(ckpt, unit, unit.dequant, source)
+            peak = _float16_overflow(source, unit.dtype)
+            if peak is not None:
+                overflow.append({"name": unit.source, "max_abs": peak})
+                tensors.clear()  # the output is doomed: stop holding converted data, keep scanning
+            if not overflow:
+                converted, error = _convert_unit(source, unit)
+                tensors.update(converted)
+                if error is not None:
+                    errors[unit.target.removesuffix(".weight")] = error
+            del source
+            done, done_bytes, mapped = done + 1, done_bytes + unit.nbytes, mapped + unit.src_nbytes
+            if mapped >= plan.max_bytes:
+                # Read pages of mapped source files count as resident until unmapped: cap them too.
+                ckpt.release()
+                mapped = 0
+            reporter.report(done, done_bytes, unit.target)
+        if not overflow:
+            _save_shard(tensors, shard, plan.layouts, out)
+        tensors.clear()
+    ckpt.release()
+    if overflow:
+        worst = ", ".join(f"{o['name']} (max |x| {o['max_abs']:.6g})" for o in overflow[:10])
+        msg = (
+            f"{len(overflow)} tensor(s) exceed the float16 range ±{FLOAT16_MAX:g} and would become inf: "
+            f"{worst}; choose bfloat16 or float32"
+        )
+        raise InvalidArgument(
+            msg,
+            reason="FLOAT16_OVERFLOW",
+            tensors=",".join(o["name"] for o in overflow),
+            float16_overflow=json.dumps(overflow),
+        )
+    if len(plan.shards) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps(index_json(plan), indent=2) + "\n")
+    reporter.end(f"wrote {len(plan.shards)} shard(s)")
+    return errors
+
+
+def _float16_overflow(t: torch.Tensor, out_dtype: torch.dtype) -> float | None:
+    """Largest finite |x| when casting ``t`` to float16 would overflow it, else None."""
+    if out_dtype != torch.float16 or not t.is_floating_point() or t.dtype == torch.float16 or t.numel() == 0:
+        return None
+    magnitude = t.abs().masked_fill_(~torch.isfinite(t), 0)
+    peak = float(magnitude.max())
+    return peak if peak > FLOAT16_MAX else None
+
+
+def _convert_unit(source: torch.Tensor, unit: Unit) -> tuple[dict[str, torch.Tensor], float | None]:
+    """Cast (and optionally quantize) one tensor into tensors that own their memory; with quantization, also
+    the relative reconstruction error of the cast weight."""
+    out = source.to(unit.dtype)
+    if out.data_ptr() == source.data_ptr() and not unit.quantize:
+        out = out.clone()  # same dtype: still a view of the mapped source file
+    out = out.contiguous()
+    if not unit.quantize:
+        return {unit.target: out}, None
+    w = _to_mlx(out)
+    packed = mx.quantize(w, group_size=unit.group_size, bits=unit.bits, mode=unit.mode)
+    restored = mx.dequantize(*packed, group_size=unit.group_size, bits=unit.bits, mode=unit.mode, dtype=mx.float32)
+    w32 = w.astype(mx.float32)
+    norm = mx.linalg.norm(w32)
+    error = mx.linalg.norm(w32 - restored) / mx.maximum(norm, mx.array(1e-30))
+    mx.eval(packed, error)
+    names = [o.name for o in unit.outputs]
+    return dict(zip(names, (_to_torch(a) for a in packed), strict=True)), float(np.asarray(error))
+
+
+def _dequantize_unit(ckpt: Checkpoint, unit: Unit, p: QParams, packed: torch.Tensor) -> torch.Tensor:
+    """A packed ``<p>.weight`` and its scales/biases -> the float32 weight (cast to the target afterwards)."""
+    prefix = unit.source.removesuffix(".weight")
+    scales = ckpt.get(f"{prefix}.scales")
+    biases = ckpt.get(f"{prefix}.biases") if f"{prefix}.biases" in ckpt.tensors else None
+    w = mx.dequantize(
+        _to_mlx(packed),
+        _to_mlx(scales),
+        None if biases is None else _to_mlx(biases),
+        group_size=p.group_size,
+        bits=p.bits,
+        mode=p.mode,
+        dtype=mx.float32,
+    )
+    return _to_torch(w)
+
+
+def _to_mlx(t: torch.Tensor) -> mx.array:
+    # numpy has no bfloat16: move the raw bits and reinterpret them on the MLX side.
+    if t.dtype == torch.bfloat16:
+        return mx.array(t.view(torch.int16).numpy()).view(mx.bfloat16)
+    return mx.array(t.numpy())
+
+
+def _to_torch(a: mx.array) -> torch.Tensor:
+    if a.dtype == mx.bfloat16:
+        return torch.from_numpy(np.array(a.view(mx.int16))).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], shard: Shard, layouts: dict[str, str], out: Path) -> None:
+    names = set(tensors)
+    metadata = {
+        "format": "mlx",
+        "mlxd.layout": json.dumps({k: v for k, v in layouts.items() if k in names}, sort_keys=True),
+    }
+    save_file(tensors, str(out / shard.file), metadata=metadata)
+
+
+def write_config(config: dict[str, Any], spec: QuantSpec | None, plan: Plan, out: Path) -> None:
+    """config.json with mlx-lm's ``quantization`` (defaults + per-layer entries that differ), also copied to
+    ``quantization_config`` (the key transformers-style loaders look for); float layers are absent."""
+    config = dict(config)
+    if spec is not None:
+        layers = {u.target.removesuffix(".weight"): p for u in plan.units if (p := u.params) is not None}
+        entry = config_entry(spec.default, layers)
+        config["quantization"] = entry
+        config["quantization_config"] = dict(entry)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_manifest(ckpt: Checkpoint, plan: Plan, dtype: torch.dtype, result: dict[str, Any], out: Path) -> None:
+    copied = result["copied_files"]
+    names = ["config.json", *([ckpt.index_file] if ckpt.index_file else []), *ckpt.weight_files, *copied]
+    files = []
+    for name in names:
+        path = ckpt.path / name
+        entry: dict[str, Any] = {"name": name, "bytes": path.stat().st_size}
+        if name not in ckpt.weight_files and entry["bytes"] <= _HASH_LIMIT:
+            entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        files.append(entry)
+    manifest = {
+        "mlxd_version": mlxd_daemon.__version__,
+        "source": {"path": str(ckpt.path.resolve()), "weight_format": ckpt.weight_format, "files": files},
+        "model_type": ckpt.model_type,
+        "dtype": DTYPE_NAMES[dtype],
+        "layouts": plan.layouts,
+        "dropped_tensors": plan.dropped,
+        **{k: result[k] for k in _MANIFEST_RESULT_KEYS},
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def sync_tree(path: Path) -> None:
+    """fsync every file and the directory, so the rename never publishes files that are not on disk yet."""
+    for f in path.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, dst: Path, overwrite: bool) -> None:
+    """Move the finished output into place; an old ``dst`` is removed only once the new one is there."""
+    if not dst.exists() and not dst.is_symlink():
+        tmp.rename(dst)
+        return
+    if not overwrite:  # someone created dst while we were converting
+        msg = f"output {dst} already exists: pass --overwrite or choose another path"
+        raise FailedPrecondition(msg, reason="OUTPUT_EXISTS", path=dst)
+    old = dst.parent / f".{dst.name}.mlxd-old-{secrets.token_hex(4)}"
+    dst.rename(old)
+    try:
+        tmp.rename(dst)
+    except BaseException:
+        old.rename(dst)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
