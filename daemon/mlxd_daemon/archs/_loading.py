@@ -1,0 +1,115 @@
+"""Loading helpers shared by the arch modules: JSON files, safetensors shards, dequantization, structure checks.
+
+Nothing here knows an architecture; ``what`` arguments only name it in error messages.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, cast
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlxd_daemon.errors import InvalidArgument, NotFound
+
+LAYOUT_METADATA_KEY = "mlxd.layout"
+
+
+def read_json(path: Path, what: str = "model") -> dict[str, Any]:
+    """Parse a JSON file; ``NotFound``/``InvalidArgument`` with a next step when it is missing or broken."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        msg = f"{path} does not exist: point at a converted {what} directory"
+        raise NotFound(msg, reason="FILE_NOT_FOUND", path=str(path)) from None
+    except json.JSONDecodeError as e:
+        msg = f"{path} is not valid JSON ({e}): re-run the conversion"
+        raise InvalidArgument(msg, reason="BAD_CONFIG", path=str(path)) from None
+
+
+def read_safetensors(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, str] | None]:
+    """All tensors of the (possibly sharded) checkpoint, and the recorded disk layout if any."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = [model_dir / f for f in sorted(set(read_json(index)["weight_map"].values()))]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        msg = f"no *.safetensors in {model_dir}: convert the checkpoint first"
+        raise NotFound(msg, reason="WEIGHTS_NOT_FOUND", path=str(model_dir))
+    weights: dict[str, mx.array] = {}
+    layout: dict[str, str] | None = None
+    for f in files:
+        arrays, meta = cast("tuple[dict[str, mx.array], dict[str, str]]", mx.load(str(f), return_metadata=True))
+        weights.update(arrays)
+        if LAYOUT_METADATA_KEY in meta:
+            layout = {**(layout or {}), **json.loads(meta[LAYOUT_METADATA_KEY])}
+    manifest = model_dir / "mlxd_manifest.json"
+    if manifest.exists():
+        # The converter's manifest records the layouts too ("layouts": {name: layout}).
+        m = read_json(manifest)
+        recorded = m.get("layouts", m.get("layout"))
+        if isinstance(recorded, dict):
+            layout = {**(layout or {}), **recorded}
+    return weights, layout
+
+
+def dequantize(weights: dict[str, mx.array], quant: dict[str, Any] | None) -> None:
+    """Replace every ``<p>.weight`` that has ``<p>.scales`` by its float32 dequantization, in place."""
+    for scales_name in [k for k in weights if k.endswith(".scales")]:
+        prefix = scales_name[: -len(".scales")]
+        params = (quant or {}).get(prefix)
+        params = params if isinstance(params, dict) else quant
+        if not params or "bits" not in params:
+            msg = f"{prefix} is quantized but config.json has no 'quantization' entry: re-run the conversion"
+            raise InvalidArgument(msg, reason="BAD_QUANTIZATION", tensor=prefix)
+        # CPU backend: quantized matmul is ~57x slower than float32, so dequantize once at load.
+        # Quantized matrices are "<p>.weight" (+ "<p>.scales"); a bare 2-D tensor "<p>" would keep its name.
+        name = prefix + ".weight" if prefix + ".weight" in weights else prefix
+        weights[name] = mx.dequantize(
+            weights[name],
+            weights.pop(scales_name),
+            weights.pop(prefix + ".biases", None),
+            group_size=params.get("group_size", 64),
+            bits=params["bits"],
+            mode=params.get("mode", "affine"),
+        ).astype(mx.float32)
+
+
+def storage_dtype(weights: dict[str, mx.array]) -> str:
+    """The float dtype holding most elements ("float32", "float16" or "bfloat16")."""
+    counts: dict[str, int] = {}
+    for v in weights.values():
+        if v.dtype in (mx.float32, mx.float16, mx.bfloat16):
+            name = str(v.dtype).removeprefix("mlx.core.")
+            counts[name] = counts.get(name, 0) + v.size
+    return max(counts, key=counts.__getitem__) if counts else "float32"
+
+
+def check_structure(model: nn.Module, weights: dict[str, mx.array], model_dir: Path, what: str) -> None:
+    """Key sets and every shape before any value is loaded, with an error naming the first differences."""
+    params = cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
+    expected = {k: tuple(v.shape) for k, v in params}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if names
+        )
+        if wrong:
+            k = wrong[0]
+            detail += f" ({k}: {tuple(weights[k].shape)} on disk, model wants {expected[k]})"
+        msg = f"weights in {model_dir} do not fit the {what} config: {detail}"
+        raise InvalidArgument(
+            msg,
+            reason="WEIGHTS_MISMATCH",
+            missing=len(missing),
+            unexpected=len(unexpected),
+            wrong_shape=len(wrong),
+        )
