@@ -157,6 +157,7 @@ def cmd_quantize(client: Client, a: argparse.Namespace) -> Outcome:
         recipe=a.q_recipe or "",
         overwrite=a.overwrite,
         dequantize=a.dequantize,
+        dtype=a.dtype,
     )
     r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
     return r, _convert_text(r), 0
@@ -365,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dst")
     q.add_argument("--overwrite", action="store_true")
     quant_flags(q, 0, dequantize=True)
+    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="with --dequantize: the float dtype to write (default: the scales' dtype)")  # fmt: skip
     v = add("validate", cmd_validate, "compare an MLX model with its PyTorch source")
     v.add_argument("model_dir")
     v.add_argument("--reference", required=True, help="the source Hugging Face checkpoint directory")

@@ -180,10 +180,11 @@ class Client:
         recipe: str = "",
         overwrite: bool = False,
         dequantize: bool = False,
+        dtype: str = "auto",
     ) -> Iterator[pb.Progress | pb.ConvertResult]:
         """Stream Quantize on an MLX directory (0 bits/group size = the mode's default, affine 4-bit g64).
 
-        With ``dequantize`` the reverse: a quantized MLX directory back to float (the spec is ignored).
+        With ``dequantize`` the reverse: a quantized MLX directory back to float ``dtype`` (spec ignored).
         """
         request = pb.QuantizeRequest(
             src=str(Path(src).resolve()),
@@ -191,6 +192,7 @@ class Client:
             spec=_quant_spec(bits, group_size, mode, overrides, recipe),
             overwrite=overwrite,
             dequantize=dequantize,
+            dtype=_enum(DTYPES, dtype, "dtype"),
         )
         return self._stream(self._stub.Quantize, request)
 

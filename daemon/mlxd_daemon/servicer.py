@@ -100,7 +100,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         caps = pb.Capabilities(
             architectures=list(SUPPORTED),
             dtypes=list(DTYPE_NAMES),
-            quant_modes=[pb.QUANT_MODE_AFFINE],
+            quant_modes=[pb.QUANT_MODE_AFFINE, pb.QUANT_MODE_MXFP4, pb.QUANT_MODE_MXFP8, pb.QUANT_MODE_NVFP4],
             quant_bits=[2, 3, 4, 5, 6, 8],
             quant_group_sizes=[32, 64, 128],
         )
@@ -153,6 +153,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             "overrides": list(request.spec.overrides),
             "recipe": request.spec.recipe,
             "dequantize": request.dequantize,
+            "dtype": enum_name(context, DTYPE_NAMES, request.dtype, "dtype"),
         }
         self._require_paths(context, request.src, request.dst)
         for kind, value in self._run_job("quantize", args, context):
@@ -380,6 +381,7 @@ def convert_result(r: dict[str, Any]) -> pb.ConvertResult:
                 rel_error=x["rel_error"] or 0.0,  # None in a dry run: nothing was quantized yet
                 bytes_before=x["bytes_before"],
                 bytes_after=x["bytes_after"],
+                note=x.get("reason") or "",
             )
             for x in r.get("layer_reports", [])
         ],

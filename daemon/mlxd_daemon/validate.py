@@ -77,19 +77,26 @@ def compare_layers(
             continue
         a, b = got.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
         diff = a - b
-        rel = float(np.linalg.norm(diff) / max(np.linalg.norm(b), 1e-30))
-        cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+        norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        rel = float(np.linalg.norm(diff)) / max(norm_b, 1e-30)
+        cos = float(a @ b) / max(norm_a * norm_b, 1e-30)
         layers.append({"name": name, "rel_error": rel, "max_abs": float(np.abs(diff).max(initial=0.0)), "cosine": cos,
                        "tolerance": tol, "passed": bool(np.isfinite(rel) and rel <= tol), "note": ""})  # fmt: skip
     return layers
 
 
-def band_name(dtype: str, bits: int | None = None, source_dtype: str | None = None) -> str:
-    """Which ``TOLERANCES`` row applies: quantized by bits, else the stored dtype.
+# Microscaling float modes err like these affine widths (measured on tiny CLIP: mxfp8 ~ 6-bit, mx/nvfp4 ~ 4-bit).
+MODE_BANDS = {"mxfp8": "q6", "mxfp4": "q4", "nvfp4": "q4"}
+
+
+def band_name(dtype: str, bits: int | None = None, source_dtype: str | None = None, mode: str = "affine") -> str:
+    """Which ``TOLERANCES`` row applies: quantized by mode and bits, else the stored dtype.
 
     When the source checkpoint already had the stored dtype, the weights are bit-identical after upcasting,
     so the float32 row applies.
     """
+    if bits and mode in MODE_BANDS:
+        return MODE_BANDS[mode]
     if bits:
         return "q8" if bits >= 8 else "q6" if bits >= 5 else "q4" if bits == 4 else "q3"
     if dtype not in TOLERANCES:
@@ -261,9 +268,10 @@ def validate_model(
 
     reporter.begin("compare", total_items=len(reference))
     dtype = getattr(bundle, "dtype", "float32")
-    bits = (getattr(bundle, "quantization", None) or {}).get("bits")
+    quantization = getattr(bundle, "quantization", None) or {}
+    bits, mode = quantization.get("bits"), quantization.get("mode", "affine")
     source_dtype = src_cfg.get("dtype") or src_cfg.get("torch_dtype")
-    band = band_name(dtype, bits, source_dtype)
+    band = band_name(dtype, bits, source_dtype, mode)
     tolerances = {name: tolerance_for(name, TOLERANCES[band]) for name in reference}
     reports = compare(reference, candidate, tolerances)
     reporter.report(len(reports))

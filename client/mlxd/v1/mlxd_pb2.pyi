@@ -135,7 +135,7 @@ class QuantizationSpec(_message.Message):
     def __init__(self, bits: _Optional[int] = ..., group_size: _Optional[int] = ..., mode: _Optional[_Union[QuantMode, str]] = ..., overrides: _Optional[_Iterable[str]] = ..., recipe: _Optional[str] = ...) -> None: ...
 
 class LayerQuantReport(_message.Message):
-    __slots__ = ("name", "bits", "group_size", "mode", "rel_error", "bytes_before", "bytes_after")
+    __slots__ = ("name", "bits", "group_size", "mode", "rel_error", "bytes_before", "bytes_after", "note")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class LayerQuantReport(_message.Message):
     REL_ERROR_FIELD_NUMBER: _ClassVar[int]
     BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
     BYTES_AFTER_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     bits: int
     group_size: int
@@ -150,7 +151,8 @@ class LayerQuantReport(_message.Message):
     rel_error: float
     bytes_before: int
     bytes_after: int
-    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., mode: _Optional[_Union[QuantMode, str]] = ..., rel_error: _Optional[float] = ..., bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ...) -> None: ...
+    note: str
+    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., mode: _Optional[_Union[QuantMode, str]] = ..., rel_error: _Optional[float] = ..., bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("file", "bytes", "tensors")
@@ -239,18 +241,20 @@ class ConvertResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ConvertResult, _Mapping]] = ...) -> None: ...
 
 class QuantizeRequest(_message.Message):
-    __slots__ = ("src", "dst", "spec", "overwrite", "dequantize")
+    __slots__ = ("src", "dst", "spec", "overwrite", "dequantize", "dtype")
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     DEQUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     src: str
     dst: str
     spec: QuantizationSpec
     overwrite: bool
     dequantize: bool
-    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., spec: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., overwrite: _Optional[bool] = ..., dequantize: _Optional[bool] = ...) -> None: ...
+    dtype: Dtype
+    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., spec: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., overwrite: _Optional[bool] = ..., dequantize: _Optional[bool] = ..., dtype: _Optional[_Union[Dtype, str]] = ...) -> None: ...
 
 class QuantizeResponse(_message.Message):
     __slots__ = ("progress", "result")
