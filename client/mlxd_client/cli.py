@@ -243,6 +243,29 @@ def cmd_watch(client: Client, a: argparse.Namespace) -> Outcome:
     return r, f"job {a.job_id} finished", 0
 
 
+def cmd_generate(client: Client, a: argparse.Namespace) -> Outcome:
+    """Print tokens as they arrive (unless --json); Ctrl-C stops the generation on the daemon."""
+    chat = a.chat or bool(a.system)
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    if chat:
+        messages.append({"role": "user", "content": a.prompt})
+    sampling = {"max_tokens": a.max_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed}
+    events = client.generate_events(a.model_dir, "" if chat else a.prompt, messages=messages, **sampling)
+    result = None
+    for event in events:
+        if isinstance(event, pb.GeneratedToken):
+            if not a.json:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+        else:
+            result = event
+    r = to_dict(result) if result is not None else {}
+    text = (f"\n[{r.get('finish_reason')}: {r.get('prompt_tokens')} prompt tokens at "
+            f"{r.get('prompt_tokens_per_second', 0):.1f} tok/s, {r.get('generation_tokens')} generated at "
+            f"{r.get('generation_tokens_per_second', 0):.1f} tok/s]")  # fmt: skip
+    return r, text, 0
+
+
 def cmd_models(client: Client, a: argparse.Namespace) -> Outcome:
     r = to_dict(client.list_models())
     lines = [
@@ -378,6 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model_dir")
     i.add_argument("--text", action="append")
     i.add_argument("--image", action="append")
+    g = add("generate", cmd_generate, "generate text with a Llama-family model (tokens streamed)")
+    g.add_argument("model_dir")
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    g.add_argument("--system", help="a system message (implies the chat template)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
     add("jobs", cmd_jobs, "list jobs (running and finished, also across daemon restarts)")
     jb = add("job", cmd_job, "show one job and its result")
     jb.add_argument("job_id")

@@ -102,8 +102,8 @@ class Client:
     def _drain(events: Iterable[Any], on_progress: ProgressCallback | None) -> Any:
         result = None
         for event in events:
-            if isinstance(event, pb.Progress):
-                if on_progress:
+            if isinstance(event, pb.Progress | pb.GeneratedToken):
+                if on_progress and isinstance(event, pb.Progress):
                     on_progress(event)
             else:
                 result = event
@@ -263,6 +263,30 @@ class Client:
             tensor_to_numpy(reply.logits),
             list(reply.labels),
         )
+
+    def generate_events(
+        self,
+        model: str | Path,
+        prompt: str = "",
+        *,
+        messages: Iterable[dict[str, str]] = (),
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> Iterator[pb.GeneratedToken | pb.GenerateResult]:
+        """Stream generated tokens, then one GenerateResult (text, finish reason, tokens/s).
+
+        Closing the iterator early cancels the generation on the daemon."""
+        request = pb.GenerateRequest(
+            model=str(Path(model).resolve()), prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, messages=[pb.ChatMessage(**m) for m in messages],
+        )  # fmt: skip
+        return self._stream(self._stub.Generate, request)
+
+    def generate(self, model: str | Path, prompt: str = "", **options: Any) -> pb.GenerateResult:
+        """Generate text and return the result (tokens are consumed silently)."""
+        return self._drain(self.generate_events(model, prompt, **options), None)
 
     def load_model(self, path: str | Path, keep_alive: float = 0.0) -> pb.LoadModelResponse:
         """Load a model and keep it resident; ``keep_alive`` seconds protect it from budget eviction."""

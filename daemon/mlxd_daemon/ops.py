@@ -102,6 +102,36 @@ def infer(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     return {"model": resident.id, "outputs": outputs, "seconds": time.perf_counter() - start}
 
 
+def generate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    """Stream tokens as ``data`` events; return the text and speed. A cancel stops between tokens."""
+    resident, _ = _models().get(args["model"])
+    bundle = resident.bundle
+    if not hasattr(bundle, "generate"):
+        msg = f"{resident.model_type} does not generate text: use Infer"
+        raise InvalidArgument(msg, reason="USE_INFER", model_type=resident.model_type)
+    prompt: str | list[int] = args["prompt"]
+    if args["messages"]:
+        prompt = bundle.apply_chat_template(args["messages"])
+    elif not prompt:
+        msg = "nothing to generate from: pass a prompt or chat messages"
+        raise InvalidArgument(msg, reason="EMPTY_INPUT")
+    start = time.perf_counter()
+    pieces, last = [], {}
+    for event in bundle.generate(prompt, max_tokens=args["max_tokens"], temperature=args["temperature"],
+                                 top_p=args["top_p"], seed=args["seed"]):  # fmt: skip
+        pieces.append(event["text"])
+        reporter.data({"token_id": event["token_id"], "text": event["text"]})
+        last = event
+    resident.last_used, resident.infer_count = time.time(), resident.infer_count + 1
+    stats = last.get("stats", {})
+    return {
+        "model": resident.id, "text": "".join(pieces), "finish_reason": last.get("finish_reason", ""),
+        "prompt_tokens": stats.get("prompt_tokens", 0), "generation_tokens": stats.get("generation_tokens", 0),
+        "prompt_tokens_per_second": stats.get("prompt_tps", 0.0),
+        "generation_tokens_per_second": stats.get("generation_tps", 0.0), "seconds": time.perf_counter() - start,
+    }  # fmt: skip
+
+
 def _models() -> Residency:
     assert _residency is not None, "models handlers run only in the models worker"
     return _residency
@@ -113,7 +143,7 @@ def handlers(role: str, options: dict[str, Any]) -> dict[str, Handler]:
     if role == "jobs":
         return {"convert": convert, "quantize": quantize, "validate": validate}
     _residency = Residency(int(options["memory_budget"]))
-    return {"load": load, "unload": unload, "list": list_models, "infer": infer}
+    return {"load": load, "unload": unload, "list": list_models, "infer": infer, "generate": generate}
 
 
 def shutdown() -> None:

@@ -57,6 +57,11 @@ class Reporter:
         )
         self.check_cancelled()
 
+    def data(self, payload: dict[str, Any]) -> None:
+        """A free-form event (e.g. a generated token) for the caller's stream; checks for cancellation."""
+        self._emit({"kind": "data", **payload})
+        self.check_cancelled()
+
     def end(self, message: str = "") -> None:
         self._emit(
             {

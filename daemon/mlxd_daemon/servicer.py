@@ -4,6 +4,7 @@ become gRPC statuses (with a google.rpc.ErrorInfo detail)."""
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -282,6 +283,52 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         out = reply["outputs"]
         tensors = {k: tensor(v) for k, v in out.items() if k in INFER_TENSORS}
         return pb.InferResponse(model=reply["model"], seconds=reply["seconds"], labels=out.get("labels", []), **tensors)
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+        self._require_paths(context, request.model)
+        args = {
+            "model": request.model, "prompt": request.prompt,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "max_tokens": request.max_tokens or 64, "temperature": request.temperature,
+            "top_p": request.top_p if 0 < request.top_p <= 1 else 1.0, "seed": request.seed,
+        }  # fmt: skip
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        state = {"running": False, "stop": False}  # running: the worker is on this request now
+
+        def on_start() -> None:
+            state["running"] = True
+
+        def run() -> None:
+            try:
+                result = self.models_worker.call("generate", args, on_event=lambda e: events.put(("token", e)),
+                                                 is_cancelled=lambda: state["stop"], on_start=on_start)  # fmt: skip
+                events.put(("result", result))
+            except MlxdError as e:
+                events.put(("error", e))
+            finally:
+                state["running"] = False
+
+        threading.Thread(target=run, name="generate", daemon=True).start()
+        try:
+            while True:
+                try:
+                    kind, value = events.get(timeout=0.25)
+                except queue.Empty:
+                    if not context.is_active():
+                        raise GeneratorExit from None
+                    continue
+                if kind == "token":
+                    yield pb.GenerateResponse(token=pb.GeneratedToken(token_id=value["token_id"], text=value["text"]))
+                elif kind == "result":
+                    yield pb.GenerateResponse(result=pb.GenerateResult(**value))
+                    return
+                else:
+                    abort(context, value)
+        except GeneratorExit:  # the client went away: stop generating for nobody
+            state["stop"] = True
+            if state["running"]:
+                self.models_worker.cancel()
+            raise
 
     def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> pb.LoadModelResponse:
         self._require_paths(context, request.path)

@@ -79,6 +79,11 @@ class MlxdStub:
                 request_serializer=mlxd_dot_v1_dot_mlxd__pb2.InferRequest.SerializeToString,
                 response_deserializer=mlxd_dot_v1_dot_mlxd__pb2.InferResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/mlxd.v1.Mlxd/Generate',
+                request_serializer=mlxd_dot_v1_dot_mlxd__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=mlxd_dot_v1_dot_mlxd__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.LoadModel = channel.unary_unary(
                 '/mlxd.v1.Mlxd/LoadModel',
                 request_serializer=mlxd_dot_v1_dot_mlxd__pb2.LoadModelRequest.SerializeToString,
@@ -161,6 +166,14 @@ class MlxdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Text generation (Llama family): tokens streamed as they are decoded, then one result with tokens/s.
+        Cancelling the call stops the generation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LoadModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -233,6 +246,11 @@ def add_MlxdServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=mlxd_dot_v1_dot_mlxd__pb2.InferRequest.FromString,
                     response_serializer=mlxd_dot_v1_dot_mlxd__pb2.InferResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=mlxd_dot_v1_dot_mlxd__pb2.GenerateRequest.FromString,
+                    response_serializer=mlxd_dot_v1_dot_mlxd__pb2.GenerateResponse.SerializeToString,
             ),
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
@@ -498,6 +516,33 @@ class Mlxd:
             '/mlxd.v1.Mlxd/Infer',
             mlxd_dot_v1_dot_mlxd__pb2.InferRequest.SerializeToString,
             mlxd_dot_v1_dot_mlxd__pb2.InferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlxd.v1.Mlxd/Generate',
+            mlxd_dot_v1_dot_mlxd__pb2.GenerateRequest.SerializeToString,
+            mlxd_dot_v1_dot_mlxd__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
