@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from mlxd.v1 import mlxd_pb2 as pb
 from mlxd_client import Client
 from mlxd_client.errors import InvalidArgumentError
