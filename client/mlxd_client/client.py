@@ -51,6 +51,7 @@ class InferResult:
     seconds: float
     logits: np.ndarray
     labels: list[str]
+    batch_requests: int = 1
 
 
 class Client:
@@ -262,6 +263,7 @@ class Client:
             reply.seconds,
             tensor_to_numpy(reply.logits),
             list(reply.labels),
+            reply.batch_requests,
         )
 
     def generate_events(

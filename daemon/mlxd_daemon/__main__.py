@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"TCP: file with the token clients send (${ENV_TOKEN}); created if missing")  # fmt: skip
     p.add_argument("--allow-remote", action="store_true", help="allow a TCP address other than loopback")
     p.add_argument("--max-queued-jobs", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=32, help="Infer inputs coalesced into one forward (1: off)")
+    p.add_argument("--batch-window-ms", type=float, default=0.0,
+                   help="hold a lone Infer this long to gather a batch (default 0: batch only while busy)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     return p
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         token=token,
         allowed_roots=tuple(args.allowed_root),
         max_queued_jobs=args.max_queued_jobs,
+        max_batch=args.max_batch,
+        batch_window_s=args.batch_window_ms / 1000,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

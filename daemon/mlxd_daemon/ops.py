@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlxd_daemon.errors import InvalidArgument
+from mlxd_daemon.errors import InvalidArgument, MlxdError
 from mlxd_daemon.progress import Reporter
 from mlxd_daemon.residency import Residency
 
@@ -91,15 +91,60 @@ def list_models(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
 
 
 def infer(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
-    if not args["texts"] and not args["images"]:
-        msg = "nothing to infer: pass at least one text or image"
-        raise InvalidArgument(msg, reason="EMPTY_INPUT")
-    images = decode_images(args["images"])
+    """One request: ``infer_many`` with a batch of one, its error raised."""
+    (result,) = infer_many({"model": args["model"], "requests": [args]}, reporter)
+    if "error" in result:
+        raise MlxdError.from_dict(result["error"])
+    return result
+
+
+def infer_many(args: dict[str, Any], reporter: Reporter) -> list[dict[str, Any]]:
+    """Several requests for one model in one forward pass (dynamic batching); results split back per request.
+
+    A request with bad input (no input, undecodable image) gets its own error; the others still run."""
+    requests = args["requests"]
+    results: list[dict[str, Any]] = [{} for _ in requests]
+    ok: list[tuple[int, list[str], list[Any]]] = []
+    for i, request in enumerate(requests):
+        try:
+            if not request["texts"] and not request["images"]:
+                msg = "nothing to infer: pass at least one text or image"
+                raise InvalidArgument(msg, reason="EMPTY_INPUT")
+            ok.append((i, list(request["texts"]), decode_images(request["images"])))
+        except MlxdError as e:
+            results[i] = {"error": e.to_dict()}
+    if not ok:
+        return results
     resident, _ = _models().get(args["model"])
     start = time.perf_counter()
-    outputs = resident.bundle.embed(list(args["texts"]), images)
-    resident.last_used, resident.infer_count = time.time(), resident.infer_count + 1
-    return {"model": resident.id, "outputs": outputs, "seconds": time.perf_counter() - start}
+    outputs = resident.bundle.embed([t for _, texts, _ in ok for t in texts], [im for _, _, ims in ok for im in ims])
+    seconds = time.perf_counter() - start
+    resident.last_used, resident.infer_count = time.time(), resident.infer_count + len(ok)
+    t0 = i0 = 0
+    for i, texts, images in ok:
+        t1, i1 = t0 + len(texts), i0 + len(images)
+        results[i] = {"model": resident.id, "seconds": seconds, "batch": len(ok),
+                      "outputs": split_outputs(outputs, (t0, t1), (i0, i1))}  # fmt: skip
+        t0, i0 = t1, i1
+    return results
+
+
+def split_outputs(outputs: dict[str, Any], texts: tuple[int, int], images: tuple[int, int]) -> dict[str, Any]:
+    """One request's share of a batched forward: its rows of each output (and its block of the similarity)."""
+    (t0, t1), (i0, i1) = texts, images
+    out: dict[str, Any] = {}
+    for name, value in outputs.items():
+        if name == "logits_per_image":
+            out[name] = value[i0:i1, t0:t1]
+        elif name.startswith("image"):
+            out[name] = value[i0:i1]
+        elif name == "logits":  # classifiers: one row per input, texts or images
+            out[name] = value[t0:t1] if t1 > t0 else value[i0:i1]
+        elif name == "labels":
+            out[name] = value
+        else:
+            out[name] = value[t0:t1]
+    return out
 
 
 def generate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
@@ -143,7 +188,14 @@ def handlers(role: str, options: dict[str, Any]) -> dict[str, Handler]:
     if role == "jobs":
         return {"convert": convert, "quantize": quantize, "validate": validate}
     _residency = Residency(int(options["memory_budget"]))
-    return {"load": load, "unload": unload, "list": list_models, "infer": infer, "generate": generate}
+    return {
+        "load": load,
+        "unload": unload,
+        "list": list_models,
+        "infer": infer,
+        "infer_many": infer_many,
+        "generate": generate,
+    }
 
 
 def shutdown() -> None:

@@ -21,6 +21,7 @@ from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
 from mlxd_client.discovery import CHANNEL_OPTIONS, is_serving
 
 from mlxd_daemon import PROTOCOL_VERSION, __version__
+from mlxd_daemon.batching import InferBatcher
 from mlxd_daemon.blas import find_blas, warning
 from mlxd_daemon.errors import Unauthenticated
 from mlxd_daemon.jobs import JobTable
@@ -168,6 +169,8 @@ class Daemon:
         token: str | None = None,
         allowed_roots: tuple[str, ...] = (),
         max_queued_jobs: int = 16,
+        max_batch: int = 32,
+        batch_window_s: float = 0.0,
     ) -> None:
         options = {"log_level": log_level, "log_json": log_json, "memory_budget": memory_budget}
         self.address = address
@@ -189,7 +192,13 @@ class Daemon:
         )
         jobs = JobTable(journal=state_dir / f"{self.discovery.stem}.jobs.jsonl", max_queued=max_queued_jobs)
         self.servicer = MlxdServicer(
-            self.jobs_worker, self.models_worker, address, self.stopping.set, jobs=jobs, allowed_roots=allowed_roots
+            self.jobs_worker,
+            self.models_worker,
+            address,
+            self.stopping.set,
+            jobs=jobs,
+            allowed_roots=allowed_roots,
+            batcher=InferBatcher(self.models_worker, max_batch=max_batch, window_s=batch_window_s),
         )
         pb_grpc.add_MlxdServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
@@ -233,6 +242,7 @@ class Daemon:
         for job in self.servicer.jobs.active():
             self.servicer.jobs.cancel(job)
         self.server.stop(grace).wait(grace + 1)
+        self.servicer.batcher.stop()
         self.jobs_worker.stop()
         self.models_worker.stop()
         path = socket_path(self.address)

@@ -21,6 +21,7 @@ from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
 
 from mlxd_daemon import PROTOCOL_VERSION, __version__
 from mlxd_daemon.archs import SUPPORTED
+from mlxd_daemon.batching import InferBatcher
 from mlxd_daemon.blas import find_blas
 from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, MlxdError, NotFound, PermissionDenied, from_status
 from mlxd_daemon.jobs import SUCCEEDED, TERMINAL, Job, JobTable
@@ -77,10 +78,12 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         request_shutdown: Callable[[], None],
         jobs: JobTable | None = None,
         allowed_roots: tuple[str, ...] = (),
+        batcher: InferBatcher | None = None,
     ) -> None:
         self.jobs_worker = jobs_worker
         self.models_worker = models_worker
         self.jobs = jobs or JobTable()
+        self.batcher = batcher or InferBatcher(models_worker)
         self.allowed_roots = tuple(os.path.realpath(r) for r in allowed_roots)
         self.address = address
         self.started_at = time.time()
@@ -275,14 +278,19 @@ class MlxdServicer(pb_grpc.MlxdServicer):
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferResponse:
         self._require_paths(context, request.model)
-        reply = self._models_call(
-            context,
-            "infer",
-            {"model": request.model, "texts": list(request.texts), "images": list(request.images)},
-        )
+        try:
+            reply = self.batcher.infer(request.model, list(request.texts), list(request.images))
+        except MlxdError as e:
+            abort(context, e)
         out = reply["outputs"]
         tensors = {k: tensor(v) for k, v in out.items() if k in INFER_TENSORS}
-        return pb.InferResponse(model=reply["model"], seconds=reply["seconds"], labels=out.get("labels", []), **tensors)
+        return pb.InferResponse(
+            model=reply["model"],
+            seconds=reply["seconds"],
+            labels=out.get("labels", []),
+            batch_requests=reply.get("batch", 1),
+            **tensors,
+        )
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         self._require_paths(context, request.model)

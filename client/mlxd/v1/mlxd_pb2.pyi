@@ -459,7 +459,7 @@ class InferRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("model", "text_embeds", "image_embeds", "logits_per_image", "seconds", "logits", "labels")
+    __slots__ = ("model", "text_embeds", "image_embeds", "logits_per_image", "seconds", "logits", "labels", "batch_requests")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_EMBEDS_FIELD_NUMBER: _ClassVar[int]
@@ -467,6 +467,7 @@ class InferResponse(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     text_embeds: Tensor
     image_embeds: Tensor
@@ -474,7 +475,8 @@ class InferResponse(_message.Message):
     seconds: float
     logits: Tensor
     labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., text_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., image_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., logits_per_image: _Optional[_Union[Tensor, _Mapping]] = ..., seconds: _Optional[float] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    batch_requests: int
+    def __init__(self, model: _Optional[str] = ..., text_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., image_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., logits_per_image: _Optional[_Union[Tensor, _Mapping]] = ..., seconds: _Optional[float] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., batch_requests: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")

@@ -1,0 +1,218 @@
+// Hand-written shapes of the mlxd.v1 messages this client uses, as @grpc/proto-loader decodes them with
+// LOADER_OPTIONS (camelCase fields, enums as their names, 64-bit integers as numbers, bytes as Buffer).
+// Keep in step with proto/mlxd/v1/mlxd.proto; the end-to-end tests read every field listed here.
+
+export type Dtype = "DTYPE_UNSPECIFIED" | "DTYPE_FLOAT32" | "DTYPE_FLOAT16" | "DTYPE_BFLOAT16";
+export type QuantMode =
+  | "QUANT_MODE_UNSPECIFIED"
+  | "QUANT_MODE_AFFINE"
+  | "QUANT_MODE_MXFP4"
+  | "QUANT_MODE_MXFP8"
+  | "QUANT_MODE_NVFP4";
+export type ProgressKind = "KIND_UNSPECIFIED" | "KIND_BEGIN" | "KIND_REPORT" | "KIND_END";
+export type JobState =
+  | "JOB_STATE_UNSPECIFIED"
+  | "JOB_STATE_QUEUED"
+  | "JOB_STATE_RUNNING"
+  | "JOB_STATE_SUCCEEDED"
+  | "JOB_STATE_FAILED"
+  | "JOB_STATE_CANCELLED";
+
+export interface Capabilities {
+  architectures: string[];
+  dtypes: Dtype[];
+  quantModes: QuantMode[];
+  quantBits: number[];
+  quantGroupSizes: number[];
+}
+
+export interface InitializeResponse {
+  protocolVersion: number;
+  daemonVersion: string;
+  capabilities: Capabilities | null;
+  pid: number;
+  address: string;
+  startedAtUnix: number;
+  blas: string;
+}
+
+export interface Progress {
+  kind: ProgressKind;
+  jobId: string;
+  stage: string;
+  itemsDone: number;
+  itemsTotal: number;
+  bytesDone: number;
+  bytesTotal: number;
+  message: string;
+  seq: number;
+}
+
+export interface QuantizationSpec {
+  bits: number;
+  groupSize: number;
+  mode: QuantMode;
+  overrides: string[];
+  recipe: string;
+}
+
+export interface ShardInfo {
+  file: string;
+  bytes: number;
+  tensors: number;
+}
+
+export interface SkippedLayer {
+  name: string;
+  reason: string;
+}
+
+export interface LayerQuantReport {
+  name: string;
+  bits: number;
+  groupSize: number;
+  mode: QuantMode;
+  relError: number;
+  bytesBefore: number;
+  bytesAfter: number;
+  note: string;
+}
+
+export interface ConvertOptions {
+  dtype?: Dtype;
+  maxShardSize?: string;
+  overwrite?: boolean;
+  dryRun?: boolean;
+  quantize?: Partial<QuantizationSpec>;
+}
+
+export interface ConvertResult {
+  jobId: string;
+  dst: string;
+  modelType: string;
+  dtype: Dtype;
+  numTensors: number;
+  numParameters: number;
+  totalBytes: number;
+  shards: ShardInfo[];
+  copiedFiles: string[];
+  droppedTensors: string[];
+  quantization: QuantizationSpec | null;
+  quantizedLayers: string[];
+  skippedLayers: SkippedLayer[];
+  seconds: number;
+  peakRssBytes: number;
+  dryRun: boolean;
+  layerReports: LayerQuantReport[];
+  bitsPerWeight: number;
+  bytesBefore: number;
+}
+
+export interface OutputReport {
+  name: string;
+  maxAbs: number;
+  maxRel: number;
+  cosine: number;
+  nmse: number;
+  atol: number;
+  rtol: number;
+  passed: boolean;
+}
+
+export interface LayerReport {
+  name: string;
+  relError: number;
+  maxAbs: number;
+  cosine: number;
+  tolerance: number;
+  passed: boolean;
+  note: string;
+}
+
+export interface ValidationReport {
+  jobId: string;
+  passed: boolean;
+  modelType: string;
+  dtype: string;
+  outputs: OutputReport[];
+  matchingAgreement: number;
+  numTexts: number;
+  numImages: number;
+  seconds: number;
+  reportPath: string;
+  layers: LayerReport[];
+  firstDivergentLayer: string;
+  band: string;
+}
+
+export interface JobInfo {
+  jobId: string;
+  kind: string;
+  state: JobState;
+  src: string;
+  dst: string;
+  createdAtUnix: number;
+  startedAtUnix: number;
+  finishedAtUnix: number;
+  errorCode: string;
+  errorReason: string;
+  errorMessage: string;
+  lastProgress: Progress | null;
+  events: number;
+}
+
+export interface GetJobResponse {
+  job: JobInfo | null;
+  convertResult: ConvertResult | null;
+  validationReport: ValidationReport | null;
+}
+
+/** The wire form of a tensor: a dense little-endian array. */
+export interface TensorMessage {
+  shape: number[];
+  dtype: string;
+  data: Buffer;
+}
+
+export interface InferResponseMessage {
+  model: string;
+  textEmbeds: TensorMessage | null;
+  imageEmbeds: TensorMessage | null;
+  logitsPerImage: TensorMessage | null;
+  seconds: number;
+  logits: TensorMessage | null;
+  labels: string[];
+}
+
+export interface ModelInfo {
+  id: string;
+  modelType: string;
+  dtype: string;
+  computeDtype: string;
+  residentBytes: number;
+  loadedAtUnix: number;
+  lastUsedUnix: number;
+  inferCount: number;
+}
+
+export interface Eviction {
+  id: string;
+  reason: string;
+  atUnix: number;
+}
+
+export interface ListModelsResponse {
+  models: ModelInfo[];
+  budgetBytes: number;
+  usedBytes: number;
+  recentEvictions: Eviction[];
+  workerRssBytes: number;
+}
+
+export interface LoadModelResponse {
+  model: ModelInfo | null;
+  evicted: string[];
+}
+
+/** One event of a job stream: a progress report, or the job's single result. */
+export type JobEvent<R> = { progress: Progress; result?: undefined } | { progress?: undefined; result: R };
