@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DaemonProcess
 from mlxd_client import Client
 from mlxd_client.errors import InvalidArgumentError
