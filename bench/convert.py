@@ -29,9 +29,10 @@ def plain_copy(src: Path, dst: Path) -> float:
 def mlxd_convert(src: Path, dst: Path, dtype: str, extra: str = "") -> tuple[float, float]:
     """Run the converter in a fresh process so peak RSS is the conversion's own."""
     code = (
-        "import json,sys,time,resource; from pathlib import Path; from mlxd_daemon.convert import convert; "
+        "import json,sys,time; from pathlib import Path; from mlxd_daemon.convert import convert; "
+        "from mlxd_daemon.malloc import peak_rss_bytes; "
         f"t=time.perf_counter(); convert(Path({str(src)!r}), Path({str(dst)!r}), dtype={dtype!r}{extra}); "
-        "print(json.dumps([time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024]))"
+        "print(json.dumps([time.perf_counter()-t, peak_rss_bytes()]))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     seconds, rss = __import__("json").loads(out.strip().splitlines()[-1])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,12 +191,12 @@ def _cross_check(index_name: str, weight_map: dict[str, str], tensors: dict[str,
 
 def _scan_file(path: Path, fmt: str) -> list[TensorInfo]:
     if fmt == "safetensors":
-        with _open_safetensors(path) as f:
-            infos = []
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                sl = f.get_slice(name)
-                infos.append(TensorInfo(name, _st_dtype(sl.get_dtype(), path), tuple(sl.get_shape()), path.name))
-            return infos
+        reader = _open_safetensors(path)
+        return [
+            TensorInfo(name, _st_dtype(entry["dtype"], path), tuple(entry["shape"]), path.name)
+            for name, entry in reader.header.items()
+            if name != "__metadata__"
+        ]
     state = _load_bin(path)
     return [TensorInfo(n, t.dtype, tuple(t.shape), path.name) for n, t in state.items()]
 
@@ -207,12 +208,41 @@ def _st_dtype(code: str, path: Path) -> torch.dtype:
     return SAFETENSORS_DTYPES[code]
 
 
-def _open_safetensors(path: Path) -> Any:
+def _open_safetensors(path: Path) -> SafetensorsReader:
     try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as e:
+        with safe_open(str(path), framework="pt"):  # validates the header against the file size
+            pass
+        return SafetensorsReader(path)
+    except (SafetensorError, OSError, ValueError) as e:
         msg = f"{path.name} is not a readable safetensors file: {e}"
         raise InvalidArgument(msg, reason="BAD_CHECKPOINT", path=path) from e
+
+
+class SafetensorsReader:
+    """Reads one tensor at a time into its own buffer with plain file reads, never mapping the file: mapped pages
+    would count as this process's memory until unmapped, so a large shard would look resident (mlx-lm#876)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            self.header: dict[str, Any] = json.loads(f.read(size))
+        self.data_start = 8 + size
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """A fresh tensor that owns its memory."""
+        entry = self.header[name]
+        dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if f.readinto(buffer) != len(buffer):
+                msg = f"{self.path.name} ends inside tensor {name}: the file is truncated"
+                raise InvalidArgument(msg, reason="BAD_CHECKPOINT", path=self.path)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:

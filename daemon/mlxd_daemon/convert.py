@@ -9,10 +9,8 @@ On any failure, including ``Cancelled``, the temp dir is removed and ``dst`` is 
 from __future__ import annotations
 
 import json
-import resource
 import secrets
 import shutil
-import sys
 import time
 import types
 from pathlib import Path
@@ -24,6 +22,7 @@ from safetensors import safe_open
 from mlxd_daemon import archs
 from mlxd_daemon.checkpoint import Checkpoint, dominant_float_dtype, open_checkpoint, read_config
 from mlxd_daemon.errors import FailedPrecondition, InvalidArgument
+from mlxd_daemon.malloc import peak_rss_bytes
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
 from mlxd_daemon.quantize import QuantSpec, make_spec
 from mlxd_daemon.shards import DTYPE_NAMES, DTYPES, Plan, make_plan, parse_size, plan_dequantize
@@ -288,7 +287,6 @@ def _layer_reports(plan: Plan) -> dict[str, Any]:
 
 
 def _finish(result: dict[str, Any], started: float) -> dict[str, Any]:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result["seconds"] = round(time.monotonic() - started, 3)
-    result["peak_rss_bytes"] = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+    result["peak_rss_bytes"] = peak_rss_bytes()
     return result

@@ -14,6 +14,7 @@ import structlog
 
 from mlxd_daemon import blas, logs
 from mlxd_daemon.errors import MlxdError
+from mlxd_daemon.malloc import pin_mmap_threshold
 from mlxd_daemon.progress import Reporter
 
 log = structlog.get_logger()
@@ -23,6 +24,7 @@ def worker_main(conn: Any, cancel_event: Any, role: str, options: dict[str, Any]
     """Entry point of the worker process (started with the spawn method)."""
     logs.configure(options.get("log_level", "info"), options.get("log_json"))
     structlog.contextvars.bind_contextvars(worker=role, pid=os.getpid())
+    pin_mmap_threshold()  # unloaded models and converted tensors go back to the system
     in_use = blas.preload()  # must precede the first `import mlx.core`
     log.info("blas", blas=in_use)
     if blas.warning(in_use):

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
+import struct
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,16 +18,17 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 import mlxd_daemon
 from mlxd_daemon.checkpoint import Checkpoint
 from mlxd_daemon.errors import FailedPrecondition, InvalidArgument
+from mlxd_daemon.malloc import pin_mmap_threshold
 from mlxd_daemon.progress import Reporter
 from mlxd_daemon.quantize import QParams, QuantSpec, config_entry
 from mlxd_daemon.shards import DTYPE_NAMES, Plan, Shard, Unit, index_json
 
 FLOAT16_MAX = 65504.0
+RELEASE_MAPPED_BYTES = 256 << 20  # unmap the source after this much is read: mapped pages count as RSS
 MANIFEST = "mlxd_manifest.json"
 _HASH_LIMIT = 64 << 20  # sha256 only for small files; hashing multi-GB weights would double the run time.
 _MANIFEST_RESULT_KEYS = ("quantization", "skipped_layers", "layer_reports", "bits_per_weight", "bytes_before")
@@ -36,35 +39,36 @@ def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, reporter: Reporter, s
 
     Returns each quantized layer's relative reconstruction error ||W - dequant(q(W))|| / ||W||.
     """
+    pin_mmap_threshold()  # so each freed tensor is returned to the system
     reporter.begin(stage, len(plan.units), plan.total_bytes)
     done = done_bytes = mapped = 0
     overflow: list[dict[str, Any]] = []
     errors: dict[str, float] = {}
     for shard in plan.shards:
-        tensors: dict[str, torch.Tensor] = {}
-        for unit in shard.units:
-            source = ckpt.get(unit.source)
-            if unit.dequant is not None:
-                source = _dequantize_unit(ckpt, unit, unit.dequant, source)
-            peak = _float16_overflow(source, unit.dtype)
-            if peak is not None:
-                overflow.append({"name": unit.source, "max_abs": peak})
-                tensors.clear()  # the output is doomed: stop holding converted data, keep scanning
-            if not overflow:
-                converted, error = _convert_unit(source, unit)
-                tensors.update(converted)
-                if error is not None:
-                    errors[unit.target.removesuffix(".weight")] = error
-            del source
-            done, done_bytes, mapped = done + 1, done_bytes + unit.nbytes, mapped + unit.src_nbytes
-            if mapped >= plan.max_bytes:
-                # Read pages of mapped source files count as resident until unmapped: cap them too.
-                ckpt.release()
-                mapped = 0
-            reporter.report(done, done_bytes, unit.target)
-        if not overflow:
-            _save_shard(tensors, shard, plan.layouts, out)
-        tensors.clear()
+        # Each tensor goes to disk as soon as it is converted: memory holds one tensor, not one shard.
+        with ShardFile(out / shard.file, shard, plan.layouts) as writer:
+            for unit in shard.units:
+                source = ckpt.get(unit.source)
+                if unit.dequant is not None:
+                    source = _dequantize_unit(ckpt, unit, unit.dequant, source)
+                peak = _float16_overflow(source, unit.dtype)
+                if peak is not None:
+                    overflow.append({"name": unit.source, "max_abs": peak})  # doomed output: keep scanning only
+                if not overflow:
+                    converted, error = _convert_unit(source, unit)
+                    for name, tensor in converted.items():
+                        writer.write(name, tensor)
+                    del converted
+                    if error is not None:
+                        errors[unit.target.removesuffix(".weight")] = error
+                del source
+                done, done_bytes, mapped = done + 1, done_bytes + unit.nbytes, mapped + unit.src_nbytes
+                if mapped >= min(plan.max_bytes, RELEASE_MAPPED_BYTES):
+                    # Read pages of mapped source files count as resident until unmapped: cap them too.
+                    ckpt.release()
+                    mapped = 0
+                reporter.report(done, done_bytes, unit.target)
+            writer.complete = not overflow
     ckpt.release()
     if overflow:
         worst = ", ".join(f"{o['name']} (max |x| {o['max_abs']:.6g})" for o in overflow[:10])
@@ -88,8 +92,10 @@ def _float16_overflow(t: torch.Tensor, out_dtype: torch.dtype) -> float | None:
     """Largest finite |x| when casting ``t`` to float16 would overflow it, else None."""
     if out_dtype != torch.float16 or not t.is_floating_point() or t.dtype == torch.float16 or t.numel() == 0:
         return None
-    magnitude = t.abs().masked_fill_(~torch.isfinite(t), 0)
-    peak = float(magnitude.max())
+    lo, hi = torch.aminmax(t)  # no copy of the tensor in the common, all-finite case
+    peak = max(-float(lo), float(hi))
+    if not math.isfinite(peak):  # inf/nan already there are not an overflow of ours: look past them
+        peak = float(t.abs().masked_fill_(~torch.isfinite(t), 0).max())
     return peak if peak > FLOAT16_MAX else None
 
 
@@ -143,13 +149,50 @@ def _to_torch(a: mx.array) -> torch.Tensor:
     return torch.from_numpy(np.array(a))
 
 
-def _save_shard(tensors: dict[str, torch.Tensor], shard: Shard, layouts: dict[str, str], out: Path) -> None:
-    names = set(tensors)
-    metadata = {
-        "format": "mlx",
-        "mlxd.layout": json.dumps({k: v for k, v in layouts.items() if k in names}, sort_keys=True),
-    }
-    save_file(tensors, str(out / shard.file), metadata=metadata)
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.uint32: "U32", torch.uint16: "U16", torch.uint64: "U64", torch.bool: "BOOL"}  # fmt: skip
+
+
+class ShardFile:
+    """A safetensors file written tensor by tensor, in plan order. The header is computed from the plan (names,
+    dtypes, shapes) before any data, so the shard never has to be gathered in memory (mlx-lm#876)."""
+
+    def __init__(self, path: Path, shard: Shard, layouts: dict[str, str]) -> None:
+        self.expected = [o for u in shard.units for o in u.outputs]
+        names = {o.name for o in self.expected}
+        metadata = {"format": "mlx", "mlxd.layout": json.dumps({k: v for k, v in layouts.items() if k in names},
+                                                               sort_keys=True)}  # fmt: skip
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        for o in self.expected:
+            header[o.name] = {"dtype": _ST_DTYPES[o.dtype], "shape": list(o.shape),
+                              "data_offsets": [offset, offset + o.nbytes]}  # fmt: skip
+            offset += o.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        self.path, self.next, self.complete = path, 0, True
+        self.file = open(path, "wb")  # noqa: SIM115 (closed in __exit__)
+        self.file.write(struct.pack("<Q", len(blob)) + blob)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; it must be the one the plan said comes next, with its dtype and shape."""
+        want = self.expected[self.next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (want.name, want.dtype, want.shape):
+            got = f"{name} {tensor.dtype} {tuple(tensor.shape)}"
+            msg = f"writer expected {want.name} {want.dtype} {want.shape}, got {got}"
+            raise RuntimeError(msg)
+        self.file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self.next += 1
+
+    def __enter__(self) -> ShardFile:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.file.close()
+        if exc_type is None and self.complete and self.next != len(self.expected):
+            msg = f"{self.path.name}: wrote {self.next} of {len(self.expected)} planned tensors"
+            raise RuntimeError(msg)
 
 
 def write_config(config: dict[str, Any], spec: QuantSpec | None, plan: Plan, out: Path) -> None:
