@@ -4,8 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+TS := client/typescript
+TS_STAMP := $(TS)/node_modules/.installed
+BUF := $(TS)/node_modules/.bin/buf
 
-.PHONY: setup blas proto proto-check lint format typecheck test check demo bench clean
+.PHONY: setup blas proto proto-check proto-lint lint format typecheck test ts-test check demo bench clean
 
 $(STAMP): pyproject.toml
 	@$(MAKE) -s blas
@@ -43,6 +46,19 @@ proto-check: $(STAMP)
 		cmp -s $$tmp/mlxd/v1/$$f client/mlxd/v1/$$f || { echo "stale stub client/mlxd/v1/$$f: run make proto"; exit 1; }; \
 	done; rm -rf $$tmp; echo "proto stubs are fresh"
 
+# TypeScript client and buf need Node >= 20 with npm; make test runs the TypeScript tests, so fail clearly without.
+# --ignore-scripts: buf and protobufjs work without their postinstall steps.
+$(TS_STAMP): $(TS)/package.json $(TS)/package-lock.json
+	@node -e 'process.exit(parseInt(process.versions.node) < 20 ? 1 : 0)' 2>/dev/null && command -v npm >/dev/null || \
+		{ echo "error: Node.js >= 20 with npm is required (TypeScript client tests, buf): install it and rerun"; exit 1; }
+	cd $(TS) && npm ci --no-audit --no-fund --ignore-scripts
+	touch $(TS_STAMP)
+
+# buf lint (buf.yaml), then no breaking change in proto/ against the last commit.
+proto-lint: $(TS_STAMP)
+	$(BUF) lint
+	$(BUF) breaking --against '.git#subdir=proto,ref=HEAD'
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check client daemon tests bench
 	$(VENV)/bin/ruff format --check client daemon tests bench
@@ -56,8 +72,13 @@ typecheck: $(STAMP)
 
 test: $(STAMP) proto-check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory ts-test
 
-check: lint typecheck test
+# The TypeScript client and extension commands against a live daemon (client/typescript/README.md).
+ts-test: $(STAMP) $(TS_STAMP)
+	cd $(TS) && MLXD_PYTHON=$(CURDIR)/$(PY) npm test
+
+check: lint typecheck proto-lint test
 
 demo: $(STAMP)
 	$(PY) bench/demo.py
@@ -67,4 +88,4 @@ bench: $(STAMP)
 	$(PY) bench/infer.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .demo
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .demo $(TS)/node_modules $(TS)/dist

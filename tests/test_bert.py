@@ -191,6 +191,16 @@ class TestTinyModel:
         assert result["band"] == ("q8" if bits else "float16")
         assert result["passed"], result["outputs"]
 
+    def test_gelu_is_torchs_exact_gelu(self) -> None:
+        """hidden_act "gelu" is the erf GELU: within 2e-6 of torch's over [-10, 10], and dtype-preserving."""
+        import torch
+
+        xs = np.linspace(-10, 10, 200_001, dtype=np.float32)
+        expected = torch.nn.functional.gelu(torch.from_numpy(xs)).numpy()
+        got = bert._ACTIVATIONS["gelu"](mx.array(xs))
+        assert got.dtype == mx.float32
+        np.testing.assert_allclose(np.array(got), expected, atol=2e-6, rtol=0)
+
     def test_images_are_refused(self, tiny: Path) -> None:
         """BERT takes no images: InvalidArgument IMAGES_NOT_SUPPORTED."""
         with pytest.raises(InvalidArgument) as e:
@@ -232,6 +242,10 @@ class TestMiniLM:
         result = validate_model(minilm, minilm_mlx)
         assert result["passed"], result["outputs"]
         assert {o["name"] for o in result["outputs"]} == {"text_embeds", "last_hidden_state", "pooler_output"}
+        assert [layer["name"] for layer in result["layers"]] == [
+            "embeddings",
+            *(f"encoder.layer.{i}" for i in range(6)),
+        ]
         assert json.loads((minilm_mlx / "validation.json").read_text())["passed"] is True
 
     def test_embeddings_match_sentence_transformers(self, minilm: Path, minilm_mlx: Path) -> None:
@@ -247,7 +261,7 @@ class TestMiniLM:
 
 class TestFaultInjection:
     def test_scaled_attention_weight_fails_validation(self, tiny: Path, tmp_path: Path) -> None:
-        """Scaling layer 1's attention value weight by 1.1 makes validation fail."""
+        """Scaling layer 1's attention value weight by 1.1 fails validation and names encoder.layer.1."""
         dst = Path(convert(tiny, tmp_path / "mlx")["dst"])
         name = "encoder.layer.1.attention.self.value.weight"
         loaded = mx.load(str(dst / "model.safetensors"), return_metadata=True)
@@ -258,6 +272,8 @@ class TestFaultInjection:
         assert result["passed"] is False
         failed = {o["name"] for o in result["outputs"] if not o["passed"]}
         assert "last_hidden_state" in failed
+        assert result["first_divergent_layer"] == "encoder.layer.1"
+        assert {layer["name"]: layer["passed"] for layer in result["layers"]}["encoder.layer.0"] is True
 
 
 class TestDaemonEndToEnd:

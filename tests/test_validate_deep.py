@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
-
 from mlxd_client import Client
+from safetensors.torch import load_file, save_file
 
 
 def edit_weights(mlx_dir: Path, edit: object) -> None:

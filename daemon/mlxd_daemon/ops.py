@@ -38,7 +38,10 @@ def decode_images(images: list[bytes]) -> list[Any]:
 
 def convert(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     from mlxd_daemon.convert import convert as run_convert
+    from mlxd_daemon.export import convert_via_export, maybe_export
 
+    if maybe_export(args["src"]):  # a .pt2, or an HF model_type without a hand-written module: torch.export
+        return convert_via_export(args, reporter)
     return run_convert(Path(args.pop("src")), Path(args.pop("dst")), reporter=reporter, **args)
 
 
@@ -62,6 +65,14 @@ def quantize(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
         overwrite=args["overwrite"],
         reporter=reporter,
     )
+
+
+def export(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    """Any torch.export-able model -> an MLX program directory (``mlxd_daemon.export.export_program``)."""
+    from mlxd_daemon.export import export_program
+
+    src, dst = args.pop("src"), Path(args.pop("dst"))
+    return export_program(src, dst, reporter=reporter, **args)
 
 
 def validate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
@@ -186,7 +197,7 @@ def handlers(role: str, options: dict[str, Any]) -> dict[str, Handler]:
     """The handler table of a worker role."""
     global _residency
     if role == "jobs":
-        return {"convert": convert, "quantize": quantize, "validate": validate}
+        return {"convert": convert, "export": export, "quantize": quantize, "validate": validate}
     _residency = Residency(int(options["memory_budget"]))
     return {
         "load": load,

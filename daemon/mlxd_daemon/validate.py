@@ -233,7 +233,10 @@ def validate_model(
     """
     start = time.perf_counter()
     src_dir, mlx_dir = Path(src_dir), Path(mlx_dir)
-    src_cfg, mlx_cfg = _config(src_dir, "source"), _config(mlx_dir, "mlx")
+    mlx_cfg = _config(mlx_dir, "mlx")
+    # An exported program's reference is a .pt2, an HF directory of another model_type, or the program itself.
+    program = mlx_cfg.get("model_type") == "mlxd_program"
+    src_cfg = {"model_type": "mlxd_program"} if program else _config(src_dir, "source")
     model_type = mlx_cfg.get("model_type")
     if src_cfg.get("model_type") != model_type:
         msg = (

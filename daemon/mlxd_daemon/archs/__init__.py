@@ -14,9 +14,9 @@ from types import ModuleType
 from mlxd_daemon.errors import Unsupported
 
 # HF model_type aliases that share an implementation.
-MODEL_REMAPPING: dict[str, str] = {}
+MODEL_REMAPPING: dict[str, str] = {"mistral": "llama", "qwen2": "llama"}
 
-SUPPORTED: tuple[str, ...] = ("clip",)
+SUPPORTED: tuple[str, ...] = ("bert", "clip", "llama", "mistral", "mlxd_program", "qwen2")
 
 
 def get_arch(model_type: str) -> ModuleType:

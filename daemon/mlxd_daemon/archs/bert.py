@@ -1,0 +1,427 @@
+"""BERT (HF ``model_type: bert``) in MLX: sentence embeddings and ``BertForSequenceClassification`` logits.
+
+Module and parameter names are Hugging Face's ``BertModel`` names (no ``bert.`` prefix), so weights load by
+name; nothing changes layout. Inputs and pooling settings come from ``bert_processing``.
+
+Output keys of ``BertBundle.forward_outputs``, ``run_mlx`` and ``run_reference``:
+  ``text_embeds`` [n, D·modes]: sentence embeddings pooled as sentence-transformers does (``bundle.pooling``);
+  ``last_hidden_state`` [n, L, D]: encoder output (padded positions included, as HF returns them);
+  ``pooler_output`` [n, D]: ``tanh(pooler.dense(h[:, 0]))``, only when the checkpoint has a pooler;
+  ``logits`` [n, num_labels]: ``classifier(pooler_output)``, only for sequence classifiers.
+
+Not implemented (their tensors are dropped by ``map_weight``): the MLM / NSP heads (``cls.*``) and
+question answering (``qa_outputs.*``). Token-classification / multiple-choice ``classifier`` weights are
+ignored at load: such models serve embeddings only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from tokenizers import Tokenizer
+
+from mlxd_daemon.archs._loading import check_structure, dequantize, read_json, read_safetensors, storage_dtype
+from mlxd_daemon.archs.bert_processing import Pooling, load_tokenizer, max_length, pool, pool_torch, tokenize
+from mlxd_daemon.errors import InvalidArgument, NotFound, Unsupported
+from mlxd_daemon.taps import tap
+
+DISK_LAYOUT: dict[str, str] = {}  # every tensor keeps HF's layout (Linear weights are [out, in] in both)
+_KEEP = ("embeddings.", "encoder.", "pooler.", "classifier.")
+# Buffers, not parameters: position_ids is arange, token_type_ids zeros.
+_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+# TF-era checkpoints name LayerNorm parameters gamma/beta; transformers renames them the same way on load.
+_RENAMES = ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias"))
+_SEQ_CLS = "BertForSequenceClassification"
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    position_embedding_type: str = "absolute"
+    architectures: tuple[str, ...] = ()
+    id2label: dict[str, str] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.position_embedding_type != "absolute":
+            msg = f"position_embedding_type {self.position_embedding_type!r} is not supported: only 'absolute'"
+            raise Unsupported(msg, reason="UNSUPPORTED_CONFIG", position_embedding_type=self.position_embedding_type)
+        object.__setattr__(self, "architectures", tuple(self.architectures or ()))
+        object.__setattr__(self, "id2label", {str(k): str(v) for k, v in (self.id2label or {}).items()})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
+        """Build from config.json, ignoring keys this dataclass does not know."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
+
+    @property
+    def is_classifier(self) -> bool:
+        return _SEQ_CLS in self.architectures
+
+    @property
+    def labels(self) -> list[str]:
+        """id2label in logit order (transformers' default names when config.json has none)."""
+        n = len(self.id2label) or 2
+        return [self.id2label.get(str(i), f"LABEL_{i}") for i in range(n)]
+
+
+def _gelu_tanh(x: mx.array) -> mx.array:
+    return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+# Eigen's / XLA's float32 erf: odd/even rational polynomial on [-4, 4], where erf is +-1 in float32 beyond.
+_ERF_P: tuple[float, ...] = (
+    -2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+    -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02,
+)  # fmt: skip
+_ERF_Q: tuple[float, ...] = (
+    -1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+    -1.42647390514189e-02,
+)  # fmt: skip
+
+
+def _erf(x: mx.array) -> mx.array:
+    """erf within 4.2e-7 of float64 (mx.erf: 4.5e-7), ~6x faster than mx.erf on the CPU backend."""
+    x = mx.clip(x, -4.0, 4.0)
+    x2 = x * x
+    p = _ERF_P[0] * x2 + _ERF_P[1]
+    for c in _ERF_P[2:]:
+        p = p * x2 + c
+    q = _ERF_Q[0] * x2 + _ERF_Q[1]
+    for c in _ERF_Q[2:]:
+        q = q * x2 + c
+    return x * p / q
+
+
+def _gelu(x: mx.array) -> mx.array:
+    # Exact (erf) GELU as HF's "gelu"; MLX's CPU erf is scalar code and took half of MiniLM's forward time.
+    return 0.5 * x * (1 + _erf(x * (1 / math.sqrt(2))))
+
+
+_ACTIVATIONS = {"gelu": _gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "relu": nn.relu}
+
+
+def _activation(name: str) -> Any:
+    if name not in _ACTIVATIONS:
+        msg = f"hidden_act {name!r} is not supported; supported: {', '.join(_ACTIVATIONS)}"
+        raise Unsupported(msg, reason="UNSUPPORTED_ACTIVATION", hidden_act=name)
+    return _ACTIVATIONS[name]
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def __call__(self, ids: mx.array, token_type_ids: mx.array) -> mx.array:
+        x = self.word_embeddings(ids) + self.token_type_embeddings(token_type_ids)
+        return self.LayerNorm(x + self.position_embeddings.weight[: ids.shape[1]])
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, dims: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dims // heads) ** -0.5
+        self.query = nn.Linear(dims, dims)
+        self.key = nn.Linear(dims, dims)
+        self.value = nn.Linear(dims, dims)
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        b, n, d = x.shape
+
+        def split(t: mx.array) -> mx.array:
+            return t.reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
+
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return out.transpose(0, 2, 1, 3).reshape(b, n, d)
+
+
+class BertSelfOutput(nn.Module):
+    """Shared shape of ``attention.output`` and ``output``: dense, residual, LayerNorm (post-norm)."""
+
+    def __init__(self, dims_in: int, dims: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(dims_in, dims)
+        self.LayerNorm = nn.LayerNorm(dims, eps=eps)
+
+    def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(cfg.hidden_size, cfg.num_attention_heads)  # sic: HF's module name
+        self.output = BertSelfOutput(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        return self.output(self.self(x, mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.act = _activation(cfg.hidden_act)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.act(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(cfg)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertSelfOutput(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        h = self.attention(x, mask)
+        return self.output(self.intermediate(h), h)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.layer = [BertLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        for i, layer in enumerate(self.layer):
+            # HF module paths (BertModel's; torch_taps also matches "bert.encoder.layer.i").
+            x = tap(f"encoder.layer.{i}", layer(x, mask))
+        return x
+
+
+class BertPooler(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def __call__(self, h: mx.array) -> mx.array:
+        return mx.tanh(self.dense(h[:, 0]))
+
+
+class BertModel(nn.Module):
+    """``BertModel`` (+ ``classifier`` when ``num_labels``); pooler only when the checkpoint has one."""
+
+    def __init__(self, cfg: BertConfig, *, pooler: bool, num_labels: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+        if pooler:
+            self.pooler = BertPooler(cfg)
+        if num_labels:
+            self.classifier = nn.Linear(cfg.hidden_size, num_labels)
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> mx.array:
+        """last_hidden_state [B, L, D]."""
+        n = input_ids.shape[1]
+        if n > self.cfg.max_position_embeddings:
+            msg = f"text is {n} tokens, the model takes at most {self.cfg.max_position_embeddings}: truncate it"
+            raise InvalidArgument(msg, reason="TEXT_TOO_LONG")
+        # Boolean key mask (True = attend), broadcast over heads and queries, like HF's padding mask.
+        mask = mx.array(np.asarray(attention_mask).astype(bool)[:, None, None, :])
+        x = self.embeddings(mx.array(input_ids.astype(np.int32)), mx.array(token_type_ids.astype(np.int32)))
+        x = tap("embeddings", x)
+        return self.encoder(x, mask)
+
+
+@dataclass
+class BertBundle:
+    """A loaded BERT: model (float32 compute), tokenizer and pooling, plus storage facts."""
+
+    model: BertModel
+    config: BertConfig
+    tokenizer: Tokenizer
+    pooling: Pooling
+    model_dir: Path
+    dtype: str  # storage dtype of the float tensors on disk
+    nbytes: int  # resident bytes of the loaded parameters
+    quantization: dict[str, Any] | None = None
+
+    @property
+    def is_classifier(self) -> bool:
+        return "classifier" in self.model
+
+    def forward_outputs(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """All outputs (see the module docstring for keys); an empty batch gives empty arrays."""
+        m, d = self.model, self.config.hidden_size
+        ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+        out: dict[str, mx.array] = {}
+        if len(ids):
+            hidden = m(ids, mask, np.asarray(token_type_ids))
+            out["text_embeds"] = pool(hidden, mx.array(mask.astype(np.int32)), self.pooling)
+            out["last_hidden_state"] = hidden
+            if "pooler" in m:
+                out["pooler_output"] = m.pooler(hidden)
+                if self.is_classifier:
+                    out["logits"] = m.classifier(out["pooler_output"])
+        else:
+            out["text_embeds"] = mx.zeros((0, d * len(self.pooling.modes)))
+            out["last_hidden_state"] = mx.zeros((0, 0, d))
+            if "pooler" in m:
+                out["pooler_output"] = mx.zeros((0, d))
+            if self.is_classifier:
+                out["logits"] = mx.zeros((0, len(self.config.labels)))
+        mx.eval(out)
+        return {k: np.array(v) for k, v in out.items()}
+
+    def embed(self, texts: list[str], images: list[Any]) -> dict[str, Any]:
+        """``text_embeds``; classifiers add ``logits`` [n, labels] and ``labels`` (id2label in order)."""
+        if images:
+            msg = f"BERT is a text model: {len(images)} image(s) given, send texts only"
+            raise InvalidArgument(msg, reason="IMAGES_NOT_SUPPORTED", images=len(images))
+        outs = self.forward_outputs(**tokenize(self.tokenizer, list(texts)))
+        result: dict[str, Any] = {"text_embeds": outs["text_embeds"]}
+        if self.is_classifier:
+            result["logits"] = outs["logits"]
+            result["labels"] = list(self.config.labels)
+        return result
+
+
+def map_weight(name: str) -> str | None:
+    """HF tensor name -> name on disk: ``bert.`` prefix stripped, ``classifier.*`` kept, buffers and
+    unimplemented heads (``cls.*`` MLM/NSP, ``qa_outputs.*``) dropped. A second pass is a no-op."""
+    name = name.removeprefix("bert.")
+    if name in _BUFFERS or not name.startswith(_KEEP):
+        return None
+    for old, new in _RENAMES:
+        if name.endswith(old):
+            return name[: -len(old)] + new
+    return name
+
+
+def read_config(model_dir: Path) -> BertConfig:
+    """Parse ``model_dir/config.json``; raise ``InvalidArgument`` unless it is a BERT config."""
+    raw = read_json(Path(model_dir) / "config.json", "BERT")
+    if raw.get("model_type") != "bert":
+        msg = f"{model_dir} holds model_type {raw.get('model_type')!r}, not 'bert'"
+        raise InvalidArgument(msg, reason="MODEL_TYPE_MISMATCH", model_type=str(raw.get("model_type")))
+    return BertConfig.from_dict(raw)
+
+
+def load(model_dir: Path) -> BertBundle:
+    """Load a converted (or raw HF safetensors) BERT directory for float32 inference on the CPU."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        msg = f"model directory {model_dir} does not exist"
+        raise NotFound(msg, reason="MODEL_NOT_FOUND", path=str(model_dir))
+    cfg = read_config(model_dir)
+    raw, _ = read_safetensors(model_dir)
+    # Packed quantized weights are uint32 and not counted; their scales/biases keep the float dtype.
+    dtype = storage_dtype(raw)
+    dequantize(raw, cfg.quantization)
+    weights = {new: v for k, v in raw.items() if (new := map_weight(k)) is not None}
+    if not cfg.is_classifier:
+        # Token-classification / multiple-choice heads are not implemented: serve the encoder only.
+        weights = {k: v for k, v in weights.items() if not k.startswith("classifier.")}
+    has_pooler = "pooler.dense.weight" in weights
+    if cfg.is_classifier and not has_pooler:
+        msg = f"{model_dir} is a {_SEQ_CLS} without pooler weights: re-convert the full checkpoint"
+        raise InvalidArgument(msg, reason="WEIGHTS_MISMATCH", missing="pooler.dense.weight")
+    model = BertModel(cfg, pooler=has_pooler, num_labels=len(cfg.labels) if cfg.is_classifier else 0)
+    check_structure(model, weights, model_dir, "BERT")
+    # Linux CPU fp16/bf16 matmul is ~40x slower than float32, so compute in float32 whatever the storage.
+    model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()])
+    model.eval()
+    params = dict(tree_flatten(model.parameters()))
+    mx.eval(params)
+    pooling = Pooling.load(model_dir)
+    return BertBundle(
+        model=model,
+        config=cfg,
+        tokenizer=load_tokenizer(model_dir, max_length(model_dir, cfg.max_position_embeddings, pooling)),
+        pooling=pooling,
+        model_dir=model_dir,
+        dtype=dtype,
+        nbytes=sum(v.nbytes for v in params.values()),
+        quantization=cfg.quantization,
+    )
+
+
+# ---- validation hooks -------------------------------------------------------------------------------------
+
+
+def golden_inputs(
+    model_dir: Path, *, texts: list[str] | None = None, images: list[Any] | None = None
+) -> dict[str, Any]:
+    """Deterministic sentences (or the caller's), tokenized with ``model_dir``'s tokenizer and limits."""
+    from mlxd_daemon.fixtures.bert import GOLDEN_SENTENCES
+
+    if images:
+        msg = f"BERT is a text model: {len(images)} image(s) given, validate with texts only"
+        raise InvalidArgument(msg, reason="IMAGES_NOT_SUPPORTED", images=len(images))
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    pooling = Pooling.load(model_dir)
+    texts = list(GOLDEN_SENTENCES) if texts is None else list(texts)
+    tok = load_tokenizer(model_dir, max_length(model_dir, cfg.max_position_embeddings, pooling))
+    return {"texts": texts, "images": [], **tokenize(tok, texts)}
+
+
+def run_mlx(bundle: BertBundle, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The MLX outputs for ``golden_inputs``' token arrays."""
+    return bundle.forward_outputs(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
+
+
+def run_reference(src_dir: Path, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """transformers (float32, no_grad) on the same token arrays, pooled as the *source's* sentence-transformers
+    config says (a converted directory that lost that config then fails on ``text_embeds``); keys as ``run_mlx``.
+    """
+    import torch
+    import transformers
+
+    from mlxd_daemon.checkpoint import open_checkpoint
+    from mlxd_daemon.checkpoint import read_config as checkpoint_config
+
+    src_dir = Path(src_dir)
+    cfg = read_config(src_dir)
+    pooling = Pooling.load(src_dir)
+    auto = transformers.AutoModelForSequenceClassification if cfg.is_classifier else transformers.AutoModel
+    model = auto.from_pretrained(str(src_dir), dtype=torch.float32).eval()
+    # transformers builds a random pooler when the checkpoint has none; such a pooler is not an output.
+    ckpt = open_checkpoint(src_dir, checkpoint_config(src_dir))  # headers only for safetensors
+    has_pooler = any(map_weight(k) == "pooler.dense.weight" for k in ckpt.tensors)
+    ckpt.release()
+    t = {
+        k: torch.from_numpy(np.asarray(inputs[k], np.int64)) for k in ("input_ids", "attention_mask", "token_type_ids")
+    }
+    d = cfg.hidden_size
+    if not len(t["input_ids"]):
+        empty = {"text_embeds": (0, d * len(pooling.modes)), "last_hidden_state": (0, 0, d)}
+        empty |= {"pooler_output": (0, d)} if has_pooler else {}
+        empty |= {"logits": (0, len(cfg.labels))} if cfg.is_classifier else {}
+        return {k: np.zeros(shape, np.float32) for k, shape in empty.items()}
+    with torch.no_grad():
+        o = model.base_model(**t)
+        out = {"text_embeds": pool_torch(o.last_hidden_state, t["attention_mask"], pooling)}
+        out["last_hidden_state"] = o.last_hidden_state
+        if has_pooler:
+            out["pooler_output"] = o.pooler_output
+        if cfg.is_classifier:
+            out["logits"] = model(**t).logits
+    return {k: v.float().numpy() for k, v in out.items()}

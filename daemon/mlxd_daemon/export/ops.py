@@ -1,0 +1,554 @@
+"""Core ATen op -> MLX: a data table (``OPS``) of small functions, plus which ops understand channels-last.
+
+Every function takes the node's resolved arguments exactly as the ATen schema orders them (tensors are
+``mx.array``, dtypes ``mx.Dtype``) and returns what the ATen op returns (a tuple for multi-output ops).
+PyTorch is NCHW; MLX convolutions and pools are NHWC. Ops in ``NHWC`` receive their first argument
+channels-last and return channels-last; ``ELEMENTWISE`` ops pass channels-last through; every other op sees
+NCHW (the interpreter in ``program.py`` transposes at that boundary only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+Op = Callable[..., Any]
+_INT64_MAX = 2**63 - 1
+
+
+def _axes(dims: int | Sequence[int] | None, ndim: int) -> list[int]:
+    if dims is None or (isinstance(dims, Sequence) and len(dims) == 0):
+        return list(range(ndim))
+    seq = [dims] if isinstance(dims, int) else list(dims)
+    return [d % ndim if ndim else 0 for d in seq]
+
+
+def _cast(x: mx.array, dtype: mx.Dtype | None) -> mx.array:
+    return x if dtype is None else x.astype(dtype)
+
+
+# ---- shapes and views ------------------------------------------------------------------------------------
+
+
+def _expand(x: mx.array, size: Sequence[int], *, implicit: bool = False) -> mx.array:
+    lead = len(size) - x.ndim
+    shape = [s if s != -1 else x.shape[i - lead] for i, s in enumerate(size)]
+    return mx.broadcast_to(x, shape)
+
+
+def _slice(x: mx.array, dim: int = 0, start: int | None = None, end: int | None = None, step: int = 1) -> mx.array:
+    dim %= x.ndim
+    n = x.shape[dim]
+    start = 0 if start is None else start
+    end = n if end is None or end >= _INT64_MAX else end
+    index = [slice(None)] * x.ndim
+    index[dim] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+def _select(x: mx.array, dim: int, index: int) -> mx.array:
+    index_tuple: list[Any] = [slice(None)] * x.ndim
+    index_tuple[dim % x.ndim] = index
+    return x[tuple(index_tuple)]
+
+
+def _unsqueeze(x: mx.array, dim: int) -> mx.array:
+    return mx.expand_dims(x, dim if dim >= 0 else dim + x.ndim + 1)
+
+
+def _squeeze(x: mx.array, dims: int | Sequence[int] | None = None) -> mx.array:
+    axes = [a for a in _axes(dims, x.ndim) if x.shape[a] == 1] if x.ndim else []
+    return mx.squeeze(x, axes) if axes else x
+
+
+def _transpose(x: mx.array, a: int, b: int) -> mx.array:
+    return mx.swapaxes(x, a, b) if x.ndim > 1 else x
+
+
+def _index(x: mx.array, indices: Sequence[mx.array | None]) -> mx.array:
+    key = tuple(slice(None) if i is None else (i.astype(mx.int32) if i.dtype == mx.int64 else i) for i in indices)
+    return x[key]
+
+
+def _split_with_sizes(x: mx.array, sizes: Sequence[int], dim: int = 0) -> list[mx.array]:
+    bounds = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+    return list(mx.split(x, bounds, axis=dim))
+
+
+def _split(x: mx.array, size: int, dim: int = 0) -> list[mx.array]:
+    n = x.shape[dim]
+    return _split_with_sizes(x, [min(size, n - s) for s in range(0, n, size)], dim)
+
+
+def _pad(x: mx.array, pad: Sequence[int], value: float = 0.0) -> mx.array:
+    # ATen pads from the last dim backwards: (left_last, right_last, left_prev, right_prev, ...).
+    widths = [(0, 0)] * x.ndim
+    for i in range(len(pad) // 2):
+        widths[x.ndim - 1 - i] = (pad[2 * i], pad[2 * i + 1])
+    return mx.pad(x, widths, constant_values=value)
+
+
+def _flip(x: mx.array, dims: Sequence[int]) -> mx.array:
+    flipped = set(_axes(dims, x.ndim))
+    return x[tuple(slice(None, None, -1) if i in flipped else slice(None) for i in range(x.ndim))]
+
+
+def _repeat(x: mx.array, repeats: Sequence[int]) -> mx.array:
+    x = x.reshape((1,) * (len(repeats) - x.ndim) + tuple(x.shape))
+    return mx.tile(x, list(repeats))
+
+
+# ---- creation --------------------------------------------------------------------------------------------
+
+
+def _full(size: Sequence[int], value: Any, *, dtype: mx.Dtype | None = None) -> mx.array:
+    if dtype is None:
+        dtype = mx.bool_ if isinstance(value, bool) else mx.int64 if isinstance(value, int) else mx.float32
+    return mx.full(list(size), value, dtype=dtype)
+
+
+def _full_like(x: mx.array, value: Any, *, dtype: mx.Dtype | None = None) -> mx.array:
+    return mx.full(x.shape, value, dtype=dtype or x.dtype)
+
+
+def _arange(start: Any, end: Any = None, step: Any = 1, *, dtype: mx.Dtype | None = None) -> mx.array:
+    if end is None:
+        start, end = 0, start
+    if dtype is None:  # torch: int64 when every bound is an int, else the default float dtype
+        dtype = mx.int64 if all(isinstance(v, int) for v in (start, end, step)) else mx.float32
+    return mx.arange(start, end, step, dtype=dtype)
+
+
+def _scalar_tensor(value: Any, *, dtype: mx.Dtype | None = None) -> mx.array:
+    return mx.array(value, dtype=dtype or mx.float32)
+
+
+# ---- math ------------------------------------------------------------------------------------------------
+
+
+def _add(a: Any, b: Any, *, alpha: Any = 1) -> Any:
+    return a + (b if alpha == 1 else b * alpha)
+
+
+def _sub(a: Any, b: Any, *, alpha: Any = 1) -> Any:
+    return a - (b if alpha == 1 else b * alpha)
+
+
+def _div_mode(a: Any, b: Any, *, rounding_mode: str | None = None) -> Any:
+    if rounding_mode == "floor":
+        return mx.floor_divide(a, b)
+    if rounding_mode == "trunc":
+        q = mx.divide(a, b)
+        return mx.where(q < 0, mx.ceil(q), mx.floor(q)).astype(mx.result_type(a, b))
+    return mx.divide(a, b)
+
+
+def _addmm(bias: mx.array, a: mx.array, b: mx.array, *, beta: float = 1, alpha: float = 1) -> mx.array:
+    return mx.addmm(bias, a, b, alpha=alpha, beta=beta)
+
+
+def _linear(x: mx.array, w: mx.array, b: mx.array | None = None) -> mx.array:
+    return x @ w.T if b is None else mx.addmm(b, x, w.T)
+
+
+def _gelu(x: mx.array, *, approximate: str = "none") -> mx.array:
+    return nn.gelu_approx(x) if approximate == "tanh" else nn.gelu(x)
+
+
+def _clamp(x: mx.array, lo: Any = None, hi: Any = None) -> mx.array:
+    if lo is not None:
+        x = mx.maximum(x, lo)
+    return x if hi is None else mx.minimum(x, hi)
+
+
+def _layer_norm(
+    x: mx.array, shape: Sequence[int], w: mx.array | None, b: mx.array | None, eps: float
+) -> tuple[mx.array, mx.array, mx.array]:
+    axes = list(range(x.ndim - len(shape), x.ndim))
+    mean = mx.mean(x, axis=axes, keepdims=True)
+    rstd = mx.rsqrt(mx.var(x, axis=axes, keepdims=True) + eps)
+    if len(shape) == 1:
+        out = mx.fast.layer_norm(x, w, b, eps)
+    else:
+        out = (x - mean) * rstd
+        out = out if w is None else out * w
+        out = out if b is None else out + b
+    return out, mean, rstd  # MLX is lazy: the statistics cost nothing unless a node reads them
+
+
+def _batch_norm_axis(x: mx.array, w: Any, b: Any, mean: mx.array, var: mx.array, eps: float, axis: int) -> mx.array:
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    scale = mx.rsqrt(var + eps) if w is None else w * mx.rsqrt(var + eps)
+    shift = -mean * scale if b is None else b - mean * scale
+    return x * scale.reshape(shape) + shift.reshape(shape)
+
+
+def _batch_norm_nchw(
+    x: mx.array, w: Any, b: Any, mean: mx.array, var: mx.array, momentum: float, eps: float
+) -> tuple[mx.array, None, None]:
+    return _batch_norm_axis(x, w, b, mean, var, eps, 1 if x.ndim > 1 else 0), None, None
+
+
+def _batch_norm_nhwc(
+    x: mx.array, w: Any, b: Any, mean: mx.array, var: mx.array, momentum: float, eps: float
+) -> tuple[mx.array, None, None]:
+    return _batch_norm_axis(x, w, b, mean, var, eps, -1), None, None
+
+
+def _native_batch_norm(
+    x: mx.array, w: Any, b: Any, mean: mx.array, var: mx.array, training: bool, momentum: float, eps: float
+) -> tuple[mx.array, None, None]:
+    return _batch_norm_nchw(x, w, b, mean, var, momentum, eps)
+
+
+def _group_norm(
+    x: mx.array, w: Any, b: Any, n: int, c: int, hw: int, groups: int, eps: float
+) -> tuple[mx.array, mx.array, mx.array]:
+    g = x.reshape(n, groups, -1)
+    mean = mx.mean(g, axis=-1, keepdims=True)
+    rstd = mx.rsqrt(mx.var(g, axis=-1, keepdims=True) + eps)
+    out = ((g - mean) * rstd).reshape(x.shape)
+    shape = [1, c] + [1] * (x.ndim - 2)
+    out = out if w is None else out * w.reshape(shape)
+    out = out if b is None else out + b.reshape(shape)
+    return out, mean.reshape(n, groups), rstd.reshape(n, groups)
+
+
+def _sdpa(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    attn_mask: mx.array | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> mx.array:
+    scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
+    mask: Any = "causal" if is_causal else attn_mask
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+# ---- reductions ------------------------------------------------------------------------------------------
+
+
+def _reduce(fn: Callable[..., mx.array]) -> Op:
+    def op(x: mx.array, dims: Any = None, keepdim: bool = False, *, dtype: mx.Dtype | None = None) -> mx.array:
+        return fn(_cast(x, dtype), axis=_axes(dims, x.ndim), keepdims=keepdim)
+
+    return op
+
+
+def _var(x: mx.array, dims: Any = None, *, correction: float = 1, keepdim: bool = False) -> mx.array:
+    return mx.var(x, axis=_axes(dims, x.ndim), keepdims=keepdim, ddof=int(correction))
+
+
+def _arg(fn: Callable[..., mx.array]) -> Op:
+    def op(x: mx.array, dim: int | None = None, keepdim: bool = False) -> mx.array:
+        out = fn(x.reshape(-1), axis=0) if dim is None else fn(x, axis=dim, keepdims=keepdim)
+        return out.astype(mx.int64)
+
+    return op
+
+
+def _max_dim(x: mx.array, dim: int, keepdim: bool = False) -> tuple[mx.array, mx.array]:
+    return mx.max(x, axis=dim, keepdims=keepdim), mx.argmax(x, axis=dim, keepdims=keepdim).astype(mx.int64)
+
+
+def _min_dim(x: mx.array, dim: int, keepdim: bool = False) -> tuple[mx.array, mx.array]:
+    return mx.min(x, axis=dim, keepdims=keepdim), mx.argmin(x, axis=dim, keepdims=keepdim).astype(mx.int64)
+
+
+def _any(x: mx.array, dims: Any = None, keepdim: bool = False) -> mx.array:
+    return mx.any(x, axis=_axes(dims, x.ndim), keepdims=keepdim)
+
+
+def _cumsum(x: mx.array, dim: int, *, dtype: mx.Dtype | None = None) -> mx.array:
+    return mx.cumsum(_cast(x, dtype), axis=dim)
+
+
+# ---- convolution and pooling (channels-last) -------------------------------------------------------------
+
+
+def _conv_nhwc(
+    x: mx.array,
+    w: mx.array,
+    b: mx.array | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+) -> mx.array:
+    """``x`` channels-last; ``w`` already in MLX layout [O, *k, I/groups] (transposed once at export)."""
+    nd = x.ndim - 2
+    if transposed and nd == 1:
+        out = mx.conv_transpose1d(x, w, stride[0], padding[0], dilation[0], output_padding[0], groups)
+    elif transposed:
+        spec: Any = [tuple(v) for v in (stride, padding, dilation, output_padding)]
+        fn: Any = mx.conv_transpose2d if nd == 2 else mx.conv_transpose3d
+        out = fn(x, w, *spec, groups)
+    elif nd == 1:
+        out = mx.conv1d(x, w, stride[0], padding[0], dilation[0], groups)
+    else:
+        out = mx.conv_general(x, w, list(stride), list(padding), list(dilation), groups=groups)
+    return out if b is None else out + b
+
+
+def _pool_padded(x: mx.array, padding: Sequence[int], value: float) -> mx.array:
+    pad = [int(p) for p in padding] if padding else [0, 0]
+    pad = pad * 2 if len(pad) == 1 else pad
+    if not any(pad):
+        return x
+    return mx.pad(x, [(0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)], constant_values=value)
+
+
+def _pair(v: Sequence[int] | int | None, default: Sequence[int]) -> tuple[int, int]:
+    if v is None or (isinstance(v, Sequence) and len(v) == 0):
+        v = default
+    seq = [v] if isinstance(v, int) else list(v)
+    return (seq[0], seq[0]) if len(seq) == 1 else (seq[0], seq[1])
+
+
+def _max_pool_nhwc(
+    x: mx.array,
+    kernel: Sequence[int],
+    stride: Sequence[int] = (),
+    padding: Sequence[int] = (0,),
+    dilation: Sequence[int] = (1,),
+    ceil_mode: bool = False,
+) -> tuple[mx.array, None]:
+    if _pair(dilation, (1,)) != (1, 1) or ceil_mode:
+        msg = "max_pool2d with dilation or ceil_mode is not mapped to MLX yet"
+        raise NotImplementedError(msg)
+    k = _pair(kernel, kernel)
+    pool = nn.MaxPool2d(k, _pair(stride, k))
+    return pool(_pool_padded(x, padding, -math.inf)), None  # indices: values-only mapping
+
+
+def _avg_pool_nhwc(
+    x: mx.array,
+    kernel: Sequence[int],
+    stride: Sequence[int] = (),
+    padding: Sequence[int] = (0,),
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+) -> mx.array:
+    pad = _pair(padding, (0,))
+    if ceil_mode or divisor_override or (any(pad) and not count_include_pad):
+        msg = "avg_pool2d with ceil_mode, divisor_override or count_include_pad=False is not mapped to MLX yet"
+        raise NotImplementedError(msg)
+    k = _pair(kernel, kernel)
+    return nn.AvgPool2d(k, _pair(stride, k))(_pool_padded(x, pad, 0.0))
+
+
+def _adaptive_avg_pool_nhwc(x: mx.array, output_size: Sequence[int]) -> mx.array:
+    n, h, w, c = x.shape
+    oh, ow = _pair(output_size, output_size)
+    if h % oh or w % ow:
+        msg = f"adaptive_avg_pool2d from {h}x{w} to {oh}x{ow} (not a divisor) is not mapped to MLX yet"
+        raise NotImplementedError(msg)
+    return x.reshape(n, oh, h // oh, ow, w // ow, c).mean(axis=(2, 4))
+
+
+def _mean_nhwc(x: mx.array, dims: Any = None, keepdim: bool = False, *, dtype: mx.Dtype | None = None) -> mx.array:
+    """Global pooling over H, W of a channels-last value (NCHW dims 2, 3 are NHWC 1, 2)."""
+    return mx.mean(_cast(x, dtype), axis=[1, 2], keepdims=keepdim)
+
+
+def spatial_reduction(dims: Any, ndim: int) -> bool:
+    """Whether ``mean.dim``'s dims are exactly the spatial axes of a 4-D NCHW value."""
+    return ndim == 4 and sorted(_axes(dims, 4)) == [2, 3]
+
+
+def _identity(x: Any, *args: Any, **kwargs: Any) -> Any:
+    return x
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _getitem(x: Sequence[Any], i: int) -> Any:
+    return x[i]
+
+
+# The table. Keys are ATen overload names as ``str(node.target)`` prints them.
+OPS: dict[str, Op] = {
+    "getitem": _getitem,
+    "aten._assert_tensor_metadata.default": _noop,
+    # linear algebra
+    "aten.addmm.default": _addmm,
+    "aten.mm.default": mx.matmul,
+    "aten.bmm.default": mx.matmul,
+    "aten.matmul.default": mx.matmul,
+    "aten.linear.default": _linear,
+    "aten.convolution.default": _conv_nhwc,
+    "aten.scaled_dot_product_attention.default": _sdpa,
+    # normalisation and activations
+    "aten.native_layer_norm.default": _layer_norm,
+    "aten._native_batch_norm_legit_no_training.default": _batch_norm_nchw,
+    "aten.native_batch_norm.default": _native_batch_norm,
+    "aten.native_group_norm.default": _group_norm,
+    "aten._softmax.default": lambda x, dim, half_to_float=False: mx.softmax(x, axis=dim, precise=True),
+    "aten._log_softmax.default": lambda x, dim, half_to_float=False: x - mx.logsumexp(x, axis=dim, keepdims=True),
+    "aten.gelu.default": _gelu,
+    "aten.relu.default": nn.relu,
+    "aten.sigmoid.default": mx.sigmoid,
+    "aten.tanh.default": mx.tanh,
+    "aten.silu.default": nn.silu,
+    "aten.hardtanh.default": lambda x, lo=-1.0, hi=1.0: mx.clip(x, lo, hi),
+    "aten.leaky_relu.default": lambda x, slope=0.01: nn.leaky_relu(x, slope),
+    "aten.clamp.default": _clamp,
+    "aten.clamp_min.default": lambda x, lo: mx.maximum(x, lo),
+    "aten.clamp_max.default": lambda x, hi: mx.minimum(x, hi),
+    # elementwise arithmetic
+    "aten.add.Tensor": _add,
+    "aten.add.Scalar": _add,
+    "aten.sub.Tensor": _sub,
+    "aten.sub.Scalar": _sub,
+    "aten.rsub.Scalar": lambda a, b, alpha=1: _sub(b, a, alpha=alpha),
+    "aten.mul.Tensor": mx.multiply,
+    "aten.mul.Scalar": mx.multiply,
+    "aten.div.Tensor": mx.divide,
+    "aten.div.Scalar": mx.divide,
+    "aten.div.Tensor_mode": _div_mode,
+    "aten.pow.Tensor_Scalar": mx.power,
+    "aten.pow.Tensor_Tensor": mx.power,
+    "aten.pow.Scalar": mx.power,
+    "aten.remainder.Tensor": mx.remainder,
+    "aten.remainder.Scalar": mx.remainder,
+    "aten.maximum.default": mx.maximum,
+    "aten.minimum.default": mx.minimum,
+    "aten.rsqrt.default": mx.rsqrt,
+    "aten.sqrt.default": mx.sqrt,
+    "aten.exp.default": mx.exp,
+    "aten.log.default": mx.log,
+    "aten.neg.default": mx.negative,
+    "aten.abs.default": mx.abs,
+    "aten.erf.default": mx.erf,
+    "aten.sin.default": mx.sin,
+    "aten.cos.default": mx.cos,
+    "aten.reciprocal.default": mx.reciprocal,
+    "aten.floor.default": mx.floor,
+    "aten.ceil.default": mx.ceil,
+    "aten.sign.default": mx.sign,
+    "aten.isnan.default": mx.isnan,
+    "aten.isinf.default": mx.isinf,
+    "aten.where.self": mx.where,
+    # logic and comparison
+    "aten.eq.Scalar": mx.equal,
+    "aten.eq.Tensor": mx.equal,
+    "aten.ne.Scalar": mx.not_equal,
+    "aten.ne.Tensor": mx.not_equal,
+    "aten.ge.Scalar": mx.greater_equal,
+    "aten.ge.Tensor": mx.greater_equal,
+    "aten.gt.Scalar": mx.greater,
+    "aten.gt.Tensor": mx.greater,
+    "aten.le.Scalar": mx.less_equal,
+    "aten.le.Tensor": mx.less_equal,
+    "aten.lt.Scalar": mx.less,
+    "aten.lt.Tensor": mx.less,
+    "aten.bitwise_and.Tensor": mx.bitwise_and,
+    "aten.bitwise_or.Tensor": mx.bitwise_or,
+    "aten.bitwise_not.default": lambda x: mx.logical_not(x) if x.dtype == mx.bool_ else mx.bitwise_invert(x),
+    "aten.logical_not.default": mx.logical_not,
+    "aten.logical_and.default": mx.logical_and,
+    "aten.logical_or.default": mx.logical_or,
+    # reductions
+    "aten.mean.dim": _reduce(mx.mean),
+    "aten.sum.dim_IntList": _reduce(mx.sum),
+    "aten.amax.default": _reduce(mx.max),
+    "aten.amin.default": _reduce(mx.min),
+    "aten.prod.dim_int": _reduce(mx.prod),
+    "aten.var.correction": _var,
+    "aten.any.dim": _any,
+    "aten.any.dims": _any,
+    "aten.any.default": _any,
+    "aten.argmax.default": _arg(mx.argmax),
+    "aten.argmin.default": _arg(mx.argmin),
+    "aten.max.dim": _max_dim,
+    "aten.min.dim": _min_dim,
+    "aten.cumsum.default": _cumsum,
+    # shapes, views, copies
+    "aten.view.default": mx.reshape,
+    "aten.reshape.default": mx.reshape,
+    "aten._unsafe_view.default": mx.reshape,
+    "aten.permute.default": mx.transpose,
+    "aten.expand.default": _expand,
+    "aten.slice.Tensor": _slice,
+    "aten.select.int": _select,
+    "aten.cat.default": lambda xs, dim=0: mx.concatenate(list(xs), axis=dim),
+    "aten.unsqueeze.default": _unsqueeze,
+    "aten.squeeze.dim": _squeeze,
+    "aten.squeeze.dims": _squeeze,
+    "aten.squeeze.default": _squeeze,
+    "aten.transpose.int": _transpose,
+    "aten.t.default": lambda x: x.T,
+    "aten.clone.default": _identity,
+    "aten.alias.default": _identity,
+    "aten.detach.default": _identity,
+    "aten.lift_fresh_copy.default": _identity,
+    "aten._to_copy.default": lambda x, *, dtype=None: _cast(x, dtype),
+    "aten.split_with_sizes.default": _split_with_sizes,
+    "aten.split.Tensor": _split,
+    "aten.constant_pad_nd.default": _pad,
+    "aten.repeat.default": _repeat,
+    "aten.flip.default": _flip,
+    # indexing and creation
+    "aten.embedding.default": lambda w, ids, padding_idx=-1, scale_grad=False, sparse=False: w[ids],
+    "aten.index.Tensor": _index,
+    "aten.gather.default": lambda x, dim, index, sparse_grad=False: mx.take_along_axis(x, index, axis=dim),
+    "aten.full.default": _full,
+    "aten.full_like.default": _full_like,
+    "aten.arange.start_step": _arange,
+    "aten.arange.start": _arange,
+    "aten.arange.default": _arange,
+    "aten.scalar_tensor.default": _scalar_tensor,
+    # pooling (NCHW entry points; the channels-last versions are in NHWC)
+    "aten.max_pool2d_with_indices.default": _max_pool_nhwc,
+    "aten.avg_pool2d.default": _avg_pool_nhwc,
+    "aten._adaptive_avg_pool2d.default": _adaptive_avg_pool_nhwc,
+    "aten.adaptive_avg_pool2d.default": _adaptive_avg_pool_nhwc,
+}
+
+# Ops whose ``OPS`` implementation takes its first argument channels-last and returns channels-last: the
+# interpreter moves an NCHW input's channels last once, and keeps the result channels-last.
+CHANNELS_LAST: frozenset[str] = frozenset(
+    {
+        "aten.convolution.default", "aten.max_pool2d_with_indices.default", "aten.avg_pool2d.default",
+        "aten._adaptive_avg_pool2d.default", "aten.adaptive_avg_pool2d.default",
+    }
+)  # fmt: skip
+# Ops with a channels-last variant, used when the input already is channels-last (else the NCHW one runs).
+CHANNELS_LAST_VARIANT: dict[str, Op] = {
+    "aten._native_batch_norm_legit_no_training.default": _batch_norm_nhwc,
+    "aten.mean.dim": _mean_nhwc,  # global pooling; only when the reduction covers exactly H and W
+}
+# Ops that act per element: channels-last passes through them when the other operands allow it.
+ELEMENTWISE: frozenset[str] = frozenset(
+    {
+        "aten.relu.default", "aten.sigmoid.default", "aten.tanh.default", "aten.silu.default", "aten.gelu.default",
+        "aten.hardtanh.default", "aten.leaky_relu.default", "aten.clamp.default", "aten.clamp_min.default",
+        "aten.clamp_max.default", "aten.add.Tensor", "aten.add.Scalar", "aten.sub.Tensor", "aten.sub.Scalar",
+        "aten.rsub.Scalar", "aten.mul.Tensor", "aten.mul.Scalar", "aten.div.Tensor", "aten.div.Scalar",
+        "aten.pow.Tensor_Scalar", "aten.rsqrt.default", "aten.sqrt.default", "aten.exp.default", "aten.neg.default",
+        "aten.abs.default", "aten.erf.default", "aten.clone.default", "aten.alias.default", "aten.detach.default",
+        "aten._to_copy.default", "aten.maximum.default", "aten.minimum.default", "aten.where.self",
+    }
+)  # fmt: skip
+# Ops whose weight argument (by position) is transposed once at export time to MLX's channels-last layout.
+WEIGHT_LAYOUTS: dict[str, int] = {"aten.convolution.default": 1}
+
+
+def supported(op: str) -> bool:
+    """Whether an op (``str(node.target)``) has an MLX mapping."""
+    return op in OPS
