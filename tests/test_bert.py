@@ -237,6 +237,20 @@ class TestClassifier:
 
 
 class TestMiniLM:
+    def test_pipeline_files_copied_byte_for_byte(self, minilm: Path, minilm_mlx: Path) -> None:
+        """The sentence-transformers pipeline (modules.json, 1_Pooling/, 256-token limit) survives conversion."""
+        for name in (
+            "modules.json",
+            "sentence_bert_config.json",
+            "1_Pooling/config.json",
+            "tokenizer.json",
+            "vocab.txt",
+        ):
+            assert (minilm_mlx / name).read_bytes() == (minilm / name).read_bytes(), name
+        pooling = Pooling.load(minilm_mlx)
+        assert (pooling.modes, pooling.normalize, pooling.max_seq_length) == (("mean",), True, 256)
+        assert "1_Pooling" in pooling.source or "modules.json" in pooling.source
+
     def test_converted_model_validates(self, minilm: Path, minilm_mlx: Path) -> None:
         """The real all-MiniLM-L6-v2, converted, passes validation on every output."""
         result = validate_model(minilm, minilm_mlx)

@@ -9,6 +9,7 @@ On any failure, including ``Cancelled``, the temp dir is removed and ``dst`` is 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shutil
 import time
@@ -21,7 +22,7 @@ from safetensors import safe_open
 
 from mlxd_daemon import archs
 from mlxd_daemon.checkpoint import Checkpoint, dominant_float_dtype, open_checkpoint, read_config
-from mlxd_daemon.errors import FailedPrecondition, InvalidArgument
+from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, MlxdError
 from mlxd_daemon.malloc import peak_rss_bytes
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
 from mlxd_daemon.quantize import QuantSpec, make_spec
@@ -47,7 +48,40 @@ TOKENIZER_FILES: tuple[str, ...] = (
     "spiece.model",
     "sentencepiece.bpe.model",
     "vocab.txt",
+    # sentence-transformers: the pipeline (pooling, normalisation) around the encoder
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
 )
+# sentence-transformers module folders such as 1_Pooling/ and 2_Normalize/ (small JSON files).
+MODULE_DIR = re.compile(r"\d+_[A-Za-z]+")
+PROBE_TEXT = "Hello, world! Ünïcödé 日本語 <s> [CLS] 1234 — the probe text."
+
+
+def files_to_copy(src: Path) -> list[str]:
+    """Relative paths copied byte-for-byte: tokenizer/processor/generation files and pipeline module folders."""
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    for folder in sorted(p for p in src.iterdir() if p.is_dir() and MODULE_DIR.fullmatch(p.name)):
+        names += [
+            str(f.relative_to(src)) for f in sorted(folder.rglob("*")) if f.is_file() and f.stat().st_size < 1 << 20
+        ]
+    return names
+
+
+def check_tokenizer(src: Path, dst: Path) -> None:
+    """Token ids of a probe text must be the same from the copied tokenizer as from the source's."""
+    if not (src / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        before = Tokenizer.from_file(str(src / "tokenizer.json")).encode(PROBE_TEXT).ids
+    except Exception:  # a tokenizer.json this tokenizers version cannot read: the byte copy is all we can vouch for
+        return
+    after = Tokenizer.from_file(str(dst / "tokenizer.json")).encode(PROBE_TEXT).ids
+    if before != after:
+        msg = f"the tokenizer copied to {dst} encodes differently from the source's: refusing to publish it"
+        raise MlxdError(msg, reason="TOKENIZER_CHANGED")
 
 
 def convert(
@@ -179,7 +213,9 @@ def _execute(
             report["rel_error"] = errors.get(report["name"], 0.0)
         write_config(config, spec, plan, tmp)
         for name in result["copied_files"]:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ckpt.path / name, tmp / name)
+        check_tokenizer(ckpt.path, tmp)
         write_manifest(ckpt, plan, target, result, tmp)
         sync_tree(tmp)
         publish(tmp, dst, overwrite)
@@ -242,7 +278,7 @@ def _summary(
             {"file": s.file, "bytes": s.nbytes, "tensors": sum(len(u.outputs) for u in s.units)} for s in plan.shards
         ],
         "tensor_dtypes": dict(sorted(dtypes.items())),
-        "copied_files": [n for n in TOKENIZER_FILES if (ckpt.path / n).is_file()],
+        "copied_files": files_to_copy(ckpt.path),
         "dropped_tensors": plan.dropped,
         "quantization": spec.to_dict() if spec else None,
         "quantized_layers": [u.target.removesuffix(".weight") for u in plan.units if u.quantize],

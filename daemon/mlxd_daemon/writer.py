@@ -217,11 +217,15 @@ def write_manifest(ckpt: Checkpoint, plan: Plan, dtype: torch.dtype, result: dic
         if name not in ckpt.weight_files and entry["bytes"] <= _HASH_LIMIT:
             entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         files.append(entry)
+    import safetensors
+
     manifest = {
         "mlxd_version": mlxd_daemon.__version__,
+        "versions": {"mlx": mx.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__},
         "source": {"path": str(ckpt.path.resolve()), "weight_format": ckpt.weight_format, "files": files},
         "model_type": ckpt.model_type,
         "dtype": DTYPE_NAMES[dtype],
+        "tensor_dtypes": result.get("tensor_dtypes", {}),
         "layouts": plan.layouts,
         "dropped_tensors": plan.dropped,
         **{k: result[k] for k in _MANIFEST_RESULT_KEYS},
@@ -231,8 +235,11 @@ def write_manifest(ckpt: Checkpoint, plan: Plan, dtype: torch.dtype, result: dic
 
 
 def sync_tree(path: Path) -> None:
-    """fsync every file and the directory, so the rename never publishes files that are not on disk yet."""
+    """fsync every file and folder (depth first), so the rename never publishes files that are not on disk yet."""
     for f in path.iterdir():
+        if f.is_dir():
+            sync_tree(f)
+            continue
         fd = os.open(f, os.O_RDONLY)
         try:
             os.fsync(fd)
