@@ -57,12 +57,13 @@ def torch_taps(names: list[str]) -> Iterator[dict[str, np.ndarray]]:
         return hook
 
     def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
-        model = original(cls, *args, **kwargs)
+        loaded = original(cls, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
         for module_name, module in model.named_modules():
             for name in wanted:
                 if module_name == name or module_name.endswith("." + name):
                     module.register_forward_hook(hook_for(name))
-        return model
+        return loaded
 
     transformers.PreTrainedModel.from_pretrained = classmethod(from_pretrained)  # type: ignore[assignment]
     try:
