@@ -121,18 +121,24 @@ class Progress(_message.Message):
     def __init__(self, kind: _Optional[_Union[Progress.Kind, str]] = ..., job_id: _Optional[str] = ..., stage: _Optional[str] = ..., items_done: _Optional[int] = ..., items_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., message: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class QuantizationSpec(_message.Message):
-    __slots__ = ("bits", "group_size", "mode", "overrides", "recipe")
+    __slots__ = ("bits", "group_size", "mode", "overrides", "recipe", "method", "calibration_data", "calibration_seed")
     BITS_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_DATA_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_SEED_FIELD_NUMBER: _ClassVar[int]
     bits: int
     group_size: int
     mode: QuantMode
     overrides: _containers.RepeatedScalarFieldContainer[str]
     recipe: str
-    def __init__(self, bits: _Optional[int] = ..., group_size: _Optional[int] = ..., mode: _Optional[_Union[QuantMode, str]] = ..., overrides: _Optional[_Iterable[str]] = ..., recipe: _Optional[str] = ...) -> None: ...
+    method: str
+    calibration_data: str
+    calibration_seed: int
+    def __init__(self, bits: _Optional[int] = ..., group_size: _Optional[int] = ..., mode: _Optional[_Union[QuantMode, str]] = ..., overrides: _Optional[_Iterable[str]] = ..., recipe: _Optional[str] = ..., method: _Optional[str] = ..., calibration_data: _Optional[str] = ..., calibration_seed: _Optional[int] = ...) -> None: ...
 
 class LayerQuantReport(_message.Message):
     __slots__ = ("name", "bits", "group_size", "mode", "rel_error", "bytes_before", "bytes_after", "note")
