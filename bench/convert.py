@@ -1,10 +1,14 @@
-"""Convert benchmark: mlxd's converter against a plain copy of the same bytes (+ fsync), in one run.
+"""Convert benchmark, every ratio against baselines measured in the same run:
 
-Prints seconds, peak RSS and the ratio to the copy baseline for the ViT-B/32 CLIP checkpoint.
+1. Llama-3.2-1B-shaped checkpoint (1.24B parameters, bf16, 1 GB shards; random weights, built once into
+   .demo/): the plain-copy floor (copy the shard bytes + fsync), `mlx_lm.convert` and mlxd, to float16 and to
+   q4 g64: wall time and peak RSS (VmHWM of a fresh process each).
+2. ViT-B/32 CLIP (float32 safetensors): mlxd to float32 / float16 / bfloat16 / q4 against the copy floor.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +18,40 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_clip, machine
+from common import CACHE, base_clip, machine  # noqa: E402
+
+PEAK = "from mlxd_daemon.malloc import peak_rss_bytes as _peak"
+MLXD = (
+    PEAK
+    + """
+import json, sys, time
+from pathlib import Path
+from mlxd_daemon.convert import convert
+t = time.perf_counter()
+convert(Path(sys.argv[1]), Path(sys.argv[2]), dtype=sys.argv[3], **json.loads(sys.argv[4]))
+print(json.dumps([time.perf_counter() - t, _peak()]))
+"""
+)
+MLX_LM = (
+    PEAK
+    + """
+import json, sys, time
+from mlx_lm.convert import convert
+t = time.perf_counter()
+convert(sys.argv[1], sys.argv[2], dtype=sys.argv[3], **json.loads(sys.argv[4]))
+print(json.dumps([time.perf_counter() - t, _peak()]))
+"""
+)
+
+
+def llama_1b() -> Path:
+    from mlxd_daemon.fixtures.llama import make_llama
+
+    path = CACHE / "hf-llama-1b-bf16"
+    if not (path / "config.json").exists():
+        print(f"building the Llama-3.2-1B-shaped bf16 checkpoint in {path} (once) ...", flush=True)
+        make_llama(path, size="1b", dtype="bfloat16", seed=0, max_shard_size=1 << 30)
+    return path
 
 
 def plain_copy(src: Path, dst: Path) -> float:
@@ -26,34 +63,57 @@ def plain_copy(src: Path, dst: Path) -> float:
     return time.perf_counter() - start
 
 
-def mlxd_convert(src: Path, dst: Path, dtype: str, extra: str = "") -> tuple[float, float]:
-    """Run the converter in a fresh process so peak RSS is the conversion's own."""
-    code = (
-        "import json,sys,time; from pathlib import Path; from mlxd_daemon.convert import convert; "
-        "from mlxd_daemon.malloc import peak_rss_bytes; "
-        f"t=time.perf_counter(); convert(Path({str(src)!r}), Path({str(dst)!r}), dtype={dtype!r}{extra}); "
-        "print(json.dumps([time.perf_counter()-t, peak_rss_bytes()]))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    seconds, rss = __import__("json").loads(out.strip().splitlines()[-1])
-    return seconds, rss
+def run(script: str, src: Path, dst: Path, dtype: str, options: dict[str, object]) -> tuple[float, float]:
+    """(seconds, peak RSS bytes) of one conversion in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", script, str(src), str(dst), dtype, json.dumps(options)],
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    seconds, peak = json.loads(out.strip().splitlines()[-1])
+    return seconds, peak
+
+
+def row(label: str, seconds: float, peak: float, floor: float, other: tuple[float, float] | None = None) -> str:
+    text = f"{label:<30} {seconds:7.2f} s {seconds / floor:6.2f}x copy  peak RSS {peak / 1e6:6.0f} MB"
+    if other:
+        text += f"   vs mlx_lm: {other[0] / seconds:4.2f}x faster, {peak / other[1]:4.2f}x the RSS"
+    return text
+
+
+def llama_section() -> None:
+    src = llama_1b()
+    size = sum(f.stat().st_size for f in src.iterdir())
+    print(f"\nLlama-3.2-1B shape, 1.24B parameters, {size / 1e9:.2f} GB bf16 in 1 GB shards")
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        floor = plain_copy(src, Path(tmp) / "copy")
+        print(f"{'plain copy + fsync (floor)':<30} {floor:7.2f} s")
+        for label, dtype, lm_opts, mlxd_opts in [
+            ("float16", "float16", {}, {}),
+            ("q4 g64", "bfloat16", {"quantize": True, "q_bits": 4, "q_group_size": 64},
+             {"quantize": True, "q_bits": 4, "q_group_size": 64}),
+        ]:  # fmt: skip
+            lm = run(MLX_LM, src, Path(tmp) / f"lm-{dtype}-{label}", dtype, lm_opts)
+            print(row(f"mlx_lm.convert {label}", *lm, floor))
+            ours = run(MLXD, src, Path(tmp) / f"mlxd-{dtype}-{label}", dtype, mlxd_opts)
+            print(row(f"mlxd convert {label}", *ours, floor, lm))
+
+
+def clip_section() -> None:
+    src = base_clip()
+    size = sum(f.stat().st_size for f in src.iterdir())
+    print(f"\nViT-B/32 CLIP, {size / 1e6:.0f} MB float32")
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        floor = plain_copy(src, Path(tmp) / "copy")
+        print(f"{'plain copy + fsync (floor)':<30} {floor:7.2f} s")
+        for label, dtype, opts in [("float32", "float32", {}), ("float16", "float16", {}),
+                                   ("bfloat16", "bfloat16", {}),
+                                   ("q4 g64", "float32", {"quantize": True, "q_bits": 4})]:  # fmt: skip
+            print(row(f"mlxd convert {label}", *run(MLXD, src, Path(tmp) / label, dtype, opts), floor))
 
 
 def main() -> None:
-    src = base_clip()
-    size = sum(f.stat().st_size for f in src.iterdir())
-    print(f"convert benchmark: ViT-B/32 CLIP ({size / 1e6:.0f} MB float32), {machine()}")
-    with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
-        copy_s = plain_copy(src, Path(tmp) / "copy")
-        print(f"{'plain copy + fsync (baseline)':<34} {copy_s:7.2f} s")
-        for label, dtype, extra in [
-            ("mlxd convert float32", "float32", ""),
-            ("mlxd convert float16", "float16", ""),
-            ("mlxd convert bfloat16", "bfloat16", ""),
-            ("mlxd convert q4 g64", "float32", ", quantize=True, q_bits=4"),
-        ]:
-            seconds, rss = mlxd_convert(src, Path(tmp) / label.replace(" ", "-"), dtype, extra)
-            print(f"{label:<34} {seconds:7.2f} s  {seconds / copy_s:5.2f}x copy  peak RSS {rss / 1e6:6.0f} MB")
+    print(f"convert benchmark, {machine()}")
+    if "--clip-only" not in sys.argv:
+        llama_section()
+    clip_section()
 
 
 if __name__ == "__main__":

@@ -236,13 +236,13 @@ class SafetensorsReader:
         begin, end = entry["data_offsets"]
         if end == begin:
             return torch.empty(shape, dtype=dtype)
-        buffer = bytearray(end - begin)
-        with open(self.path, "rb") as f:
+        raw = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled, unlike bytearray
+        with open(self.path, "rb", buffering=0) as f:
             f.seek(self.data_start + begin)
-            if f.readinto(buffer) != len(buffer):
+            if f.readinto(raw.numpy().data) != end - begin:
                 msg = f"{self.path.name} ends inside tensor {name}: the file is truncated"
                 raise InvalidArgument(msg, reason="BAD_CHECKPOINT", path=self.path)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        return raw.view(dtype).reshape(shape)
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:

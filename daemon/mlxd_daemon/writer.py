@@ -8,9 +8,11 @@ import hashlib
 import json
 import math
 import os
+import queue
 import secrets
 import shutil
 import struct
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,14 +31,24 @@ from mlxd_daemon.shards import DTYPE_NAMES, Plan, Shard, Unit, index_json
 
 FLOAT16_MAX = 65504.0
 RELEASE_MAPPED_BYTES = 256 << 20  # unmap the source after this much is read: mapped pages count as RSS
+ERROR_SAMPLE_ROWS = 1024  # rows of a weight used to measure its quantization error
 MANIFEST = "mlxd_manifest.json"
 _HASH_LIMIT = 64 << 20  # sha256 only for small files; hashing multi-GB weights would double the run time.
 _MANIFEST_RESULT_KEYS = ("quantization", "skipped_layers", "layer_reports", "bits_per_weight", "bytes_before")
 
 
-def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, reporter: Reporter, stage: str) -> dict[str, float]:
+def write_weights(
+    ckpt: Checkpoint,
+    plan: Plan,
+    out: Path,
+    reporter: Reporter,
+    stage: str,
+    precomputed: dict[str, tuple[dict[str, torch.Tensor], float | None]] | None = None,
+) -> dict[str, float]:
     """Stream tensors shard by shard; with a float16 target, scan everything before refusing an overflow.
 
+    ``precomputed`` (calibrated quantization) maps a unit's target to its final output tensors and weight error;
+    those units are written as given (and dropped from the dict) instead of converted from the source.
     Returns each quantized layer's relative reconstruction error ||W - dequant(q(W))|| / ||W||.
     """
     pin_mmap_threshold()  # so each freed tensor is returned to the system
@@ -48,6 +60,15 @@ def write_weights(ckpt: Checkpoint, plan: Plan, out: Path, reporter: Reporter, s
         # Each tensor goes to disk as soon as it is converted: memory holds one tensor, not one shard.
         with ShardFile(out / shard.file, shard, plan.layouts) as writer:
             for unit in shard.units:
+                if precomputed and unit.target in precomputed and not overflow:
+                    given, error = precomputed.pop(unit.target)
+                    for o in unit.outputs:
+                        writer.write(o.name, given[o.name])
+                    if error is not None:
+                        errors[unit.target.removesuffix(".weight")] = error
+                    done, done_bytes = done + 1, done_bytes + unit.nbytes
+                    reporter.report(done, done_bytes, unit.target)
+                    continue
                 source = ckpt.get(unit.source)
                 if unit.dequant is not None:
                     source = _dequantize_unit(ckpt, unit, unit.dequant, source)
@@ -110,13 +131,27 @@ def _convert_unit(source: torch.Tensor, unit: Unit) -> tuple[dict[str, torch.Ten
         return {unit.target: out}, None
     w = _to_mlx(out)
     packed = mx.quantize(w, group_size=unit.group_size, bits=unit.bits, mode=unit.mode)
+    mx.eval(packed)
+    error = _relative_error(w, packed, unit)
+    names = [o.name for o in unit.outputs]
+    result = dict(zip(names, (_to_torch(a) for a in packed), strict=True))
+    del w, packed
+    mx.clear_cache()  # MLX keeps freed buffers for reuse: give them back, a model's worth would pile up
+    return result, error
+
+
+def _relative_error(w: mx.array, packed: tuple[mx.array, ...], unit: Unit) -> float:
+    """||W - dequant(q(W))|| / ||W||, exact up to ``ERROR_SAMPLE_ROWS`` rows, else over evenly spaced rows
+    (groups run along rows, so a row sample is an unbiased estimate; dequantizing everything on the CPU
+    would cost more than the quantization itself)."""
+    rows = w.shape[0] if w.ndim > 1 else 1
+    if w.ndim > 1 and rows > ERROR_SAMPLE_ROWS:
+        idx = mx.array(np.linspace(0, rows - 1, ERROR_SAMPLE_ROWS).astype(np.int32))
+        w, packed = w[idx], tuple(a[idx] for a in packed)
     restored = mx.dequantize(*packed, group_size=unit.group_size, bits=unit.bits, mode=unit.mode, dtype=mx.float32)
     w32 = w.astype(mx.float32)
-    norm = mx.linalg.norm(w32)
-    error = mx.linalg.norm(w32 - restored) / mx.maximum(norm, mx.array(1e-30))
-    mx.eval(packed, error)
-    names = [o.name for o in unit.outputs]
-    return dict(zip(names, (_to_torch(a) for a in packed), strict=True)), float(np.asarray(error))
+    error = mx.linalg.norm(w32 - restored) / mx.maximum(mx.linalg.norm(w32), mx.array(1e-30))
+    return float(np.asarray(error))
 
 
 def _dequantize_unit(ckpt: Checkpoint, unit: Unit, p: QParams, packed: torch.Tensor) -> torch.Tensor:
@@ -172,8 +207,21 @@ class ShardFile:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
         self.path, self.next, self.complete = path, 0, True
-        self.file = open(path, "wb")  # noqa: SIM115 (closed in __exit__)
+        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed in __exit__); big writes need no buffer
         self.file.write(struct.pack("<Q", len(blob)) + blob)
+        # Disk writes overlap the next tensor's read and conversion; at most 2 tensors wait (bounded memory).
+        self._pending: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (tensor := self._pending.get()) is not None:
+            try:
+                if self._error is None:
+                    self.file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            except BaseException as e:  # reported by write() / __exit__ on the caller's thread
+                self._error = e
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; it must be the one the plan said comes next, with its dtype and shape."""
@@ -182,14 +230,20 @@ class ShardFile:
             got = f"{name} {tensor.dtype} {tuple(tensor.shape)}"
             msg = f"writer expected {want.name} {want.dtype} {want.shape}, got {got}"
             raise RuntimeError(msg)
-        self.file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        if self._error is not None:
+            raise self._error
+        self._pending.put(tensor.contiguous())
         self.next += 1
 
     def __enter__(self) -> ShardFile:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._pending.put(None)
+        self._thread.join()
         self.file.close()
+        if exc_type is None and self._error is not None:
+            raise self._error
         if exc_type is None and self.complete and self.next != len(self.expected):
             msg = f"{self.path.name}: wrote {self.next} of {len(self.expected)} planned tensors"
             raise RuntimeError(msg)
