@@ -74,6 +74,7 @@ CLIP_CONFIG: dict[str, Any] = {
     "logit_scale_init_value": 2.6592,
 }
 SEQ = 77
+METHODS = ("torch", "mlx", "mlx_comp", "mlx_api")
 TARGET_RATIO = 0.5  # issue 7: MLX fp16 batch 64 <= 0.5x PyTorch eager
 
 
@@ -180,15 +181,34 @@ def mlx_api_forward(model: Any, inputs: dict[str, np.ndarray]) -> tuple[Any, Any
 # ---- timing ----------------------------------------------------------------------------------------------------
 
 
-def median_ms(fn: Callable[[], Any], sync: Callable[[Any], None], warmup: int, iters: int) -> float:
+def times_ms(fn: Callable[[], Any], sync: Callable[[Any], None], warmup: int, iters: int) -> list[float]:
+    """Wall times (ms) of ``iters`` synchronised calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         sync(fn())
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         sync(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median_ms(fn: Callable[[], Any], sync: Callable[[Any], None], warmup: int, iters: int) -> float:
+    return statistics.median(times_ms(fn, sync, warmup, iters))
+
+
+def interleaved_ms(
+    fns: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]], warmup: int, iters: int, rounds: int
+) -> dict[str, list[float]]:
+    """Time each of ``fns`` in ``rounds`` alternating blocks (so drift in host or GPU speed hits all alike)."""
+    for fn, sync in fns.values():
+        times_ms(fn, sync, warmup, 0)
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    per_round = max(1, iters // rounds)
+    for _ in range(rounds):
+        for k, (fn, sync) in fns.items():
+            samples[k] += times_ms(fn, sync, 2, per_round)
+    return samples
 
 
 def min_cosine(a: Any, b: Any) -> float:
@@ -306,12 +326,21 @@ class Bench:
                 for name, o in (("mlx", eager), ("mlx_comp", comp), ("mlx_api", api))
             }  # fmt: skip
             iters = a.iters if batch >= 32 else a.iters_small
-            res = {
-                "torch": median_ms(lambda: torch_forward(self.torch_model, *t_in), self.torch_sync, a.warmup, iters),
-                "mlx": median_ms(lambda: self._mlx_fn(*m_in), mx.eval, a.warmup, iters),
-                "mlx_comp": median_ms(lambda: self.compiled(*m_in), mx.eval, a.warmup, iters),
-                "mlx_api": median_ms(lambda: mlx_api_forward(self.mlx_model, np_in), mx.eval, a.warmup, iters),
-            }
+            samples = interleaved_ms(
+                {
+                    "torch": (lambda: torch_forward(self.torch_model, *t_in), self.torch_sync),
+                    "mlx": (lambda: self._mlx_fn(*m_in), mx.eval),
+                    "mlx_comp": (lambda: self.compiled(*m_in), mx.eval),
+                    "mlx_api": (lambda: mlx_api_forward(self.mlx_model, np_in), mx.eval),
+                },
+                a.warmup,
+                iters,
+                a.rounds,
+            )
+        res: dict[str, float] = {}
+        for k, v in samples.items():
+            q = statistics.quantiles(v, n=10) if len(v) > 1 else [v[0]] * 9
+            res[k], res[f"{k}_p10"], res[f"{k}_p90"] = statistics.median(v), q[0], q[-1]
         res.update({f"cos_{k}": v for k, v in cos.items()})
         res["first_mlx_s"], res["first_comp_s"] = first_eager, first_comp
         return res
@@ -323,16 +352,19 @@ class Bench:
 
         a = self.args
         fwd = lambda: torch_forward(self.torch_model, *t_in)  # noqa: E731
-        # torch: kernel time on the GPU (profiler) vs host time to issue the forward (no sync).
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                fwd()
+        # torch: host time to issue one forward (no sync) vs its synchronised total.
+        issue, total = [], []
+        for i in range(a.warmup + a.iters):
             torch.cuda.synchronize()
-        kernel_us = sum(e.self_device_time_total for e in prof.key_averages()) / 5
-        host = median_ms(fwd, lambda _: None, 3, a.iters)
-        torch.cuda.synchronize()
-        print(f"{'torch: GPU kernel time / forward':<34}{kernel_us / 1e3:>10.3f}")
-        print(f"{'torch: host time to issue forward':<34}{host:>10.3f}")
+            t0 = time.perf_counter()
+            fwd()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            if i >= a.warmup:
+                issue.append(t1 - t0)
+                total.append(time.perf_counter() - t0)
+        i_ms, t_ms = statistics.median(issue) * 1e3, statistics.median(total) * 1e3
+        print(f"{'torch: host issue | total':<34}{i_ms:>10.3f}{t_ms:>10.3f}")
         # MLX: graph construction (lazy, no eval) vs eval of the built graph.
         for name, fn in (("mlx", lambda: self._mlx_fn(*m_in)), ("mlx_comp", lambda: self.compiled(*m_in))):
             build, run = [], []
@@ -357,6 +389,18 @@ class Bench:
             print(f"{f'batch {big}, ms per 64 items':<34}{tt * scale:>10.3f}{mm * scale:>10.3f}{mc * scale:>10.3f}")
         mx.clear_cache()
         torch.cuda.empty_cache()
+
+    def _torch_kernel_time(self, batch: int) -> None:
+        """PyTorch's summed GPU kernel time per forward (profiler). Run last: it leaves torch's host side slower."""
+        import torch
+
+        _, t_in, _ = self.device_inputs(batch)
+        with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                torch_forward(self.torch_model, *t_in)
+            torch.cuda.synchronize()
+        kernel_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 5 / 1e3
+        print(f"{'torch: GPU kernel time / forward':<34}{kernel_ms:>10.3f}")
 
     def profile(self, batch: int) -> None:
         """Per-tower split at ``batch`` and single-op timings at the vision tower's shapes."""
@@ -408,21 +452,24 @@ class Bench:
                 tt = median_ms(tf, self.torch_sync, a.warmup, a.iters)
                 mm = median_ms(mf, mx.eval, a.warmup, a.iters)
                 print(f"{name:<34}{tt:>10.3f}{mm:>10.3f}{'':>10}")
+        if self.gpu:
+            self._torch_kernel_time(batch)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--iters", type=int, default=30, help="timed iterations at batch >= 32")
+    p.add_argument("--iters", type=int, default=50, help="timed iterations at batch >= 32")
     p.add_argument("--iters-small", type=int, default=100, help="timed iterations at batch < 32")
+    p.add_argument("--rounds", type=int, default=5, help="alternating timing blocks per batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mlx-memory-gib", type=int, default=16, help="mx.set_memory_limit (managed memory)")
     p.add_argument("--profile", action="store_true", help="per-tower split and op timings at the largest batch")
     p.add_argument("--smoke", action="store_true", help="tiny CPU float32 run (no GPU needed)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.batches, args.warmup, args.iters, args.iters_small = [2], 0, 1, 1
+        args.batches, args.warmup, args.iters, args.iters_small, args.rounds = [2], 0, 1, 1, 1
 
     import torch
 
@@ -434,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batches:
         r = bench.run(batch)
         rows.append((batch, r))
-        print(f"batch {batch} done: {r}", flush=True)
+        spread = ", ".join(f"{k} {r[k]:.3f} [p10 {r[k + '_p10']:.3f}, p90 {r[k + '_p90']:.3f}]" for k in METHODS)
+        print(f"batch {batch} done (ms): {spread}", flush=True)
 
     print(f"\nCLIP ViT-B/32 {dtype}, image+text features, N images 224x224 + N texts x 77 tokens (median ms)")
     head = (

@@ -7,8 +7,10 @@ with ``torch.load(..., weights_only=True, mmap=True)`` so tensor data stays on d
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,17 @@ class Checkpoint:
         if self.weight_format == "safetensors":
             return handle.get_tensor(name)
         return handle[name]
+
+    def iter_rows(self, name: str, max_bytes: int) -> Iterator[torch.Tensor]:
+        """A safetensors tensor in blocks of whole rows of about ``max_bytes`` each, read straight from the file."""
+        info = self.tensors[name]
+        reader = self._open.get(info.file) or _open_safetensors(self.path / info.file)
+        self._open[info.file] = reader
+        rows = info.shape[0]
+        row_bytes = max(1, info.dtype.itemsize * math.prod(info.shape[1:]))
+        step = max(1, max_bytes // row_bytes)
+        for start in range(0, rows, step):
+            yield reader.get_rows(name, start, min(rows, start + step))
 
     def release(self) -> None:
         """Drop open files so their mapped pages stop counting against this process."""
@@ -231,9 +244,21 @@ class SafetensorsReader:
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """A fresh tensor that owns its memory."""
+        shape = tuple(self.header[name]["shape"])
+        return self.get_rows(name, 0, shape[0]) if shape else self._read(name, (), 0, None)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (its first dimension), read without touching the others."""
+        shape = tuple(self.header[name]["shape"])
+        return self._read(name, (stop - start, *shape[1:]), start, stop)
+
+    def _read(self, name: str, shape: tuple[int, ...], start: int, stop: int | None) -> torch.Tensor:
         entry = self.header[name]
-        dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
         begin, end = entry["data_offsets"]
+        if stop is not None:  # row slice: rows are contiguous in C order
+            row = (end - begin) // max(1, entry["shape"][0])
+            begin, end = begin + start * row, begin + stop * row
         if end == begin:
             return torch.empty(shape, dtype=dtype)
         raw = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled, unlike bytearray

@@ -31,7 +31,8 @@ from mlxd_daemon.shards import DTYPE_NAMES, Plan, Shard, Unit, index_json
 
 FLOAT16_MAX = 65504.0
 RELEASE_MAPPED_BYTES = 256 << 20  # unmap the source after this much is read: mapped pages count as RSS
-ERROR_SAMPLE_ROWS = 1024  # rows of a weight used to measure its quantization error
+CHUNK_BYTES = 64 << 20  # plain casts of bigger tensors stream in row blocks of about this size
+ERROR_SAMPLE_ROWS = 256  # rows of a weight used to measure its quantization error
 MANIFEST = "mlxd_manifest.json"
 _HASH_LIMIT = 64 << 20  # sha256 only for small files; hashing multi-GB weights would double the run time.
 _MANIFEST_RESULT_KEYS = ("quantization", "skipped_layers", "layer_reports", "bits_per_weight", "bytes_before")
@@ -66,6 +67,18 @@ def write_weights(
                         writer.write(o.name, given[o.name])
                     if error is not None:
                         errors[unit.target.removesuffix(".weight")] = error
+                    done, done_bytes = done + 1, done_bytes + unit.nbytes
+                    reporter.report(done, done_bytes, unit.target)
+                    continue
+                if _streamable(ckpt, unit):  # a big plain cast: row blocks, never the whole tensor in memory
+                    peaks = []
+                    for part in ckpt.iter_rows(unit.source, CHUNK_BYTES):
+                        if (peak := _float16_overflow(part, unit.dtype)) is not None:
+                            peaks.append(peak)
+                        if not overflow and not peaks:
+                            writer.write_part(unit.target, part.to(unit.dtype))
+                    if peaks:
+                        overflow.append({"name": unit.source, "max_abs": max(peaks)})
                     done, done_bytes = done + 1, done_bytes + unit.nbytes
                     reporter.report(done, done_bytes, unit.target)
                     continue
@@ -107,6 +120,13 @@ def write_weights(
         (out / "model.safetensors.index.json").write_text(json.dumps(index_json(plan), indent=2) + "\n")
     reporter.end(f"wrote {len(plan.shards)} shard(s)")
     return errors
+
+
+def _streamable(ckpt: Checkpoint, unit: Unit) -> bool:
+    """Plain casts of large safetensors matrices go through in row blocks (peak memory: one block)."""
+    info = ckpt.tensors[unit.source]
+    return (not unit.quantize and unit.dequant is None and ckpt.weight_format == "safetensors"
+            and len(info.shape) >= 2 and unit.src_nbytes > CHUNK_BYTES)  # fmt: skip
 
 
 def _float16_overflow(t: torch.Tensor, out_dtype: torch.dtype) -> float | None:
@@ -212,6 +232,7 @@ class ShardFile:
         # Disk writes overlap the next tensor's read and conversion; at most 2 tensors wait (bounded memory).
         self._pending: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
+        self._rows = 0  # rows of the current tensor already queued (write_part)
         self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
         self._thread.start()
 
@@ -226,14 +247,26 @@ class ShardFile:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; it must be the one the plan said comes next, with its dtype and shape."""
         want = self.expected[self.next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (want.name, want.dtype, want.shape):
-            got = f"{name} {tensor.dtype} {tuple(tensor.shape)}"
-            msg = f"writer expected {want.name} {want.dtype} {want.shape}, got {got}"
+        if tuple(tensor.shape) != want.shape:
+            msg = f"writer expected {want.name} {want.shape}, got {name} {tuple(tensor.shape)}"
+            raise RuntimeError(msg)
+        self.write_part(name, tensor)
+
+    def write_part(self, name: str, part: torch.Tensor) -> None:
+        """Append the next rows of the planned tensor ``name``; it is complete once all its rows arrived."""
+        want = self.expected[self.next]
+        if (name, part.dtype, tuple(part.shape[1:])) != (want.name, want.dtype, want.shape[1:]) or (
+            self._rows + (part.shape[0] if part.ndim else 1) > (want.shape[0] if want.shape else 1)
+        ):
+            got = f"{name} {part.dtype} {tuple(part.shape)}"
+            msg = f"writer expected {want.name} {want.dtype} {want.shape} (row {self._rows}), got {got}"
             raise RuntimeError(msg)
         if self._error is not None:
             raise self._error
-        self._pending.put(tensor.contiguous())
-        self.next += 1
+        self._pending.put(part.contiguous())
+        self._rows += part.shape[0] if part.ndim else 1
+        if self._rows == (want.shape[0] if want.shape else 1):
+            self.next, self._rows = self.next + 1, 0
 
     def __enter__(self) -> ShardFile:
         return self
