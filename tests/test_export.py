@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from mlxd_client import Client
@@ -18,6 +19,8 @@ from safetensors import safe_open
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
+# torch.export.load still builds a deprecated pytree LeafSpec (torch 2.13); not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
 ATOL = 1e-4  # float32 on both sides: only summation order differs
 
 
@@ -248,3 +251,9 @@ class TestDaemon:
         with pytest.raises(MlxdClientError) as e:
             client.infer(dst, texts=["a text"])
         assert e.value.reason == "USE_RUN"
+        # Named tensors in, named tensors out, equal to the exported PyTorch program.
+        x = np.random.default_rng(1).standard_normal((2, 1, 28, 28)).astype(np.float32)
+        input_name = json.loads((dst / "program.json").read_text())["inputs"][0]["name"]
+        outputs = client.run(dst, {input_name: x})
+        expected = torch.export.load(str(cnn_pt2)).module()(torch.from_numpy(x)).detach().numpy()
+        np.testing.assert_allclose(outputs["output"], expected, atol=1e-4)

@@ -198,6 +198,16 @@ def cmd_validate(client: Client, a: argparse.Namespace) -> Outcome:
 
 
 def cmd_infer(client: Client, a: argparse.Namespace) -> Outcome:
+    if a.inputs:  # an exported program: named arrays from an .npz
+        import numpy as np
+
+        with np.load(a.inputs) as npz:
+            outputs = client.run(a.model_dir, {k: npz[k] for k in npz.files})
+        r = {"model": a.model_dir, "outputs": {k: v.tolist() for k, v in outputs.items()}}
+        if a.save:
+            np.savez(a.save, **outputs)
+        text = "\n".join(f"{k}: {list(v.shape)} {v.dtype}" for k, v in outputs.items())
+        return r, text + (f"\nsaved to {a.save}" if a.save else ""), 0
     res = client.infer(a.model_dir, texts=a.text or (), images=a.image or ())
     r = {
         "model": res.model,
@@ -401,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model_dir")
     i.add_argument("--text", action="append")
     i.add_argument("--image", action="append")
+    i.add_argument("--inputs", metavar="NPZ", help="named input arrays for an exported program (mlxd_program)")
+    i.add_argument("--save", metavar="NPZ", help="with --inputs: also save the outputs to this .npz")
     g = add("generate", cmd_generate, "generate text with a Llama-family model (tokens streamed)")
     g.add_argument("model_dir")
     g.add_argument("prompt")

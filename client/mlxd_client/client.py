@@ -42,6 +42,12 @@ def tensor_to_numpy(t: pb.Tensor) -> np.ndarray:
     return np.frombuffer(t.data, dtype=np.dtype(t.dtype).newbyteorder("<")).reshape(tuple(t.shape))
 
 
+def numpy_to_tensor(array: np.ndarray) -> pb.Tensor:
+    """Encode a numpy array as a wire Tensor (dense, little-endian)."""
+    array = np.ascontiguousarray(array, dtype=np.asarray(array).dtype.newbyteorder("<"))
+    return pb.Tensor(shape=list(array.shape), dtype=array.dtype.name, data=array.tobytes())
+
+
 @dataclass(frozen=True)
 class InferResult:
     model: str
@@ -265,6 +271,14 @@ class Client:
             list(reply.labels),
             reply.batch_requests,
         )
+
+    def run(self, model: str | Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Named tensors through an exported program (``mlxd_program``); its named outputs."""
+        request = pb.InferRequest(
+            model=str(Path(model).resolve()), inputs={k: numpy_to_tensor(v) for k, v in inputs.items()}
+        )
+        reply: pb.InferResponse = self._unary(self._stub.Infer, request)
+        return {name: tensor_to_numpy(t) for name, t in reply.outputs.items()}
 
     def generate_events(
         self,

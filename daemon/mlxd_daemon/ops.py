@@ -109,6 +109,18 @@ def infer(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     return result
 
 
+def run(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    """Named inputs through an exported program; its named outputs back."""
+    resident, _ = _models().get(args["model"])
+    if not hasattr(resident.bundle, "run"):
+        msg = f"{resident.model_type} takes texts/images, not named tensors: leave `inputs` empty"
+        raise InvalidArgument(msg, reason="USE_TEXTS_IMAGES", model_type=resident.model_type)
+    start = time.perf_counter()
+    outputs = resident.bundle.run(args["inputs"])
+    resident.last_used, resident.infer_count = time.time(), resident.infer_count + 1
+    return {"model": resident.id, "outputs": outputs, "seconds": time.perf_counter() - start}
+
+
 def infer_many(args: dict[str, Any], reporter: Reporter) -> list[dict[str, Any]]:
     """Several requests for one model in one forward pass (dynamic batching); results split back per request.
 
@@ -205,6 +217,7 @@ def handlers(role: str, options: dict[str, Any]) -> dict[str, Handler]:
         "list": list_models,
         "infer": infer,
         "infer_many": infer_many,
+        "run": run,
         "generate": generate,
     }
 

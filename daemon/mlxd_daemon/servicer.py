@@ -278,6 +278,11 @@ class MlxdServicer(pb_grpc.MlxdServicer):
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferResponse:
         self._require_paths(context, request.model)
+        if request.inputs:  # an exported program: named tensors in and out, static shapes, no batching
+            inputs = {name: numpy_of(context, name, t) for name, t in request.inputs.items()}
+            ran = self._models_call(context, "run", {"model": request.model, "inputs": inputs})
+            outputs = {name: tensor(v) for name, v in ran["outputs"].items()}
+            return pb.InferResponse(model=ran["model"], seconds=ran["seconds"], outputs=outputs, batch_requests=1)
         try:
             reply = self.batcher.infer(request.model, list(request.texts), list(request.images))
         except MlxdError as e:
@@ -392,6 +397,16 @@ def progress_message(job: Job, event: dict[str, Any]) -> pb.Progress:
         message=event.get("message", ""),
         seq=event.get("seq", 0),
     )
+
+
+def numpy_of(context: grpc.ServicerContext, name: str, t: pb.Tensor) -> np.ndarray:
+    """A wire Tensor as a numpy array; INVALID_ARGUMENT when dtype, shape and byte count disagree."""
+    try:
+        dtype = np.dtype(t.dtype).newbyteorder("<")
+        return np.frombuffer(t.data, dtype=dtype).reshape(tuple(t.shape))
+    except (TypeError, ValueError) as e:
+        msg = f"input {name!r}: {len(t.data)} bytes of {t.dtype!r} do not make shape {list(t.shape)}: {e}"
+        abort(context, InvalidArgument(msg, reason="BAD_TENSOR", input=name))
 
 
 def tensor(array: np.ndarray) -> pb.Tensor:

@@ -455,17 +455,33 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("model", "texts", "images")
+    __slots__ = ("model", "texts", "images", "inputs")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     images: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    inputs: _containers.MessageMap[str, Tensor]
+    def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[bytes]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("model", "text_embeds", "image_embeds", "logits_per_image", "seconds", "logits", "labels", "batch_requests")
+    __slots__ = ("model", "text_embeds", "image_embeds", "logits_per_image", "seconds", "logits", "labels", "batch_requests", "outputs")
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_EMBEDS_FIELD_NUMBER: _ClassVar[int]
@@ -474,6 +490,7 @@ class InferResponse(_message.Message):
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     text_embeds: Tensor
     image_embeds: Tensor
@@ -482,7 +499,8 @@ class InferResponse(_message.Message):
     logits: Tensor
     labels: _containers.RepeatedScalarFieldContainer[str]
     batch_requests: int
-    def __init__(self, model: _Optional[str] = ..., text_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., image_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., logits_per_image: _Optional[_Union[Tensor, _Mapping]] = ..., seconds: _Optional[float] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., batch_requests: _Optional[int] = ...) -> None: ...
+    outputs: _containers.MessageMap[str, Tensor]
+    def __init__(self, model: _Optional[str] = ..., text_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., image_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., logits_per_image: _Optional[_Union[Tensor, _Mapping]] = ..., seconds: _Optional[float] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., batch_requests: _Optional[int] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")

@@ -54,6 +54,11 @@ export interface QuantizationSpec {
   mode: QuantMode;
   overrides: string[];
   recipe: string;
+  /** "rtn" (default), "awq", "gptq" (calibrated). */
+  method: string;
+  /** For awq/gptq: a text file (one sample a line), an image folder, or an .npz. */
+  calibrationData: string;
+  calibrationSeed: number;
 }
 
 export interface ShardInfo {
