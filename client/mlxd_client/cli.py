@@ -205,7 +205,7 @@ def cmd_infer(client: Client, a: argparse.Namespace) -> Outcome:
             outputs = client.run(a.model_dir, {k: npz[k] for k in npz.files})
         r = {"model": a.model_dir, "outputs": {k: v.tolist() for k, v in outputs.items()}}
         if a.save:
-            np.savez(a.save, **outputs)
+            np.savez(a.save, **outputs)  # type: ignore[arg-type]
         text = "\n".join(f"{k}: {list(v.shape)} {v.dtype}" for k, v in outputs.items())
         return r, text + (f"\nsaved to {a.save}" if a.save else ""), 0
     res = client.infer(a.model_dir, texts=a.text or (), images=a.image or ())

@@ -168,7 +168,9 @@ def _relative_error(w: mx.array, packed: tuple[mx.array, ...], unit: Unit) -> fl
     if w.ndim > 1 and rows > ERROR_SAMPLE_ROWS:
         idx = mx.array(np.linspace(0, rows - 1, ERROR_SAMPLE_ROWS).astype(np.int32))
         w, packed = w[idx], tuple(a[idx] for a in packed)
-    restored = mx.dequantize(*packed, group_size=unit.group_size, bits=unit.bits, mode=unit.mode, dtype=mx.float32)
+    biases = packed[2] if len(packed) > 2 else None  # the microscaling modes have no biases
+    restored = mx.dequantize(packed[0], packed[1], biases, group_size=unit.group_size, bits=unit.bits,
+                             mode=unit.mode, dtype=mx.float32)  # fmt: skip
     w32 = w.astype(mx.float32)
     error = mx.linalg.norm(w32 - restored) / mx.maximum(mx.linalg.norm(w32), mx.array(1e-30))
     return float(np.asarray(error))
@@ -308,7 +310,8 @@ def write_manifest(ckpt: Checkpoint, plan: Plan, dtype: torch.dtype, result: dic
 
     manifest = {
         "mlxd_version": mlxd_daemon.__version__,
-        "versions": {"mlx": mx.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__},
+        "versions": {"mlx": getattr(mx, "__version__", ""), "torch": torch.__version__,
+                     "safetensors": getattr(safetensors, "__version__", "")},  # fmt: skip
         "source": {"path": str(ckpt.path.resolve()), "weight_format": ckpt.weight_format, "files": files},
         "model_type": ckpt.model_type,
         "dtype": DTYPE_NAMES[dtype],

@@ -13,7 +13,6 @@ Output keys of ``ClipBundle.forward_outputs``, ``run_mlx`` and ``run_reference``
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 from tokenizers import Tokenizer
 
+from mlxd_daemon.archs._activations import ACTIVATIONS
 from mlxd_daemon.archs._loading import (
     LAYOUT_METADATA_KEY as LAYOUT_METADATA_KEY,  # re-exported: clip.LAYOUT_METADATA_KEY stays public
 )
@@ -109,28 +109,11 @@ class ClipConfig:
         )
 
 
-def _quick_gelu(x: mx.array) -> mx.array:
-    return x * mx.sigmoid(1.702 * x)
-
-
-def _gelu_tanh(x: mx.array) -> mx.array:
-    return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-
-
-_ACTIVATIONS = {
-    "quick_gelu": _quick_gelu,
-    "gelu": nn.gelu,
-    "gelu_new": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "relu": nn.relu,
-}
-
-
 def _activation(name: str) -> Any:
-    if name not in _ACTIVATIONS:
-        msg = f"hidden_act {name!r} is not supported; supported: {', '.join(_ACTIVATIONS)}"
+    if name not in ACTIVATIONS:
+        msg = f"hidden_act {name!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
         raise Unsupported(msg, reason="UNSUPPORTED_ACTIVATION", hidden_act=name)
-    return _ACTIVATIONS[name]
+    return ACTIVATIONS[name]
 
 
 class CLIPAttention(nn.Module):

@@ -24,6 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tokenizers import Tokenizer
 
+from mlxd_daemon.archs._activations import silu
 from mlxd_daemon.archs._loading import check_structure, read_json, read_safetensors, storage_dtype
 from mlxd_daemon.archs._quant import dequantize_weights
 from mlxd_daemon.archs.llama_generate import GenerationStats, KVCache, TextGenerator, read_stop_ids
@@ -152,7 +153,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
