@@ -49,7 +49,7 @@ class TestReattach:
         """A client deadline that expires cancels the server's work: no output, job CANCELLED."""
         src = slow_checkpoint(tmp_path / "src")
         dst = tmp_path / "out"
-        with daemon.client(timeout=0.4) as c, pytest.raises(MlxdClientError) as err:
+        with daemon.client(timeout=0.2) as c, pytest.raises(MlxdClientError) as err:
             c.convert(src, dst, dtype="float16")
         assert err.value.code == "DEADLINE_EXCEEDED"
         with daemon.client() as c:
@@ -72,7 +72,7 @@ class TestQueue:
             d = DaemonProcess(Path(root), "--max-queued-jobs", "1")
             try:
                 with d.client() as c:
-                    running = c.convert_events(src, tmp_path / "a", dtype="float16")
+                    running = c.convert_events(src, tmp_path / "a", q_bits=4)  # quantizing: slow enough to queue behind
                     report = first_report(running)
                     queued_events: list[object] = []
                     queued = threading.Thread(
