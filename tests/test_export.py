@@ -112,17 +112,17 @@ def cnn_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny transformers ViTForImageClassification directory (no hand-written MLX module for "vit")."""
+def deit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny transformers DeiTForImageClassification directory (no hand-written MLX module for "deit")."""
     torch.manual_seed(0)
-    cfg = transformers.ViTConfig(**{k: v for k, v in tiny_text().items() if k != "vocab_size"}, image_size=32,
-                                 patch_size=8, num_labels=5)  # fmt: skip
-    path = tmp_path_factory.mktemp("hf") / "vit"
-    transformers.ViTForImageClassification(cfg).save_pretrained(path)
+    cfg = transformers.DeiTConfig(**{k: v for k, v in tiny_text().items() if k != "vocab_size"}, image_size=32,
+                                  patch_size=8, num_labels=5)  # fmt: skip
+    path = tmp_path_factory.mktemp("hf") / "deit"
+    transformers.DeiTForImageClassification(cfg).save_pretrained(path)
     return path
 
 
-def sources(name: str, cnn_pt2: Path, vit_dir: Path) -> tuple[Any, dict[str, Any]]:
+def sources(name: str, cnn_pt2: Path, deit_dir: Path) -> tuple[Any, dict[str, Any]]:
     """(source, export_program keywords) for each coverage model, one per way of handing a model in."""
     torch.manual_seed(0)
     if name == "mlp":
@@ -131,8 +131,8 @@ def sources(name: str, cnn_pt2: Path, vit_dir: Path) -> tuple[Any, dict[str, Any
         return cnn_pt2, {}
     if name == "resnet":
         return TinyResNet(), {"example_inputs": (torch.randn(2, 3, 32, 32),)}
-    if name == "vit":
-        return vit_dir, {}
+    if name == "deit":
+        return deit_dir, {}
     if name == "bert":
         model = transformers.BertModel(transformers.BertConfig(**tiny_text(), max_position_embeddings=32))
         return model, {"example_inputs": {**text_inputs(), "token_type_ids": torch.zeros(2, 7, dtype=torch.long)}}
@@ -144,17 +144,17 @@ def sources(name: str, cnn_pt2: Path, vit_dir: Path) -> tuple[Any, dict[str, Any
     return transformers.CLIPModel(cfg), {"example_inputs": {**text_inputs(), "pixel_values": torch.randn(2, 3, 32, 32)}}
 
 
-COVERAGE = ("mlp", "mnist_cnn", "resnet", "vit", "bert", "clip")
-KEY_OUTPUTS = {"mlp": "output", "mnist_cnn": "output", "resnet": "output", "vit": "logits",
+COVERAGE = ("mlp", "mnist_cnn", "resnet", "deit", "bert", "clip")
+KEY_OUTPUTS = {"mlp": "output", "mnist_cnn": "output", "resnet": "output", "deit": "logits",
                "bert": "last_hidden_state", "clip": "logits_per_image"}  # fmt: skip
 
 
 class TestCoverage:
     @pytest.mark.parametrize("name", COVERAGE)
-    def test_exported_model_matches_pytorch(self, name: str, cnn_pt2: Path, vit_dir: Path, tmp_path: Path) -> None:
+    def test_exported_model_matches_pytorch(self, name: str, cnn_pt2: Path, deit_dir: Path, tmp_path: Path) -> None:
         """Each coverage model exports with every op mapped and matches PyTorch (atol 1e-4) on the example
         inputs and on fresh random inputs, through validate_model."""
-        source, options = sources(name, cnn_pt2, vit_dir)
+        source, options = sources(name, cnn_pt2, deit_dir)
         dst = tmp_path / "program"
         result = export_program(source, dst, **options)
         assert (result["ops_mapped"], result["missing_ops"]) == (result["ops_seen"], [])
@@ -234,9 +234,9 @@ class TestErrors:
         export_program("test_export:make_mlp", tmp_path / "p", input_spec=[{"shape": [3, 16]}], overwrite=True)
         assert (tmp_path / "p" / "program.json").is_file()
 
-    def test_routing(self, cnn_pt2: Path, vit_dir: Path, tiny_clip: Path) -> None:
+    def test_routing(self, cnn_pt2: Path, deit_dir: Path, tiny_clip: Path) -> None:
         """Convert routes .pt2 files and HF model_types without a hand-written module to export."""
-        assert (maybe_export(cnn_pt2), maybe_export(vit_dir), maybe_export(tiny_clip)) == (True, True, False)
+        assert (maybe_export(cnn_pt2), maybe_export(deit_dir), maybe_export(tiny_clip)) == (True, True, False)
 
 
 class TestDaemon:
@@ -257,3 +257,7 @@ class TestDaemon:
         outputs = client.run(dst, {input_name: x})
         expected = torch.export.load(str(cnn_pt2)).module()(torch.from_numpy(x)).detach().numpy()
         np.testing.assert_allclose(outputs["output"], expected, atol=1e-4)
+        # The program's Linear weights go through the same Quantize path; the q8 program still runs close.
+        q8 = client.quantize(dst, tmp_path / "cnn-q8", bits=8, group_size=32)
+        assert q8.quantized_layers and q8.model_type == "mlxd_program"
+        np.testing.assert_allclose(client.run(tmp_path / "cnn-q8", {input_name: x})["output"], expected, atol=0.1)

@@ -14,6 +14,7 @@ import secrets
 import shutil
 import time
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from mlxd_daemon import archs
+from mlxd_daemon.calibrate import calibrate, check_method
 from mlxd_daemon.checkpoint import Checkpoint, dominant_float_dtype, open_checkpoint, read_config
 from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, MlxdError
 from mlxd_daemon.malloc import peak_rss_bytes
@@ -48,6 +50,10 @@ TOKENIZER_FILES: tuple[str, ...] = (
     "spiece.model",
     "sentencepiece.bpe.model",
     "vocab.txt",
+    # exported torch programs (mlxd_program): the graph and what validates it
+    "program.json",
+    "example_inputs.safetensors",
+    "source.pt2",
     # sentence-transformers: the pipeline (pooling, normalisation) around the encoder
     "modules.json",
     "sentence_bert_config.json",
@@ -98,13 +104,18 @@ def convert(
     q_mode: str = "affine",
     q_overrides: tuple[str, ...] | list[str] = (),
     q_recipe: str = "",
+    q_method: str = "rtn",
+    q_calibration_data: str | Path | None = None,
+    q_calibration_seed: int = 0,
     reporter: Reporter = NULL_REPORTER,
 ) -> dict[str, Any]:
     """Convert the HF model directory ``src`` into an MLX model directory ``dst``; return a JSON-able summary.
 
     ``dtype`` is float32, float16, bfloat16 or auto (the checkpoint's own floating dtype, majority by bytes).
     With ``quantize``: ``q_bits``/``q_group_size`` (0 = the mode's default), ``q_mode`` (affine, mxfp4, mxfp8,
-    nvfp4), ``q_overrides`` (``PATTERN=BITS[:GROUP]|skip``, first match wins) and ``q_recipe`` (mixed_2_6, ...).
+    nvfp4), ``q_overrides`` (``PATTERN=BITS[:GROUP]|skip``, first match wins) and ``q_recipe`` (mixed_2_6, ...);
+    ``q_method`` rtn (round to nearest), awq or gptq (calibrated on ``q_calibration_data``, a text file, image
+    folder or .npz, else the architecture's built-in set drawn with ``q_calibration_seed``; see ``calibrate``).
     With ``dry_run`` nothing is written and the returned dict is the plan.
     """
     started = time.monotonic()
@@ -112,6 +123,7 @@ def convert(
     target_name = _check_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     spec = make_spec(q_bits, q_group_size, q_mode, q_overrides, q_recipe) if quantize else None
+    calib = _Calibration(check_method(q_method, spec), q_calibration_data, q_calibration_seed) if spec else None
 
     config = read_config(src)
     arch = archs.get_arch(config["model_type"])
@@ -119,7 +131,7 @@ def convert(
     ckpt = open_checkpoint(src, config)
     target = dominant_float_dtype(ckpt.tensors) if target_name == "auto" else DTYPES[target_name]
     plan = make_plan(ckpt, arch, target, max_bytes, spec)
-    return _execute(ckpt, plan, config, dst, target, spec, overwrite, dry_run, started, reporter)
+    return _execute(ckpt, plan, config, dst, target, spec, overwrite, dry_run, started, reporter, calib=calib)
 
 
 def quantize(
@@ -131,6 +143,9 @@ def quantize(
     mode: str = "affine",
     overrides: tuple[str, ...] | list[str] = (),
     recipe: str = "",
+    method: str = "rtn",
+    calibration_data: str | Path | None = None,
+    calibration_seed: int = 0,
     overwrite: bool = False,
     dry_run: bool = False,
     max_shard_size: int | str = "5GB",
@@ -145,6 +160,7 @@ def quantize(
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     max_bytes = parse_size(max_shard_size)
     spec = make_spec(bits, group_size, mode, overrides, recipe)
+    calib = _Calibration(check_method(method, spec), calibration_data, calibration_seed)
     config = read_config(src)
     if "quantization" in config:
         msg = f"{src} is already quantized; quantize its float source instead (or dequantize it first)"
@@ -153,7 +169,9 @@ def quantize(
     ckpt = open_checkpoint(src, config)
     identity = types.SimpleNamespace(map_weight=lambda name: name, DISK_LAYOUT=_source_layouts(ckpt))
     plan = make_plan(ckpt, identity, dominant_float_dtype(ckpt.tensors), max_bytes, spec)  # type: ignore[arg-type]
-    return _execute(ckpt, plan, config, dst, None, spec, overwrite, dry_run, started, reporter, stage="quantize")
+    return _execute(
+        ckpt, plan, config, dst, None, spec, overwrite, dry_run, started, reporter, stage="quantize", calib=calib
+    )
 
 
 def dequantize(
@@ -198,17 +216,28 @@ def _execute(
     started: float,
     reporter: Reporter,
     stage: str = "convert",
+    calib: _Calibration | None = None,
 ) -> dict[str, Any]:
     """Write ``plan`` into a temp dir beside ``dst`` and publish it; the shared tail of every entry point."""
     target = target or dominant_float_dtype(ckpt.tensors)
     result = _summary(ckpt, plan, dst, target, spec, dry_run)
+    calibrated = None
+    if calib is not None and calib.method != "rtn":
+        result["quantization"].update(calib.describe())
+        if not dry_run:
+            # Calibrated path: every calibrated Linear is quantized (and kept packed) before writing starts.
+            calibrated = calibrate(ckpt, plan, config, calib.method, calib.data, calib.seed, reporter)
+            result["quantization"]["calibration"] = calibrated.calibration
+            result["calibration_seconds"] = calibrated.seconds
+            for report in result["layer_reports"]:
+                report["method"] = calibrated.notes.get(report["name"], "rtn") if report["bits"] else ""
     if dry_run:
         return _finish(result, started)
     tmp = dst.parent / f".{dst.name}.mlxd-tmp-{secrets.token_hex(4)}"
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
-        errors = write_weights(ckpt, plan, tmp, reporter, stage)
+        errors = write_weights(ckpt, plan, tmp, reporter, stage, calibrated.tensors if calibrated else None)
         for report in result["layer_reports"]:
             report["rel_error"] = errors.get(report["name"], 0.0)
         write_config(config, spec, plan, tmp)
@@ -225,6 +254,17 @@ def _execute(
     finally:
         ckpt.release()
     return _finish(result, started)
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    method: str
+    data: str | Path | None
+    seed: int
+
+    def describe(self) -> dict[str, Any]:
+        """Recorded in ``quantization`` (result and manifest) for calibrated methods."""
+        return {"method": self.method, "calibration_data": str(self.data or ""), "calibration_seed": self.seed}
 
 
 def _check_dtype(dtype: str) -> str:
