@@ -409,3 +409,38 @@ class TestThroughDaemon:
         assert r["bits_per_weight"] > 0 and r["bytes_before"] > 0
         code = main([*argv[:-2], "quantize", str(tmp_path / "q"), str(tmp_path / "f"), "--dequantize"])
         assert code == 0 and json.loads(capsys.readouterr().out)["quantization"] is None
+
+
+class TestComputePolicy:
+    def test_cpu_dequantizes_at_load(self, mlx_clip: Path, tmp_path: Path) -> None:
+        """On the CPU backend a quantized model is dequantized once at load and computes in float32."""
+        from mlxd_daemon.archs import clip
+
+        out = tmp_path / "q8"
+        quantize(mlx_clip, out, bits=8, group_size=32)
+        bundle = clip.load(out)
+        assert bundle.compute_dtype == "float32 (quantized weights dequantized at load)"
+        assert clip.load(mlx_clip).compute_dtype == "float32"
+
+    def test_kernel_policy_keeps_the_model_quantized(
+        self, mlx_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With quantized kernels (GPUs, or forced) modules stay packed, smaller, and agree with the CPU path."""
+        import mlx.nn as nn
+
+        from mlxd_daemon.archs import clip
+        from mlxd_daemon.fixtures import golden_images
+
+        out = tmp_path / "q8"
+        quantize(mlx_clip, out, bits=8, group_size=32)
+        texts, images = ["a red circle", "two cats"], golden_images(2, size=40)
+        dequantized = clip.load(out)
+        monkeypatch.setenv("MLXD_QUANTIZED_COMPUTE", "kernels")
+        kernels = clip.load(out)
+        assert kernels.compute_dtype == "float32 with quantized kernels"
+        layer = kernels.model.text_model.encoder.layers[0].self_attn.q_proj
+        assert isinstance(layer, nn.QuantizedLinear) and layer.bits == 8
+        assert kernels.nbytes < dequantized.nbytes
+        a, b = dequantized.embed(texts, images), kernels.embed(texts, images)
+        for name in ("text_embeds", "image_embeds"):
+            np.testing.assert_allclose(a[name], b[name], atol=1e-4)

@@ -27,7 +27,8 @@ from mlx.utils import tree_flatten
 from tokenizers import Tokenizer
 
 from mlxd_daemon.archs._activations import ACTIVATIONS
-from mlxd_daemon.archs._loading import check_structure, dequantize, read_json, read_safetensors, storage_dtype
+from mlxd_daemon.archs._loading import check_structure, read_json, read_safetensors, storage_dtype
+from mlxd_daemon.archs._quant import prepare_weights
 from mlxd_daemon.archs.bert_processing import Pooling, load_tokenizer, max_length, pool, pool_torch, tokenize
 from mlxd_daemon.errors import InvalidArgument, NotFound, Unsupported
 from mlxd_daemon.taps import tap
@@ -224,6 +225,7 @@ class BertBundle:
     dtype: str  # storage dtype of the float tensors on disk
     nbytes: int  # resident bytes of the loaded parameters
     quantization: dict[str, Any] | None = None
+    compute_dtype: str = "float32"  # the backend's policy (archs/_quant.py)
 
     @property
     def is_classifier(self) -> bool:
@@ -298,7 +300,6 @@ def load(model_dir: Path) -> BertBundle:
     raw, _ = read_safetensors(model_dir)
     # Packed quantized weights are uint32 and not counted; their scales/biases keep the float dtype.
     dtype = storage_dtype(raw)
-    dequantize(raw, cfg.quantization)
     weights = {new: v for k, v in raw.items() if (new := map_weight(k)) is not None}
     if not cfg.is_classifier:
         # Token-classification / multiple-choice heads are not implemented: serve the encoder only.
@@ -308,9 +309,9 @@ def load(model_dir: Path) -> BertBundle:
         msg = f"{model_dir} is a {_SEQ_CLS} without pooler weights: re-convert the full checkpoint"
         raise InvalidArgument(msg, reason="WEIGHTS_MISMATCH", missing="pooler.dense.weight")
     model = BertModel(cfg, pooler=has_pooler, num_labels=len(cfg.labels) if cfg.is_classifier else 0)
+    weights, compute = prepare_weights(model, weights, cfg.quantization)  # CPU: float32; GPU: kernels
     check_structure(model, weights, model_dir, "BERT")
-    # Linux CPU fp16/bf16 matmul is ~40x slower than float32, so compute in float32 whatever the storage.
-    model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()])
+    model.load_weights(list(weights.items()))
     model.eval()
     params = dict(tree_flatten(model.parameters()))
     mx.eval(params)
@@ -324,6 +325,7 @@ def load(model_dir: Path) -> BertBundle:
         dtype=dtype,
         nbytes=sum(v.nbytes for v in params.values()),
         quantization=cfg.quantization,
+        compute_dtype=compute,
     )
 
 

@@ -34,7 +34,7 @@ from mlxd_daemon.archs._loading import (
     read_safetensors,
     storage_dtype,
 )
-from mlxd_daemon.archs._quant import dequantize_weights
+from mlxd_daemon.archs._quant import prepare_weights
 from mlxd_daemon.archs.clip_processing import ImageConfig, load_tokenizer, preprocess_images, tokenize
 from mlxd_daemon.errors import InvalidArgument, NotFound, Unsupported
 from mlxd_daemon.taps import tap
@@ -289,6 +289,7 @@ class ClipBundle:
     dtype: str  # storage dtype of the float tensors on disk ("float32", "float16", "bfloat16")
     nbytes: int  # resident bytes of the loaded parameters
     quantization: dict[str, Any] | None = None
+    compute_dtype: str = "float32"  # the backend's policy (archs/_quant.py)
 
     def preprocess(self, texts: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
         """``input_ids``, ``attention_mask``, ``pixel_values`` as CLIPProcessor(padding=True) gives them."""
@@ -349,7 +350,6 @@ def read_config(model_dir: Path) -> ClipConfig:
 
 
 _read_safetensors = read_safetensors
-_dequantize = dequantize_weights  # per-module bits/group/mode from config.json, float32 out (CPU policy)
 _storage_dtype = storage_dtype
 
 
@@ -363,16 +363,15 @@ def load(model_dir: Path) -> ClipBundle:
     raw, layout = _read_safetensors(model_dir)
     # Packed quantized weights are uint32 and not counted; their scales/biases keep the float dtype.
     dtype = _storage_dtype(raw)
-    _dequantize(raw, cfg.quantization)
     weights = {new: v for k, v in raw.items() if (new := map_weight(k)) is not None}
     # Without a layout record, behave like mlx-examples' loader: HF/PyTorch conv weights are OIHW, transpose.
     if PATCH_WEIGHT in weights and (layout is None or layout.get(PATCH_WEIGHT) == "pytorch_conv2d_OIHW"):
         # pytorch conv2d is [O, I, kH, kW], MLX is [O, kH, kW, I].
         weights[PATCH_WEIGHT] = weights[PATCH_WEIGHT].transpose(0, 2, 3, 1)
     model = CLIPModel(cfg)
+    weights, compute = prepare_weights(model, weights, cfg.quantization)  # CPU: float32; GPU: kernels
     _check_structure(model, weights, model_dir)
-    # Linux CPU fp16/bf16 matmul is ~40x slower than float32, so compute in float32 whatever the storage.
-    model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()])
+    model.load_weights(list(weights.items()))
     model.eval()
     params = dict(tree_flatten(model.parameters()))
     mx.eval(params)
@@ -385,6 +384,7 @@ def load(model_dir: Path) -> ClipBundle:
         dtype=dtype,
         nbytes=sum(v.nbytes for v in params.values()),
         quantization=cfg.quantization,
+        compute_dtype=compute,
     )
 
 

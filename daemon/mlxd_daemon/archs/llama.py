@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from mlxd_daemon.archs._activations import silu
 from mlxd_daemon.archs._loading import check_structure, read_json, read_safetensors, storage_dtype
-from mlxd_daemon.archs._quant import dequantize_weights
+from mlxd_daemon.archs._quant import prepare_weights
 from mlxd_daemon.archs.llama_generate import GenerationStats, KVCache, TextGenerator, read_stop_ids
 from mlxd_daemon.errors import InvalidArgument, NotFound, Unsupported
 
@@ -268,14 +268,13 @@ def load(model_dir: Path) -> LlamaBundle:
     cfg, raw_cfg = read_config(model_dir)
     raw, _ = read_safetensors(model_dir)
     dtype = storage_dtype(raw)
-    dequantize_weights(raw, cfg.quantization)
     weights = {new: v for k, v in raw.items() if (new := map_weight(k)) is not None}
     if cfg.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
     model = LlamaForCausalLM(cfg)
+    weights, compute = prepare_weights(model, weights, cfg.quantization)  # CPU: float32; GPU: kernels
     check_structure(model, weights, model_dir, cfg.model_type)
-    # Linux CPU fp16/bf16 matmul is ~40x slower than float32, so compute in float32 whatever the storage.
-    model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()])
+    model.load_weights(list(weights.items()))
     del raw, weights
     model.eval()
     params = dict(tree_flatten(model.parameters()))
@@ -293,6 +292,7 @@ def load(model_dir: Path) -> LlamaBundle:
         nbytes=sum(v.nbytes for v in params.values()),
         stop_ids=read_stop_ids(model_dir, raw_cfg),
         quantization=cfg.quantization,
+        compute_dtype=compute,
         bos_token=_bos_token(model_dir),
     )
 
