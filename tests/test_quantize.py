@@ -427,7 +427,6 @@ class TestComputePolicy:
     ) -> None:
         """With quantized kernels (GPUs, or forced) modules stay packed, smaller, and agree with the CPU path."""
         import mlx.nn as nn
-
         from mlxd_daemon.archs import clip
         from mlxd_daemon.fixtures import golden_images
 

@@ -16,7 +16,7 @@ from mlxd_daemon.errors import Unsupported
 # HF model_type aliases that share an implementation.
 MODEL_REMAPPING: dict[str, str] = {"mistral": "llama", "qwen2": "llama"}
 
-SUPPORTED: tuple[str, ...] = ("bert", "clip", "llama", "mistral", "mlxd_program", "qwen2")
+SUPPORTED: tuple[str, ...] = ("bert", "clip", "llama", "mistral", "mlxd_program", "qwen2", "vit")
 
 
 def get_arch(model_type: str) -> ModuleType:
