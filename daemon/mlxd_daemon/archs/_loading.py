@@ -57,28 +57,6 @@ def read_safetensors(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, st
     return weights, layout
 
 
-def dequantize(weights: dict[str, mx.array], quant: dict[str, Any] | None) -> None:
-    """Replace every ``<p>.weight`` that has ``<p>.scales`` by its float32 dequantization, in place."""
-    for scales_name in [k for k in weights if k.endswith(".scales")]:
-        prefix = scales_name[: -len(".scales")]
-        params = (quant or {}).get(prefix)
-        params = params if isinstance(params, dict) else quant
-        if not params or "bits" not in params:
-            msg = f"{prefix} is quantized but config.json has no 'quantization' entry: re-run the conversion"
-            raise InvalidArgument(msg, reason="BAD_QUANTIZATION", tensor=prefix)
-        # CPU backend: quantized matmul is ~57x slower than float32, so dequantize once at load.
-        # Quantized matrices are "<p>.weight" (+ "<p>.scales"); a bare 2-D tensor "<p>" would keep its name.
-        name = prefix + ".weight" if prefix + ".weight" in weights else prefix
-        weights[name] = mx.dequantize(
-            weights[name],
-            weights.pop(scales_name),
-            weights.pop(prefix + ".biases", None),
-            group_size=params.get("group_size", 64),
-            bits=params["bits"],
-            mode=params.get("mode", "affine"),
-        ).astype(mx.float32)
-
-
 def storage_dtype(weights: dict[str, mx.array]) -> str:
     """The float dtype holding most elements ("float32", "float16" or "bfloat16")."""
     counts: dict[str, int] = {}

@@ -26,7 +26,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxd_daemon.archs._loading import dequantize, read_json, read_safetensors, storage_dtype
+from mlxd_daemon.archs._loading import read_json, read_safetensors, storage_dtype
+from mlxd_daemon.archs._quant import dequantize_weights
 from mlxd_daemon.errors import InvalidArgument
 from mlxd_daemon.export import ops
 
@@ -197,7 +198,7 @@ def load_program(model_dir: Path) -> tuple[Program, str, int]:
     raw, _ = read_safetensors(model_dir)
     config = read_json(model_dir / "config.json", "program")
     dtype = storage_dtype(raw)
-    dequantize(raw, config.get("quantization"))  # a quantized program: dequantize once at load (CPU policy)
+    dequantize_weights(raw, config.get("quantization"))  # a quantized program: dequantize once at load
     missing = sorted(t for t in spec["params"].values() if t not in raw)
     if missing:
         msg = f"{model_dir} lacks {len(missing)} tensor(s) the program reads: {', '.join(missing[:5])}"
