@@ -281,6 +281,8 @@ def validate_model(
     agreement = 1.0
     if "logits_per_image" in reference and "logits_per_image" in candidate:
         agreement = matching_agreement(reference["logits_per_image"], candidate["logits_per_image"])
+    elif "logits" in candidate and np.ndim(reference.get("logits")) == 2:  # classifiers: top-1 agreement
+        agreement = matching_agreement(reference["logits"], candidate["logits"])
     reporter.end()
 
     layers = compare_layers(ref_layers, mlx_layers, LAYER_REL_TOL[band])
