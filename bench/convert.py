@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, base_clip, machine  # noqa: E402
+from common import CACHE, base_clip, machine
 
 PEAK = "from mlxd_daemon.malloc import peak_rss_bytes as _peak"
 MLXD = (

@@ -310,8 +310,11 @@ def write_manifest(ckpt: Checkpoint, plan: Plan, dtype: torch.dtype, result: dic
 
     manifest = {
         "mlxd_version": mlxd_daemon.__version__,
-        "versions": {"mlx": getattr(mx, "__version__", ""), "torch": torch.__version__,
-                     "safetensors": getattr(safetensors, "__version__", "")},  # fmt: skip
+        "versions": {
+            "mlx": getattr(mx, "__version__", ""),
+            "torch": torch.__version__,
+            "safetensors": getattr(safetensors, "__version__", ""),
+        },
         "source": {"path": str(ckpt.path.resolve()), "weight_format": ckpt.weight_format, "files": files},
         "model_type": ckpt.model_type,
         "dtype": DTYPE_NAMES[dtype],
