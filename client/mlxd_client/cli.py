@@ -103,6 +103,9 @@ def cmd_convert(client: Client, a: argparse.Namespace) -> Outcome:
         q_mode=a.q_mode if a.quantize else "affine",
         q_overrides=a.q_override or () if a.quantize else (),
         q_recipe=a.q_recipe or "" if a.quantize else "",
+        q_method=a.q_method if a.quantize else "",
+        q_calibration_data=a.calibration_data or "" if a.quantize else "",
+        q_calibration_seed=a.calibration_seed,
     )
     r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
     return r, _convert_text(r), 0
@@ -158,6 +161,9 @@ def cmd_quantize(client: Client, a: argparse.Namespace) -> Outcome:
         overwrite=a.overwrite,
         dequantize=a.dequantize,
         dtype=a.dtype,
+        q_method=a.q_method,
+        q_calibration_data=a.calibration_data or "",
+        q_calibration_seed=a.calibration_seed,
     )
     r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
     return r, _convert_text(r), 0
@@ -382,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
             "'*.v_proj=6:32' (repeatable; first match wins)",
         )
         sp.add_argument("--q-recipe", choices=["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"])
+        sp.add_argument(
+            "--q-method", default="rtn", choices=["rtn", "awq", "gptq"], help="rtn (round to nearest), or calibrated"
+        )
+        sp.add_argument(
+            "--calibration-data", metavar="FILE", help="awq/gptq: text file (a sample a line), image folder or .npz"
+        )
+        sp.add_argument("--calibration-seed", type=int, default=0, help="seed of the built-in calibration set")
         if dequantize:
             sp.add_argument("--dequantize", action="store_true", help="the reverse: a quantized MLX dir to float")
 

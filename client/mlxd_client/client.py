@@ -71,11 +71,12 @@ class Client:
         handshake: bool = True,
         timeout: float | None = None,
         token: str | None = None,
+        tls_ca: bytes | None = None,
     ) -> None:
         self.address = address or discovery.default_address()
         if autostart:
             discovery.ensure_daemon(self.address)
-        self._channel = grpc.insecure_channel(self.address, options=discovery.CHANNEL_OPTIONS)
+        self._channel = discovery.open_channel(self.address, tls_ca)  # TLS when a CA is given or $MLXD_TLS_CA
         self._stub = pb_grpc.MlxdStub(self._channel)
         self._timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else discovery.call_metadata()
@@ -151,11 +152,16 @@ class Client:
         q_mode: str = "affine",
         q_overrides: Iterable[str] = (),
         q_recipe: str = "",
+        q_method: str = "",
+        q_calibration_data: str | Path = "",
+        q_calibration_seed: int = 0,
     ) -> Iterator[pb.Progress | pb.ConvertResult]:
         """Stream Convert: Progress events, then one ConvertResult.
 
         ``q_bits`` > 0 (or a non-affine ``q_mode``, or a ``q_recipe``) quantizes; a 0 bits/group size means the
         mode's default. ``q_overrides``: ``PATTERN=BITS[:GROUP]`` or ``PATTERN=skip`` on module paths.
+        ``q_method``: rtn (default), awq or gptq, calibrated on ``q_calibration_data`` (text file, image folder or
+        .npz; default: the architecture's built-in set drawn with ``q_calibration_seed``).
         """
         request = pb.ConvertRequest(
             src=str(Path(src).resolve()),
@@ -166,7 +172,11 @@ class Client:
             dry_run=dry_run,
         )
         if q_bits or q_mode != "affine" or q_recipe:
-            request.quantize.CopyFrom(_quant_spec(q_bits, q_group_size, q_mode, q_overrides, q_recipe))
+            request.quantize.CopyFrom(
+                _quant_spec(
+                    q_bits, q_group_size, q_mode, q_overrides, q_recipe, q_method, q_calibration_data, q_calibration_seed
+                )
+            )
         return self._stream(self._stub.Convert, request)
 
     def convert(
@@ -188,6 +198,9 @@ class Client:
         overwrite: bool = False,
         dequantize: bool = False,
         dtype: str = "auto",
+        q_method: str = "",
+        q_calibration_data: str | Path = "",
+        q_calibration_seed: int = 0,
     ) -> Iterator[pb.Progress | pb.ConvertResult]:
         """Stream Quantize on an MLX directory (0 bits/group size = the mode's default, affine 4-bit g64).
 
@@ -196,7 +209,9 @@ class Client:
         request = pb.QuantizeRequest(
             src=str(Path(src).resolve()),
             dst=str(Path(dst).resolve()),
-            spec=_quant_spec(bits, group_size, mode, overrides, recipe),
+            spec=_quant_spec(
+                bits, group_size, mode, overrides, recipe, q_method, q_calibration_data, q_calibration_seed
+            ),
             overwrite=overwrite,
             dequantize=dequantize,
             dtype=_enum(DTYPES, dtype, "dtype"),
@@ -324,9 +339,19 @@ def _enum(table: Mapping[str, Any], value: str, what: str) -> Any:
 
 
 def _quant_spec(
-    bits: int, group_size: int, mode: str, overrides: Iterable[str] = (), recipe: str = ""
+    bits: int,
+    group_size: int,
+    mode: str,
+    overrides: Iterable[str] = (),
+    recipe: str = "",
+    method: str = "",
+    calibration_data: str | Path = "",
+    calibration_seed: int = 0,
 ) -> pb.QuantizationSpec:
     return pb.QuantizationSpec(
+        method=method,
+        calibration_data=str(Path(calibration_data).resolve()) if calibration_data else "",
+        calibration_seed=calibration_seed,
         bits=bits,
         group_size=group_size,
         mode=_enum(QUANT_MODES, mode, "quant mode"),

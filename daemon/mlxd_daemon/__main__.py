@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path,
                    help=f"TCP: file with the token clients send (${ENV_TOKEN}); created if missing")  # fmt: skip
     p.add_argument("--allow-remote", action="store_true", help="allow a TCP address other than loopback")
+    p.add_argument("--tls-cert", type=Path, help="TCP: serve TLS with this PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="TCP: the PEM private key of --tls-cert")
     p.add_argument("--max-queued-jobs", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=32, help="Infer inputs coalesced into one forward (1: off)")
     p.add_argument("--batch-window-ms", type=float, default=0.0,
@@ -72,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         token, token_path = tcp_token(args.token_file, state_dir)
         structlog.get_logger().info("tcp_token_required", token_file=str(token_path))
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key) or is_unix:
+            parser.error("--tls-cert and --tls-key go together, and only with a TCP --address")
+        tls = (args.tls_key.read_bytes(), args.tls_cert.read_bytes())
     budget = args.memory_budget
     daemon = Daemon(
         address,
@@ -81,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         log_json=log_json,
         idle_timeout=args.idle_timeout,
         token=token,
+        tls=tls,
         allowed_roots=tuple(args.allowed_root),
         max_queued_jobs=args.max_queued_jobs,
         max_batch=args.max_batch,

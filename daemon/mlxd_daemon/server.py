@@ -167,6 +167,7 @@ class Daemon:
         log_json: bool | None = None,
         idle_timeout: float = 0,
         token: str | None = None,
+        tls: tuple[bytes, bytes] | None = None,
         allowed_roots: tuple[str, ...] = (),
         max_queued_jobs: int = 16,
         max_batch: int = 32,
@@ -174,6 +175,7 @@ class Daemon:
     ) -> None:
         options = {"log_level": log_level, "log_json": log_json, "memory_budget": memory_budget}
         self.address = address
+        self.tls = tls  # (private key PEM, certificate chain PEM) for a TCP listener
         self.idle_timeout = idle_timeout
         self.state_dir = state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -209,7 +211,11 @@ class Daemon:
         prepare_socket(self.address)
         old_umask = os.umask(0o177)  # the socket is created 0600: only this user may talk to the daemon
         try:
-            port = self.server.add_insecure_port(self.address)
+            if self.tls is not None:
+                credentials = grpc.ssl_server_credentials([self.tls])
+                port = self.server.add_secure_port(self.address, credentials)
+            else:
+                port = self.server.add_insecure_port(self.address)
             if port == 0 and socket_path(self.address) is None:
                 msg = f"could not bind {self.address}"
                 raise SystemExit(msg)

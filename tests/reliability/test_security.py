@@ -84,3 +84,33 @@ class TestAllowedRoots:
             finally:
                 proc.terminate()
                 proc.wait(30)
+
+
+class TestTls:
+    def test_tls_with_token(self, tmp_path: Path) -> None:
+        """With --tls-cert/--tls-key the TCP listener speaks TLS: a client trusting the cert connects (with the
+        token); a plaintext client does not."""
+        import grpc
+
+        key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)  # fmt: skip
+        address = f"localhost:{free_port()}"
+        token_file = tmp_path / "token"
+        proc = start("--address", address, "--token-file", str(token_file), "--state-dir", str(tmp_path),
+                     "--tls-cert", str(cert), "--tls-key", str(key))  # fmt: skip
+        try:
+            os.environ["MLXD_TLS_CA"] = str(cert)  # is_serving and Client pick it up
+            try:
+                wait_serving(address, proc)
+                with Client(address, autostart=False, token=token_file.read_text().strip()) as c:
+                    assert c.list_models().budget_bytes > 0
+            finally:
+                del os.environ["MLXD_TLS_CA"]
+            assert not is_serving(address)  # plaintext against a TLS port: no answer
+            with grpc.insecure_channel(address) as ch, pytest.raises(grpc.FutureTimeoutError):
+                grpc.channel_ready_future(ch).result(timeout=1)
+        finally:
+            proc.terminate()
+            assert proc.wait(30) == 0
