@@ -159,3 +159,12 @@ def test_sigterm_removes_discovery_file() -> None:
         assert d.proc.wait(30) == 0
         assert not discovery.exists()
         assert not d.socket.exists()
+
+
+def test_idle_timeout_stops_an_unused_daemon() -> None:
+    """A daemon started with --idle-timeout exits on its own (cleanly) once nobody has called it for that long."""
+    with tempfile.TemporaryDirectory(prefix="mlxd-idle-") as root:
+        d = DaemonProcess(Path(root), "--idle-timeout", "2")
+        assert d.proc.wait(30) == 0
+        assert not d.socket.exists()
+        assert '"idle_timeout"' in d.log.read_text()
