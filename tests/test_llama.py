@@ -234,7 +234,7 @@ class TestValidate:
         assert metrics == {"top1_agreement": 1.0, "top5_agreement": 1.0, "greedy_agreement": 1.0, "greedy_exact": 1.0}
 
     def test_scaled_o_proj_fails(self, tiny_llama: Path, converted: Path, tmp_path: Path) -> None:
-        """One layer's o_proj scaled by 1.5 makes validation fail."""
+        """One layer's o_proj scaled by 1.5 makes validation fail, and names that layer as the first divergent."""
         import shutil
 
         broken = tmp_path / "broken"
@@ -246,6 +246,8 @@ class TestValidate:
         report = validate_model(tiny_llama, broken)
         assert not report["passed"]
         assert not next(o for o in report["outputs"] if o["name"] == "logits")["passed"]
+        assert report["first_divergent_layer"] == "model.layers.1"
+        assert [layer["passed"] for layer in report["layers"]] == [True, True, False]
 
 
 class TestDaemon:

@@ -29,6 +29,7 @@ from mlxd_daemon.archs._loading import check_structure, read_json, read_safetens
 from mlxd_daemon.archs._quant import prepare_weights
 from mlxd_daemon.archs.llama_generate import GenerationStats, KVCache, TextGenerator, read_stop_ids
 from mlxd_daemon.errors import InvalidArgument, NotFound, Unsupported
+from mlxd_daemon.taps import tap
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 DISK_LAYOUT: dict[str, str] = {}  # every tensor is stored as MLX (and mlx-lm) uses it
@@ -194,9 +195,9 @@ class LlamaForCausalLM(nn.Module):
         if n > 1:
             # A later prefill chunk sees every cached key plus a causal block over its own positions.
             mask = "causal" if offset == 0 else mx.arange(offset + n)[None] <= (offset + mx.arange(n))[:, None]
-        x = self.model.embed_tokens(ids)
+        x = tap("model.embed_tokens", self.model.embed_tokens(ids))
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, self._freqs, mask, cache[i] if cache else None)
+            x = tap(f"model.layers.{i}", layer(x, self._freqs, mask, cache[i] if cache else None))
         return self.model.norm(x)
 
     def logits(self, hidden: mx.array) -> mx.array:
