@@ -43,6 +43,8 @@ class TestLocalisation:
         ]  # fmt: skip
         assert all(layer.passed and layer.rel_error < 1e-5 for layer in report.layers)
         assert report.band == "float32"
+        summary = json.loads((converted / "mlxd_manifest.json").read_text())["validation"]
+        assert summary["passed"] is True and summary["report"] == "validation.json" and summary["min_cosine"] > 0.9999
 
     def test_perturbed_projection_names_its_layer(self, client: Client, tiny_clip: Path, converted: Path) -> None:
         """Scaling layer 1's q_proj in the vision tower fails validation and names vision layer 1."""

@@ -218,6 +218,24 @@ def _config(model_dir: Path, role: str) -> dict[str, Any]:
         raise InvalidArgument(msg, reason="BAD_CONFIG", path=str(path)) from None
 
 
+def _summarise_in_manifest(mlx_dir: Path, result: dict[str, Any]) -> None:
+    """Record the verdict in mlxd_manifest.json (when the directory has one), next to how it was made."""
+    path = mlx_dir / "mlxd_manifest.json"
+    if not path.is_file():
+        return
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    worst = max(result["outputs"], key=lambda o: o["max_abs"] / max(o["atol"], 1e-30), default=None)
+    manifest["validation"] = {
+        "passed": result["passed"], "band": result["band"], "first_divergent_layer": result["first_divergent_layer"],
+        "min_cosine": min((o["cosine"] for o in result["outputs"]), default=1.0),
+        "worst_output": worst["name"] if worst else "", "report": "validation.json",
+        "validated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }  # fmt: skip
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
 def validate_model(
     src_dir: Path,
     mlx_dir: Path,
@@ -303,4 +321,5 @@ def validate_model(
         "seconds": round(time.perf_counter() - start, 3),
     }
     (mlx_dir / "validation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    _summarise_in_manifest(mlx_dir, result)
     return result
