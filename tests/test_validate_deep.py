@@ -88,3 +88,24 @@ class TestLocalisation:
         out = json.loads(proc.stdout)
         assert out["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert len(out["layers"]) == 6 and out["first_divergent_layer"] == ""
+
+
+class TestUserInputs:
+    def test_npz_inputs_replace_golden_ones(self, client: Client, tiny_clip: Path, converted: Path,
+                                            tmp_path: Path) -> None:  # fmt: skip
+        """An .npz of input_ids/attention_mask is used instead of the golden texts; unknown names are refused."""
+        import numpy as np
+        from mlxd_client.errors import InvalidArgumentError
+
+        ids = np.array([[49406, 320, 1125, 49407], [49406, 320, 49407, 49407]], dtype=np.int64) % 600
+        ids[:, 0], ids[0, 3], ids[1, 2:] = 598, 599, 599  # bos/eos of the tiny vocabulary
+        npz = tmp_path / "inputs.npz"
+        np.savez(npz, input_ids=ids, attention_mask=np.array([[1, 1, 1, 1], [1, 1, 1, 0]]))
+        report = client.validate(converted, tiny_clip, inputs_npz=npz)
+        assert report.passed and report.num_texts == 2  # the file's two rows, not the six golden texts
+        text = next(o for o in report.outputs if o.name == "text_last_hidden_state")
+        assert text.passed
+        np.savez(npz, not_an_input=np.zeros(3))
+        with pytest.raises(InvalidArgumentError) as err:
+            client.validate(converted, tiny_clip, inputs_npz=npz)
+        assert err.value.reason == "BAD_INPUTS"

@@ -170,7 +170,8 @@ def cmd_quantize(client: Client, a: argparse.Namespace) -> Outcome:
 
 
 def cmd_validate(client: Client, a: argparse.Namespace) -> Outcome:
-    events = client.validate_events(a.model_dir, a.reference, texts=a.text or (), images=a.image or ())
+    events = client.validate_events(a.model_dir, a.reference, texts=a.text or (), images=a.image or (),
+                                    inputs_npz=a.inputs)  # fmt: skip
     r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
     rows = [f"{'output':<28} {'max_abs':>10} {'max_rel':>10} {'cosine':>10} {'atol':>8}  ok"]
     rows += [
@@ -419,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--reference", required=True, help="the source Hugging Face checkpoint directory")
     v.add_argument("--text", action="append", help="a golden text (repeatable; default: built-in)")
     v.add_argument("--image", action="append", help="a golden image file (repeatable; default: built-in)")
+    v.add_argument("--inputs", metavar="NPZ", help="arrays replacing the prepared inputs of the same names")
     v.add_argument("--plot", metavar="PNG", help="draw the per-layer error (log scale) with the tolerance line")
     i = add("infer", cmd_infer, "embed texts and images, and match them")
     i.add_argument("model_dir")

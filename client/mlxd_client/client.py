@@ -172,11 +172,8 @@ class Client:
             dry_run=dry_run,
         )
         if q_bits or q_mode != "affine" or q_recipe:
-            request.quantize.CopyFrom(
-                _quant_spec(
-                    q_bits, q_group_size, q_mode, q_overrides, q_recipe, q_method, q_calibration_data, q_calibration_seed
-                )
-            )
+            calibration = (q_method, q_calibration_data, q_calibration_seed)
+            request.quantize.CopyFrom(_quant_spec(q_bits, q_group_size, q_mode, q_overrides, q_recipe, *calibration))
         return self._stream(self._stub.Convert, request)
 
     def convert(
@@ -231,12 +228,15 @@ class Client:
         *,
         texts: Iterable[str] = (),
         images: Iterable[bytes | str | Path] = (),
+        inputs_npz: bytes | str | Path | None = None,
     ) -> Iterator[pb.Progress | pb.ValidationReport]:
+        """Stream Validate; ``inputs_npz`` (a path or bytes) replaces prepared inputs of the same names."""
         request = pb.ValidateRequest(
             model_dir=str(Path(model_dir).resolve()),
             reference=str(Path(reference).resolve()),
             texts=list(texts),
             images=[_image_bytes(i) for i in images],
+            inputs_npz=_image_bytes(inputs_npz) if inputs_npz is not None else b"",
         )
         return self._stream(self._stub.Validate, request)
 

@@ -62,6 +62,9 @@ def quantize(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
         mode=args["mode"],
         overrides=args.get("overrides", ()),
         recipe=args.get("recipe", ""),
+        method=args.get("method", "rtn"),
+        calibration_data=args.get("calibration_data"),
+        calibration_seed=args.get("calibration_seed", 0),
         overwrite=args["overwrite"],
         reporter=reporter,
     )
@@ -79,11 +82,22 @@ def validate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     from mlxd_daemon.validate import validate_model
 
     images = decode_images(args["images"]) if args["images"] else None
+    arrays = None
+    if args.get("inputs_npz"):
+        import numpy as np
+
+        try:
+            with np.load(io.BytesIO(args["inputs_npz"]), allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (ValueError, OSError) as e:
+            msg = f"inputs_npz is not a readable .npz of plain arrays: {e}"
+            raise InvalidArgument(msg, reason="BAD_NPZ") from None
     return validate_model(
         Path(args["reference"]),
         Path(args["model_dir"]),
         texts=args["texts"] or None,
         images=images,
+        arrays=arrays,
         reporter=reporter,
     )
 

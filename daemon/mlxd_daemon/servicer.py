@@ -141,6 +141,9 @@ class MlxdServicer(pb_grpc.MlxdServicer):
                 q_mode=enum_name(context, QUANT_MODE_NAMES, request.quantize.mode, "quantize.mode"),
                 q_overrides=list(request.quantize.overrides),
                 q_recipe=request.quantize.recipe,
+                q_method=request.quantize.method or "rtn",
+                q_calibration_data=request.quantize.calibration_data or None,
+                q_calibration_seed=request.quantize.calibration_seed,
             )
         self._require_paths(context, request.src, request.dst)
         for kind, value in self._run_job("convert", args, context):
@@ -156,6 +159,9 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             "mode": enum_name(context, QUANT_MODE_NAMES, request.spec.mode, "spec.mode"),
             "overrides": list(request.spec.overrides),
             "recipe": request.spec.recipe,
+            "method": request.spec.method or "rtn",
+            "calibration_data": request.spec.calibration_data or None,
+            "calibration_seed": request.spec.calibration_seed,
             "dequantize": request.dequantize,
             "dtype": enum_name(context, DTYPE_NAMES, request.dtype, "dtype"),
         }
@@ -169,6 +175,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             "reference": request.reference,
             "texts": list(request.texts),
             "images": list(request.images),
+            "inputs_npz": request.inputs_npz,
         }
         self._require_paths(context, request.model_dir, request.reference)
         for kind, value in self._run_job("validate", args, context):
@@ -434,6 +441,9 @@ def convert_result(r: dict[str, Any]) -> pb.ConvertResult:
             mode=modes.get(q.get("mode", "affine"), pb.QUANT_MODE_AFFINE),
             overrides=q.get("overrides") or [],
             recipe=q.get("recipe") or "",
+            method=q.get("method") or "",
+            calibration_data=q.get("calibration_data") or "",
+            calibration_seed=q.get("calibration_seed") or 0,
         )
         if q
         else None,

@@ -242,9 +242,13 @@ def validate_model(
     *,
     texts: list[str] | None = None,
     images: list[Any] | None = None,
+    arrays: dict[str, np.ndarray] | None = None,
     reporter: Reporter = NULL_REPORTER,
 ) -> dict[str, Any]:
     """Run the PyTorch reference and the MLX model on the same inputs; compare; write ``validation.json``.
+
+    ``arrays`` (e.g. from a user's .npz) replace the architecture's prepared inputs of the same names
+    (``input_ids``, ``attention_mask``, ``pixel_values``, ...); unknown names are refused.
 
     Returns a JSON-able dict: passed, model_type, dtype, band, outputs (one dict per output),
     matching_agreement, num_texts, num_images, seconds.
@@ -267,6 +271,13 @@ def validate_model(
     arch = get_arch(str(model_type))
 
     inputs = arch.golden_inputs(mlx_dir, texts=texts, images=images)
+    if arrays:
+        unknown = sorted(set(arrays) - {k for k, v in inputs.items() if isinstance(v, np.ndarray)})
+        if unknown:
+            names = sorted(k for k, v in inputs.items() if isinstance(v, np.ndarray))
+            msg = f"input arrays {unknown} are not inputs of {model_type}; it takes {names}"
+            raise InvalidArgument(msg, reason="BAD_INPUTS", unknown=",".join(unknown))
+        inputs.update(arrays)
     reporter.begin("mlx", total_items=1, message=f"MLX on {mlx_dir}")
     bundle = arch.load(mlx_dir)
     with mlx_taps() as tapped:
@@ -316,8 +327,8 @@ def validate_model(
         "outputs": [r.to_dict() for r in reports],
         # Reported, not gated: near-tied random-weight logits can swap order within tolerance.
         "matching_agreement": agreement,
-        "num_texts": len(inputs.get("texts", [])),
-        "num_images": len(inputs.get("images", [])),
+        "num_texts": len(inputs["input_ids"]) if "input_ids" in inputs else len(inputs.get("texts", [])),
+        "num_images": len(inputs["pixel_values"]) if "pixel_values" in inputs else len(inputs.get("images", [])),
         "seconds": round(time.perf_counter() - start, 3),
     }
     (mlx_dir / "validation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

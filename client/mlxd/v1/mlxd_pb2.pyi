@@ -271,16 +271,18 @@ class QuantizeResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ConvertResult, _Mapping]] = ...) -> None: ...
 
 class ValidateRequest(_message.Message):
-    __slots__ = ("model_dir", "reference", "texts", "images")
+    __slots__ = ("model_dir", "reference", "texts", "images", "inputs_npz")
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_NPZ_FIELD_NUMBER: _ClassVar[int]
     model_dir: str
     reference: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     images: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, model_dir: _Optional[str] = ..., reference: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    inputs_npz: bytes
+    def __init__(self, model_dir: _Optional[str] = ..., reference: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[bytes]] = ..., inputs_npz: _Optional[bytes] = ...) -> None: ...
 
 class LayerReport(_message.Message):
     __slots__ = ("name", "rel_error", "max_abs", "cosine", "tolerance", "passed", "note")
