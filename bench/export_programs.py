@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, base_clip, machine, timeit  # noqa: E402
+from common import CACHE, base_clip, machine, timeit
 
 OUT = CACHE / "bench-export"
 BATCH, SEQ = 8, 16
@@ -41,7 +41,6 @@ def prepare(base: bool) -> list[dict[str, Any]]:
     """HF dirs, hand-written conversions and exported programs for each model."""
     import torch
     import transformers
-
     from mlxd_daemon.convert import convert
     from mlxd_daemon.export import export_program
     from mlxd_daemon.fixtures import make_clip
