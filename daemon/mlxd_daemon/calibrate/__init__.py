@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -123,7 +124,7 @@ def calibrate(
     plan: Plan,
     config: dict[str, Any],
     method: str,
-    data: str | None = None,
+    data: str | Path | None = None,
     seed: int = 0,
     reporter: Reporter = NULL_REPORTER,
 ) -> Calibrated:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -366,7 +367,7 @@ class LlamaStream(Stream):
         return {"lm_head": np.concatenate([np.array(norm(b.hidden))[b.valid] for b in batches])}
 
 
-def streams(config: dict[str, Any], weights: Weights, data_path: str | None, seed: int) -> list[Stream]:
+def streams(config: dict[str, Any], weights: Weights, data_path: str | Path | None, seed: int) -> list[Stream]:
     """The calibration streams of ``config``'s architecture, each with its calibration set."""
     from mlxd_daemon.archs import MODEL_REMAPPING
 
