@@ -216,6 +216,9 @@ def main() -> None:
     from mlxd_daemon.blas import preload
 
     blas = preload()
+    from mlxd_daemon.residency import configure_mlx_for_inference
+
+    configure_mlx_for_inference()  # as the daemon's models worker does
     print(f"infer benchmark, {machine()}, {THREADS} threads, MLX BLAS {blas}, float32 compute")
     models_section(skip_llama="--skip-llama" in sys.argv)
     daemon_section()

@@ -13,7 +13,7 @@ from typing import Any
 
 from mlxd_daemon.errors import InvalidArgument, MlxdError
 from mlxd_daemon.progress import Reporter
-from mlxd_daemon.residency import Residency
+from mlxd_daemon.residency import Residency, configure_mlx_for_inference
 
 Handler = Callable[[dict[str, Any], Reporter], Any]
 
@@ -225,6 +225,7 @@ def handlers(role: str, options: dict[str, Any]) -> dict[str, Handler]:
     if role == "jobs":
         return {"convert": convert, "export": export, "quantize": quantize, "validate": validate}
     _residency = Residency(int(options["memory_budget"]))
+    configure_mlx_for_inference()
     return {
         "load": load,
         "unload": unload,

@@ -45,6 +45,17 @@ class Resident:
         }
 
 
+CACHE_LIMIT_BYTES = 1 << 30
+
+
+def configure_mlx_for_inference(cache_bytes: int = CACHE_LIMIT_BYTES) -> None:
+    """Let MLX keep freed activation buffers for reuse. With its small default cache every op's output was a
+    fresh allocation: ~6000 page faults per [400, 3072] activation, which made CLIP's MLP 2x slower."""
+    import mlx.core as mx
+
+    mx.set_cache_limit(cache_bytes)
+
+
 def read_model_type(model_dir: Path) -> str:
     """The ``model_type`` of an MLX or HF model directory, with clear errors for what is missing."""
     if not model_dir.is_dir():
