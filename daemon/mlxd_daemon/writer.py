@@ -70,15 +70,13 @@ def write_weights(
                     done, done_bytes = done + 1, done_bytes + unit.nbytes
                     reporter.report(done, done_bytes, unit.target)
                     continue
-                if _streamable(ckpt, unit):  # a big plain cast: row blocks, never the whole tensor in memory
-                    peaks = []
-                    for part in ckpt.iter_rows(unit.source, CHUNK_BYTES):
-                        if (peak := _float16_overflow(part, unit.dtype)) is not None:
-                            peaks.append(peak)
-                        if not overflow and not peaks:
-                            writer.write_part(unit.target, part.to(unit.dtype))
+                if _streamable(ckpt, unit):  # a big tensor: row blocks, never the whole tensor in memory
+                    peaks: list[float] = []
+                    error = _stream_unit(ckpt, unit, writer, peaks, write=not overflow)
                     if peaks:
                         overflow.append({"name": unit.source, "max_abs": max(peaks)})
+                    elif error is not None:
+                        errors[unit.target.removesuffix(".weight")] = error
                     done, done_bytes = done + 1, done_bytes + unit.nbytes
                     reporter.report(done, done_bytes, unit.target)
                     continue
@@ -123,10 +121,42 @@ def write_weights(
 
 
 def _streamable(ckpt: Checkpoint, unit: Unit) -> bool:
-    """Plain casts of large safetensors matrices go through in row blocks (peak memory: one block)."""
+    """Large safetensors matrices go through in row blocks (peak memory: one block). Quantization groups run
+    along rows, so quantizing a block of whole rows gives exactly the rows of quantizing the whole matrix."""
     info = ckpt.tensors[unit.source]
-    return (not unit.quantize and unit.dequant is None and ckpt.weight_format == "safetensors"
-            and len(info.shape) >= 2 and unit.src_nbytes > CHUNK_BYTES)  # fmt: skip
+    return (unit.dequant is None and ckpt.weight_format == "safetensors" and len(info.shape) == 2
+            and unit.src_nbytes > CHUNK_BYTES)  # fmt: skip
+
+
+def _stream_unit(ckpt: Checkpoint, unit: Unit, writer: ShardFile, peaks: list[float], write: bool) -> float | None:
+    """Cast (or quantize) ``unit`` block by block straight into ``writer``; returns the quantization error
+    (over a row sample of every block). A float16 overflow is added to ``peaks`` and stops the writing."""
+    side: list[list[torch.Tensor]] = [[] for _ in unit.outputs[1:]]  # scales/biases: small, written after
+    err2 = ref2 = 0.0
+    for part in ckpt.iter_rows(unit.source, CHUNK_BYTES):
+        if (peak := _float16_overflow(part, unit.dtype)) is not None:
+            peaks.append(peak)
+        if not write or peaks:
+            continue
+        cast = part.to(unit.dtype)
+        if not unit.quantize:
+            writer.write_part(unit.target, cast)
+            continue
+        w = _to_mlx(cast)
+        packed = mx.quantize(w, group_size=unit.group_size, bits=unit.bits, mode=unit.mode)
+        mx.eval(packed)
+        e2, r2 = _squared_error(w, packed, unit, rows=max(1, ERROR_SAMPLE_ROWS * part.shape[0] // 4096))
+        err2, ref2 = err2 + e2, ref2 + r2
+        tensors = [_to_torch(a) for a in packed]
+        writer.write_part(unit.outputs[0].name, tensors[0])
+        for pieces, t in zip(side, tensors[1:], strict=True):
+            pieces.append(t)
+        del w, packed, tensors
+        mx.clear_cache()
+    if write and not peaks:
+        for out, pieces in zip(unit.outputs[1:], side, strict=True):
+            writer.write(out.name, torch.cat(pieces))
+    return math.sqrt(err2 / max(ref2, 1e-60)) if unit.quantize and not peaks else None
 
 
 def _float16_overflow(t: torch.Tensor, out_dtype: torch.dtype) -> float | None:
@@ -164,16 +194,22 @@ def _relative_error(w: mx.array, packed: tuple[mx.array, ...], unit: Unit) -> fl
     """||W - dequant(q(W))|| / ||W||, exact up to ``ERROR_SAMPLE_ROWS`` rows, else over evenly spaced rows
     (groups run along rows, so a row sample is an unbiased estimate; dequantizing everything on the CPU
     would cost more than the quantization itself)."""
-    rows = w.shape[0] if w.ndim > 1 else 1
-    if w.ndim > 1 and rows > ERROR_SAMPLE_ROWS:
-        idx = mx.array(np.linspace(0, rows - 1, ERROR_SAMPLE_ROWS).astype(np.int32))
+    err2, ref2 = _squared_error(w, packed, unit, rows=ERROR_SAMPLE_ROWS)
+    return math.sqrt(err2 / max(ref2, 1e-60))
+
+
+def _squared_error(w: mx.array, packed: tuple[mx.array, ...], unit: Unit, rows: int) -> tuple[float, float]:
+    """(||W - dequant(q(W))||², ||W||²) over at most ``rows`` evenly spaced rows."""
+    if w.ndim > 1 and w.shape[0] > rows:
+        idx = mx.array(np.linspace(0, w.shape[0] - 1, rows).astype(np.int32))
         w, packed = w[idx], tuple(a[idx] for a in packed)
     biases = packed[2] if len(packed) > 2 else None  # the microscaling modes have no biases
     restored = mx.dequantize(packed[0], packed[1], biases, group_size=unit.group_size, bits=unit.bits,
                              mode=unit.mode, dtype=mx.float32)  # fmt: skip
     w32 = w.astype(mx.float32)
-    error = mx.linalg.norm(w32 - restored) / mx.maximum(mx.linalg.norm(w32), mx.array(1e-30))
-    return float(np.asarray(error))
+    err2, ref2 = mx.sum(mx.square(w32 - restored)), mx.sum(mx.square(w32))
+    mx.eval(err2, ref2)
+    return float(np.asarray(err2)), float(np.asarray(ref2))
 
 
 def _dequantize_unit(ckpt: Checkpoint, unit: Unit, p: QParams, packed: torch.Tensor) -> torch.Tensor:
