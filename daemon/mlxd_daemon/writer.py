@@ -32,7 +32,7 @@ from mlxd_daemon.shards import DTYPE_NAMES, Plan, Shard, Unit, index_json
 FLOAT16_MAX = 65504.0
 RELEASE_MAPPED_BYTES = 256 << 20  # unmap the source after this much is read: mapped pages count as RSS
 CHUNK_BYTES = 64 << 20  # plain casts of bigger tensors stream in row blocks of about this size
-ERROR_SAMPLE_ROWS = 256  # rows of a weight used to measure its quantization error
+ERROR_SAMPLE_ROWS = 64  # rows of a weight used to measure its quantization error
 MANIFEST = "mlxd_manifest.json"
 _HASH_LIMIT = 64 << 20  # sha256 only for small files; hashing multi-GB weights would double the run time.
 _MANIFEST_RESULT_KEYS = ("quantization", "skipped_layers", "layer_reports", "bits_per_weight", "bytes_before")
