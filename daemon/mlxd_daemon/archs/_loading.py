@@ -91,3 +91,29 @@ def check_structure(model: nn.Module, weights: dict[str, mx.array], model_dir: P
             unexpected=len(unexpected),
             wrong_shape=len(wrong),
         )
+
+
+def require_dir(model_dir: Path) -> Path:
+    """``model_dir`` as a Path; NotFound (MODEL_NOT_FOUND) when it is not a directory."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        msg = f"model directory {model_dir} does not exist"
+        raise NotFound(msg, reason="MODEL_NOT_FOUND", path=str(model_dir))
+    return model_dir
+
+
+def fill_model(
+    model: nn.Module, weights: dict[str, mx.array], quantization: dict[str, Any] | None, model_dir: Path, what: str
+) -> tuple[str, int]:
+    """Apply the backend's compute policy, check every name and shape, load and evaluate the weights.
+
+    Returns the compute policy (for ListModels) and the resident bytes of the loaded parameters."""
+    from mlxd_daemon.archs._quant import prepare_weights
+
+    weights, compute = prepare_weights(model, weights, quantization)  # CPU: float32; GPU: quantized kernels
+    check_structure(model, weights, model_dir, what)
+    model.load_weights(list(weights.items()))
+    model.eval()
+    params = dict(tree_flatten(model.parameters()))
+    mx.eval(params)
+    return compute, sum(v.nbytes for v in params.values())

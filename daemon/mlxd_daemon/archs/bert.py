@@ -23,14 +23,18 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 from tokenizers import Tokenizer
 
 from mlxd_daemon.archs._activations import ACTIVATIONS
-from mlxd_daemon.archs._loading import check_structure, read_json, read_safetensors, storage_dtype
-from mlxd_daemon.archs._quant import prepare_weights
+from mlxd_daemon.archs._loading import (
+    fill_model,
+    read_json,
+    read_safetensors,
+    require_dir,
+    storage_dtype,
+)
 from mlxd_daemon.archs.bert_processing import Pooling, load_tokenizer, max_length, pool, pool_torch, tokenize
-from mlxd_daemon.errors import InvalidArgument, NotFound, Unsupported
+from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.taps import tap
 
 DISK_LAYOUT: dict[str, str] = {}  # every tensor keeps HF's layout (Linear weights are [out, in] in both)
@@ -292,10 +296,7 @@ def read_config(model_dir: Path) -> BertConfig:
 
 def load(model_dir: Path) -> BertBundle:
     """Load a converted (or raw HF safetensors) BERT directory for float32 inference on the CPU."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        msg = f"model directory {model_dir} does not exist"
-        raise NotFound(msg, reason="MODEL_NOT_FOUND", path=str(model_dir))
+    model_dir = require_dir(model_dir)
     cfg = read_config(model_dir)
     raw, _ = read_safetensors(model_dir)
     # Packed quantized weights are uint32 and not counted; their scales/biases keep the float dtype.
@@ -309,12 +310,7 @@ def load(model_dir: Path) -> BertBundle:
         msg = f"{model_dir} is a {_SEQ_CLS} without pooler weights: re-convert the full checkpoint"
         raise InvalidArgument(msg, reason="WEIGHTS_MISMATCH", missing="pooler.dense.weight")
     model = BertModel(cfg, pooler=has_pooler, num_labels=len(cfg.labels) if cfg.is_classifier else 0)
-    weights, compute = prepare_weights(model, weights, cfg.quantization)  # CPU: float32; GPU: kernels
-    check_structure(model, weights, model_dir, "BERT")
-    model.load_weights(list(weights.items()))
-    model.eval()
-    params = dict(tree_flatten(model.parameters()))
-    mx.eval(params)
+    compute, nbytes = fill_model(model, weights, cfg.quantization, model_dir, "BERT")
     pooling = Pooling.load(model_dir)
     return BertBundle(
         model=model,
@@ -323,7 +319,7 @@ def load(model_dir: Path) -> BertBundle:
         pooling=pooling,
         model_dir=model_dir,
         dtype=dtype,
-        nbytes=sum(v.nbytes for v in params.values()),
+        nbytes=nbytes,
         quantization=cfg.quantization,
         compute_dtype=compute,
     )

@@ -20,7 +20,6 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 from PIL import Image
 from tokenizers import Tokenizer
 
@@ -29,14 +28,14 @@ from mlxd_daemon.archs._loading import (
     LAYOUT_METADATA_KEY as LAYOUT_METADATA_KEY,  # re-exported: clip.LAYOUT_METADATA_KEY stays public
 )
 from mlxd_daemon.archs._loading import (
-    check_structure,
+    fill_model,
     read_json,
     read_safetensors,
+    require_dir,
     storage_dtype,
 )
-from mlxd_daemon.archs._quant import prepare_weights
 from mlxd_daemon.archs.clip_processing import ImageConfig, load_tokenizer, preprocess_images, tokenize
-from mlxd_daemon.errors import InvalidArgument, NotFound, Unsupported
+from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.taps import tap
 
 PATCH_WEIGHT = "vision_model.embeddings.patch_embedding.weight"
@@ -355,10 +354,7 @@ _storage_dtype = storage_dtype
 
 def load(model_dir: Path) -> ClipBundle:
     """Load a converted (or raw HF safetensors) CLIP directory for float32 inference on the CPU."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        msg = f"model directory {model_dir} does not exist"
-        raise NotFound(msg, reason="MODEL_NOT_FOUND", path=str(model_dir))
+    model_dir = require_dir(model_dir)
     cfg = read_config(model_dir)
     raw, layout = _read_safetensors(model_dir)
     # Packed quantized weights are uint32 and not counted; their scales/biases keep the float dtype.
@@ -369,12 +365,7 @@ def load(model_dir: Path) -> ClipBundle:
         # pytorch conv2d is [O, I, kH, kW], MLX is [O, kH, kW, I].
         weights[PATCH_WEIGHT] = weights[PATCH_WEIGHT].transpose(0, 2, 3, 1)
     model = CLIPModel(cfg)
-    weights, compute = prepare_weights(model, weights, cfg.quantization)  # CPU: float32; GPU: kernels
-    _check_structure(model, weights, model_dir)
-    model.load_weights(list(weights.items()))
-    model.eval()
-    params = dict(tree_flatten(model.parameters()))
-    mx.eval(params)
+    compute, nbytes = fill_model(model, weights, cfg.quantization, model_dir, "CLIP")
     return ClipBundle(
         model=model,
         config=cfg,
@@ -382,14 +373,10 @@ def load(model_dir: Path) -> ClipBundle:
         image_config=ImageConfig.load(model_dir, cfg.vision.image_size),
         model_dir=model_dir,
         dtype=dtype,
-        nbytes=sum(v.nbytes for v in params.values()),
+        nbytes=nbytes,
         quantization=cfg.quantization,
         compute_dtype=compute,
     )
-
-
-def _check_structure(model: CLIPModel, weights: dict[str, mx.array], model_dir: Path) -> None:
-    check_structure(model, weights, model_dir, "CLIP")
 
 
 # ---- validation hooks -------------------------------------------------------------------------------------

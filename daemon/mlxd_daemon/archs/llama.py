@@ -21,14 +21,18 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 from tokenizers import Tokenizer
 
 from mlxd_daemon.archs._activations import silu
-from mlxd_daemon.archs._loading import check_structure, read_json, read_safetensors, storage_dtype
-from mlxd_daemon.archs._quant import prepare_weights
+from mlxd_daemon.archs._loading import (
+    fill_model,
+    read_json,
+    read_safetensors,
+    require_dir,
+    storage_dtype,
+)
 from mlxd_daemon.archs.llama_generate import GenerationStats, KVCache, TextGenerator, read_stop_ids
-from mlxd_daemon.errors import InvalidArgument, NotFound, Unsupported
+from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.taps import tap
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -262,10 +266,7 @@ def read_config(model_dir: Path) -> tuple[LlamaConfig, dict[str, Any]]:
 
 def load(model_dir: Path) -> LlamaBundle:
     """Load a converted (or raw HF safetensors) Llama-family directory for float32 inference on the CPU."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        msg = f"model directory {model_dir} does not exist"
-        raise NotFound(msg, reason="MODEL_NOT_FOUND", path=str(model_dir))
+    model_dir = require_dir(model_dir)
     cfg, raw_cfg = read_config(model_dir)
     raw, _ = read_safetensors(model_dir)
     dtype = storage_dtype(raw)
@@ -273,13 +274,8 @@ def load(model_dir: Path) -> LlamaBundle:
     if cfg.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
     model = LlamaForCausalLM(cfg)
-    weights, compute = prepare_weights(model, weights, cfg.quantization)  # CPU: float32; GPU: kernels
-    check_structure(model, weights, model_dir, cfg.model_type)
-    model.load_weights(list(weights.items()))
+    compute, nbytes = fill_model(model, weights, cfg.quantization, model_dir, cfg.model_type)
     del raw, weights
-    model.eval()
-    params = dict(tree_flatten(model.parameters()))
-    mx.eval(params)
     tokenizer_file = model_dir / "tokenizer.json"
     if not tokenizer_file.exists():
         msg = f"{model_dir} has no tokenizer.json (sentencepiece-only tokenizers are not supported)"
@@ -290,7 +286,7 @@ def load(model_dir: Path) -> LlamaBundle:
         tokenizer=Tokenizer.from_file(str(tokenizer_file)),
         model_dir=model_dir,
         dtype=dtype,
-        nbytes=sum(v.nbytes for v in params.values()),
+        nbytes=nbytes,
         stop_ids=read_stop_ids(model_dir, raw_cfg),
         quantization=cfg.quantization,
         compute_dtype=compute,

@@ -29,14 +29,18 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 from PIL import Image
 
 from mlxd_daemon.archs._activations import ACTIVATIONS
-from mlxd_daemon.archs._loading import check_structure, read_json, read_safetensors, storage_dtype
-from mlxd_daemon.archs._quant import prepare_weights
+from mlxd_daemon.archs._loading import (
+    fill_model,
+    read_json,
+    read_safetensors,
+    require_dir,
+    storage_dtype,
+)
 from mlxd_daemon.archs.vit_processing import ImageConfig, preprocess_images
-from mlxd_daemon.errors import InvalidArgument, NotFound, Unsupported
+from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.taps import tap
 
 PATCH_WEIGHT = "embeddings.patch_embeddings.projection.weight"
@@ -358,10 +362,7 @@ def _patch_layout(layout: dict[str, str] | None) -> str:
 
 def load(model_dir: Path) -> ViTBundle:
     """Load a converted (or raw HF safetensors) ViT directory: float32 on the CPU, quantized kernels on GPUs."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        msg = f"model directory {model_dir} does not exist"
-        raise NotFound(msg, reason="MODEL_NOT_FOUND", path=str(model_dir))
+    model_dir = require_dir(model_dir)
     cfg = read_config(model_dir)
     raw, layout = read_safetensors(model_dir)
     # Packed quantized weights are uint32 and not counted; their scales/biases keep the float dtype.
@@ -385,19 +386,14 @@ def load(model_dir: Path) -> ViTBundle:
         weights = {k: v for k, v in weights.items() if not k.startswith("classifier.")}
     has_pooler = "pooler.dense.weight" in weights
     model = ViTModel(cfg, pooler=has_pooler, num_labels=len(cfg.labels) if cfg.is_classifier else 0)
-    weights, compute = prepare_weights(model, weights, cfg.quantization)  # CPU: float32; GPU: kernels
-    check_structure(model, weights, model_dir, "ViT")
-    model.load_weights(list(weights.items()))
-    model.eval()
-    params = dict(tree_flatten(model.parameters()))
-    mx.eval(params)
+    compute, nbytes = fill_model(model, weights, cfg.quantization, model_dir, "ViT")
     return ViTBundle(
         model=model,
         config=cfg,
         image_config=ImageConfig.load(model_dir, cfg.image_size),
         model_dir=model_dir,
         dtype=dtype,
-        nbytes=sum(v.nbytes for v in params.values()),
+        nbytes=nbytes,
         quantization=cfg.quantization,
         compute_dtype=compute,
     )
