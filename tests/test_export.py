@@ -240,6 +240,23 @@ class TestErrors:
 
 
 class TestDaemon:
+    @pytest.mark.parametrize("name", ["resnet", "deit", "bert", "clip"])
+    def test_coverage_models_through_the_daemon(self, client: Client, name: str, cnn_pt2: Path, deit_dir: Path,
+                                                tmp_path: Path) -> None:  # fmt: skip
+        """The coverage models convert (from a .pt2, or DeiT from its HF directory) and validate over gRPC."""
+        source, options = sources(name, cnn_pt2, deit_dir)
+        if not isinstance(source, Path):  # an nn.Module: hand it in the way users do, as a torch.export .pt2
+            example = options["example_inputs"]
+            args, kwargs = (example, {}) if isinstance(example, tuple) else ((), example)
+            exported = torch.export.export(source.eval(), args, kwargs)
+            source = tmp_path / f"{name}.pt2"
+            torch.export.save(exported, str(source))
+        dst = tmp_path / "mlx"
+        result = client.convert(source, dst)
+        assert result.model_type == "mlxd_program" and result.num_tensors > 0
+        report = client.validate(dst, source)
+        assert report.passed, [o for o in report.outputs if not o.passed]
+
     def test_convert_validate_pt2(self, client: Client, cnn_pt2: Path, tmp_path: Path) -> None:
         """Convert on a .pt2 writes a program; Validate compares it with the .pt2; Infer asks for named arrays."""
         dst = tmp_path / "cnn-mlx"

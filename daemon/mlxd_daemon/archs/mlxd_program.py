@@ -136,7 +136,7 @@ def run_reference(src: Path, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
     directory it was exported from, or the program directory itself (its recorded source is used)."""
     import torch
 
-    from mlxd_daemon.export.capture import call_exported, load_hf
+    from mlxd_daemon.export.capture import call_exported, load_hf, load_pt2
 
     program_dir = Path(inputs["program_dir"])
     spec = read_program(program_dir)
@@ -149,7 +149,7 @@ def run_reference(src: Path, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         model = load_hf(src)
         call = lambda arrays: _flat(model(**{k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}))  # noqa: E731
     elif src.suffix == ".pt2" or src.name == SOURCE_PT2:
-        ep = torch.export.load(str(src))
+        ep = load_pt2(src)
         call = lambda arrays: call_exported(ep, {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})  # noqa: E731
     else:
         msg = f"{src} is neither a .pt2 file nor a model directory: pass what the program was exported from"

@@ -9,6 +9,7 @@ directory (built with transformers from its config and weights; example inputs d
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import inspect
 import json
@@ -84,7 +85,7 @@ def capture(
         if not path.is_file():
             msg = f"{path} does not exist: save the program with torch.export.save(ep, path)"
             raise NotFound(msg, reason="SOURCE_NOT_FOUND", path=path)
-        exported, record = torch.export.load(str(path)), {"kind": "pt2", "path": str(path)}
+        exported, record = load_pt2(path), {"kind": "pt2", "path": str(path)}
     elif Path(str(source)).expanduser().is_dir():
         exported, record = _capture_hf(Path(str(source)).expanduser().resolve())
     elif isinstance(source, str) and ":" in source:
@@ -305,3 +306,28 @@ def _capture_hf(model_dir: Path) -> tuple[ExportedProgram, dict[str, Any]]:
     inputs, ranges = hf_example_inputs(model)
     record = {"kind": "hf", "path": str(model_dir), "class": type(model).__name__, "ranges": ranges}
     return _export(model, (), inputs), record
+
+
+# Output classes a saved program's pytree specs may name, whose modules must be imported before loading it.
+# Only these packages are imported: a .pt2 must not be able to make the daemon import arbitrary code.
+_SPEC_PACKAGES = ("transformers.",)
+
+
+def load_pt2(path: Path) -> Any:
+    """``torch.export.load`` with the modules that the program's output types live in imported first (e.g.
+    ``transformers...modeling_clip`` for a CLIPModel's output dataclass); BAD_PT2 when it cannot be loaded."""
+    import importlib
+    import re
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            text = b" ".join(archive.read(n) for n in archive.namelist() if n.endswith(".json"))
+        for module in {m.decode() for m in re.findall(rb"(transformers(?:\.[a-z_0-9]+)+)\.[A-Z]", text)}:
+            if module.startswith(_SPEC_PACKAGES):
+                with contextlib.suppress(ImportError):
+                    importlib.import_module(module)
+        return torch.export.load(str(path))
+    except (RuntimeError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        msg = f"{path.name} could not be loaded with torch.export.load: {e}"
+        raise InvalidArgument(msg, reason="BAD_PT2", path=str(path)) from e
