@@ -153,10 +153,12 @@ def throughput(address: str, model: Path, clients: int = 16, requests: int = 12)
     """Infer requests per second with ``clients`` threads each sending ``requests`` one-text requests."""
     from mlxd_client import Client
 
+    sizes: list[int] = []
+
     def worker() -> None:
         with Client(address, autostart=False) as c:
             for i in range(requests):
-                c.infer(model, texts=[TEXTS[i % len(TEXTS)]])
+                sizes.append(c.infer(model, texts=[TEXTS[i % len(TEXTS)]]).batch_requests)
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     start = time.perf_counter()
@@ -164,7 +166,9 @@ def throughput(address: str, model: Path, clients: int = 16, requests: int = 12)
         t.start()
     for t in threads:
         t.join()
-    return clients * requests / (time.perf_counter() - start)
+    rate = clients * requests / (time.perf_counter() - start)
+    print(f"  {address.rsplit('/', 1)[-1]}: {rate:.1f} req/s, mean batch {statistics.mean(sizes):.1f} requests")
+    return rate
 
 
 def daemon_section() -> None:
@@ -192,6 +196,7 @@ def daemon_section() -> None:
                         print(f"unary RPC round trip (ListModels): p50 {statistics.median(rtts) * 1e3:.2f} ms, "
                               f"p99 {rtts[int(len(rtts) * 0.99)] * 1e3:.2f} ms")  # fmt: skip
                         warm = timeit(lambda: c.infer(model, texts=TEXTS[:1], images=[png]), repeat=5)
+                        warm_text = timeit(lambda: c.infer(model, texts=TEXTS[:1]), repeat=5)
                 throughput(address, model, requests=2)  # warm-up
                 results[label] = throughput(address, model)
             finally:
@@ -200,13 +205,16 @@ def daemon_section() -> None:
         cold_code = (
             "from mlxd_daemon.blas import preload; preload(); from pathlib import Path; from PIL import Image; "
             f"from mlxd_daemon.archs import clip; b = clip.load(Path({str(model)!r})); "
-            f"b.embed([{TEXTS[0]!r}], [Image.open({str(png)!r}).convert('RGB')])"
+            "b.embed([{text!r}], [Image.open({png!r}).convert('RGB')] if {png!r} else [])"
         )
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", cold_code], check=True)
-        cold = time.perf_counter() - start
-    print(f"CLIP batch 1 (1 text + 1 image): cold load-and-infer process {cold:.2f} s vs warm daemon "
-          f"{warm * 1e3:.1f} ms: warm is {cold / warm:.0f}x faster")  # fmt: skip
+        colds = {}
+        for label, image in (("1 text + 1 image", str(png)), ("1 text", "")):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", cold_code.format(text=TEXTS[0], png=image)], check=True)
+            colds[label] = time.perf_counter() - start
+    for label, warm_s in (("1 text + 1 image", warm), ("1 text", warm_text)):
+        print(f"CLIP, {label}: cold load-and-infer process {colds[label]:.2f} s vs warm daemon "
+              f"{warm_s * 1e3:.1f} ms: warm is {colds[label] / warm_s:.0f}x faster")  # fmt: skip
     on, off = results["batching on"], results["batching off"]
     print(f"16 clients x 12 one-text requests: {on:.1f} req/s with dynamic batching, {off:.1f} without: "
           f"{on / off:.1f}x")  # fmt: skip
