@@ -208,6 +208,12 @@ def preprocess_image(image: Image.Image, cfg: ImageConfig) -> np.ndarray:
         arr = _resize_shortest(arr, cfg.shortest_edge, cfg.resample)
     if cfg.do_center_crop:
         arr = _center_crop(arr, cfg.crop_height, cfg.crop_width)
+    return rescale_normalize(arr, cfg)
+
+
+def rescale_normalize(arr: np.ndarray, cfg: Any) -> np.ndarray:
+    """uint8 HWC -> float32 CHW with HF's ``do_rescale``/``rescale_factor`` and ``do_normalize``/mean/std
+    (any image config carrying those fields: CLIP's, ViT's)."""
     out = arr.astype(np.float32)
     if cfg.do_rescale:
         # HF multiplies in float64 and then rounds to float32; doing the same keeps us bit-exact.

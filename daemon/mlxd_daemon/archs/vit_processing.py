@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mlxd_daemon.archs.clip_processing import rescale_normalize
 from mlxd_daemon.errors import InvalidArgument
 
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
@@ -90,15 +91,7 @@ def preprocess_image(image: Image.Image, cfg: ImageConfig) -> np.ndarray:
         arr = np.asarray(pil.resize((cfg.width, cfg.height), resample=cfg.resample)).reshape(
             cfg.height, cfg.width, arr.shape[2]
         )
-    out = arr.astype(np.float32)
-    if cfg.do_rescale:
-        # HF multiplies in float64 and then rounds to float32; doing the same keeps us bit-exact.
-        out = (arr.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    if cfg.do_normalize:
-        mean = np.asarray(cfg.image_mean, np.float32)
-        std = np.asarray(cfg.image_std, np.float32)
-        out = (out - mean) / std
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+    return rescale_normalize(arr, cfg)
 
 
 def preprocess_images(images: list[Image.Image], cfg: ImageConfig) -> np.ndarray:
