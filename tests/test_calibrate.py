@@ -157,12 +157,12 @@ class TestConvert:
             manifest["quantization"]["method"],
             manifest["quantization"]["calibration"][0]["kind"],
             manifest["quantization"]["calibration"][0]["count"],
-        ) == ("gptq", "default-text", 256)
+        ) == ("gptq", "default-text", data.DEFAULT_TEXTS)
         assert r["quantization"] == manifest["quantization"]
         assert {"gptq"} == {x["method"] for x in r["layer_reports"] if x["bits"] and x["name"].startswith("encoder.")}
 
     def test_minilm_4bit_calibrated_beats_rtn(self, minilm: Path, tmp_path: Path) -> None:
-        """Real MiniLM, every Linear at 4-bit g64: GPTQ keeps min cosine near 0.98 (rtn: ~0.96); the output loads
+        """Real MiniLM, every Linear at 4-bit g64: GPTQ keeps min cosine >= 0.98 (rtn: ~0.96); the output loads
         with the normal loader and as plain MLX (.scales next to packed uint32 weights)."""
         from mlxd_daemon.archs import bert
 
@@ -172,7 +172,7 @@ class TestConvert:
         convert(minilm, tmp_path / "gptq", quantize=True, q_bits=4, q_group_size=64, q_overrides=skip, q_method="gptq")
         rtn = _min_cos(ref, bert.load(tmp_path / "rtn").embed(SENTENCES, [])["text_embeds"])
         got = _min_cos(ref, bert.load(tmp_path / "gptq").embed(SENTENCES, [])["text_embeds"])
-        assert got >= 0.975 and got > rtn + 0.01, (got, rtn)
+        assert got >= 0.98 and got > rtn + 0.01, (got, rtn)  # the issue's goal at 4-bit g64
         weights = mx.load(str(tmp_path / "gptq" / "model.safetensors"))
         quantized = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
         assert len(quantized) == 37  # 6 layers x 6 Linears + pooler

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from mlxd_daemon.errors import InvalidArgument, NotFound
 
-DEFAULT_TEXTS = 256
+DEFAULT_TEXTS = 1024  # MiniLM 4-bit g64 GPTQ: 0.9788 min cosine with 256 sentences, 0.9823 with 1024
 DEFAULT_IMAGES = 64
 MAX_SAMPLES = 4096
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
