@@ -8,7 +8,7 @@ TS := client/typescript
 TS_STAMP := $(TS)/node_modules/.installed
 BUF := $(TS)/node_modules/.bin/buf
 
-.PHONY: setup blas proto proto-check proto-lint lint format typecheck test ts-test check demo bench clean
+.PHONY: setup setup-gpu blas proto proto-check proto-lint lint format typecheck test ts-test check demo bench clean
 
 $(STAMP): pyproject.toml
 	@$(MAKE) -s blas
@@ -19,6 +19,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# On a Linux machine with an NVIDIA GPU (CUDA 13): swap MLX's CPU backend for the CUDA one.
+setup-gpu: $(STAMP)
+	$(PY) -m pip uninstall -q -y mlx-cpu
+	$(PY) -m pip install -q "mlx[cuda13]==0.32.4"
+	$(PY) -c "import mlx.core as mx; print('MLX device:', mx.default_device())"
 
 # MLX's Linux wheel uses a reference BLAS (~30x slower matmul); workers preload OpenBLAS when it is installed.
 blas:

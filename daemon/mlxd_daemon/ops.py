@@ -225,7 +225,7 @@ def handlers(role: str, options: dict[str, Any]) -> dict[str, Handler]:
     if role == "jobs":
         return {"convert": convert, "export": export, "quantize": quantize, "validate": validate}
     _residency = Residency(int(options["memory_budget"]))
-    configure_mlx_for_inference()
+    configure_mlx_for_inference(memory_limit=int(options["memory_budget"]))
     return {
         "load": load,
         "unload": unload,
