@@ -18,7 +18,7 @@ from mlxd_daemon.convert import convert
 from mlxd_daemon.errors import InvalidArgument
 from mlxd_daemon.fixtures import golden_images, make_vit
 from mlxd_daemon.taps import mlx_taps, torch_taps
-from mlxd_daemon.validate import validate_model
+from mlxd_daemon.validate import matching_agreement, validate_model
 
 transformers = pytest.importorskip("transformers")
 ATOL = 1e-4  # float32 on both sides: only summation order differs
@@ -106,7 +106,7 @@ class TestParity:
         with torch.no_grad():
             hf_logits = hf(pixel_values=torch.from_numpy(inputs["pixel_values"])).logits.numpy()
         np.testing.assert_allclose(ours["logits"], hf_logits, atol=ATOL)
-        assert vit.top1_agreement(hf_logits, ours["logits"]) == 1.0
+        assert matching_agreement(hf_logits, ours["logits"]) == 1.0  # top-1 agreement
         assert len(set(hf_logits.argmax(1))) > 1  # not one class for every image
 
     def test_embed(self, tiny: Path) -> None:

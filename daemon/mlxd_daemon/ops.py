@@ -1,6 +1,6 @@
 """Request handlers that run inside a worker process: plain arguments in, plain results out.
 
-"jobs" worker: convert, quantize, validate. "models" worker: load, unload, list, infer.
+"jobs" worker: convert, export, quantize, validate. "models" worker: load, unload, list, infer_many, run, generate.
 """
 
 from __future__ import annotations
@@ -115,14 +115,6 @@ def list_models(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     return _models().snapshot()
 
 
-def infer(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
-    """One request: ``infer_many`` with a batch of one, its error raised."""
-    (result,) = infer_many({"model": args["model"], "requests": [args]}, reporter)
-    if "error" in result:
-        raise MlxdError.from_dict(result["error"])
-    return result
-
-
 def run(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     """Named inputs through an exported program; its named outputs back."""
     resident, _ = _models().get(args["model"])
@@ -230,7 +222,6 @@ def handlers(role: str, options: dict[str, Any]) -> dict[str, Handler]:
         "load": load,
         "unload": unload,
         "list": list_models,
-        "infer": infer,
         "infer_many": infer_many,
         "run": run,
         "generate": generate,

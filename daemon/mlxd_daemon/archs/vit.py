@@ -269,17 +269,6 @@ def _l2_normalise(x: mx.array) -> mx.array:
     return x / mx.maximum(mx.linalg.norm(x, axis=-1, keepdims=True), 1e-30)
 
 
-def top1_agreement(ref_logits: np.ndarray, cand_logits: np.ndarray) -> float:
-    """Fraction of rows (images) whose top-1 class is the same in both; 1.0 when there are no rows."""
-    ref, cand = np.asarray(ref_logits), np.asarray(cand_logits)
-    if ref.ndim != 2 or ref.shape != cand.shape:
-        msg = f"logits shapes {ref.shape} and {cand.shape} must be equal and 2-D"
-        raise InvalidArgument(msg, reason="BAD_LOGITS")
-    if ref.size == 0:
-        return 1.0
-    return float(np.mean(ref.argmax(axis=1) == cand.argmax(axis=1)))
-
-
 @dataclass
 class ViTBundle:
     """A loaded ViT: model (compute per the backend's policy) and image settings, plus storage facts."""
