@@ -18,7 +18,6 @@ from mlxd_daemon.errors import InvalidArgument
 from mlxd_daemon.quantize import (
     QParams,
     QuantSpec,
-    check_params,
     choose,
     fit_group,
     layer_params,
@@ -162,11 +161,6 @@ def parse_size(size: int | str) -> int:
         msg = f"bad size {size!r}: must be positive"
         raise InvalidArgument(msg, reason="BAD_SIZE", size=size)
     return value
-
-
-def check_quantization(bits: int, group_size: int, mode: str) -> dict[str, Any]:
-    """Validate quantization flags (0 = the mode's default) and return the config.json ``quantization`` entry."""
-    return check_params(bits, group_size, mode).as_config()
 
 
 def keep_float_reason(

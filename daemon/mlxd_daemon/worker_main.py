@@ -29,9 +29,10 @@ def worker_main(conn: Any, cancel_event: Any, role: str, options: dict[str, Any]
     log.info("blas", blas=in_use)
     if blas.warning(in_use):
         log.warning("slow_blas", message=blas.warning(in_use))
-    from mlxd_daemon import ops  # heavy imports (mlx, torch) happen here, never in the front end
+    # heavy imports (mlx, torch) happen here, never in the front end
+    from mlxd_daemon import handlers as worker_handlers
 
-    handlers = ops.handlers(role, options)
+    handlers = worker_handlers.handlers(role, options)
     while True:
         try:
             op, args = conn.recv()
@@ -52,4 +53,4 @@ def worker_main(conn: Any, cancel_event: Any, role: str, options: dict[str, Any]
             log.error("worker_op_failed", op=op, error=repr(e), traceback=traceback.format_exc())
             err = MlxdError(f"internal error in {op}: {type(e).__name__}: {e}", reason="INTERNAL")
             conn.send(("error", err.to_dict()))
-    ops.shutdown()
+    worker_handlers.shutdown()

@@ -1,6 +1,7 @@
 """Request handlers that run inside a worker process: plain arguments in, plain results out.
 
-"jobs" worker: convert, export, quantize, validate. "models" worker: load, unload, list, infer_many, run, generate.
+"jobs" worker: convert (hand-written archs or the torch.export path),
+quantize, validate. "models" worker: load, unload, list, infer_many, run, generate.
 """
 
 from __future__ import annotations
@@ -68,14 +69,6 @@ def quantize(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
         overwrite=args["overwrite"],
         reporter=reporter,
     )
-
-
-def export(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
-    """Any torch.export-able model -> an MLX program directory (``mlxd_daemon.export.export_program``)."""
-    from mlxd_daemon.export import export_program
-
-    src, dst = args.pop("src"), Path(args.pop("dst"))
-    return export_program(src, dst, reporter=reporter, **args)
 
 
 def validate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
@@ -215,7 +208,7 @@ def handlers(role: str, options: dict[str, Any]) -> dict[str, Handler]:
     """The handler table of a worker role."""
     global _residency
     if role == "jobs":
-        return {"convert": convert, "export": export, "quantize": quantize, "validate": validate}
+        return {"convert": convert, "quantize": quantize, "validate": validate}
     _residency = Residency(int(options["memory_budget"]))
     configure_mlx_for_inference(memory_limit=int(options["memory_budget"]))
     return {
