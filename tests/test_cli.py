@@ -43,13 +43,15 @@ def mlxctl() -> Iterator[Mlxctl]:
 
 class TestMlxctl:
     def test_autostart_and_status(self, mlxctl: Mlxctl) -> None:
-        """The first command starts a daemon; `daemon status` then reports it running."""
+        """`daemon start --http` starts a daemon that also serves HTTP; `daemon status` reports both addresses."""
         _, status, _ = mlxctl.run("daemon", "status", check=False)
         assert status["running"] is False
-        _, started, _ = mlxctl.run("daemon", "start")
+        _, started, _ = mlxctl.run("daemon", "start", "--http", "127.0.0.1:0")
         assert started["started"] is True and started["protocol_version"] == 1
+        assert started["http_address"].startswith("127.0.0.1:") and not started["http_address"].endswith(":0")
         _, status, _ = mlxctl.run("daemon", "status")
         assert status["running"] is True and status["pid"] == started["pid"]
+        assert status["http_address"] == started["http_address"]
 
     def test_convert_validate_infer_models(
         self, mlxctl: Mlxctl, tiny_clip: Path, golden_pngs: list[Path], tmp_path: Path

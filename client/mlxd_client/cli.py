@@ -266,7 +266,8 @@ def cmd_generate(client: Client, a: argparse.Namespace) -> Outcome:
     messages = [{"role": "system", "content": a.system}] if a.system else []
     if chat:
         messages.append({"role": "user", "content": a.prompt})
-    sampling = {"max_tokens": a.max_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed}
+    sampling = {"max_tokens": a.max_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
+                "stop": a.stop or ()}  # fmt: skip
     events = client.generate_events(a.model_dir, "" if chat else a.prompt, messages=messages, **sampling)
     result = None
     for event in events:
@@ -306,14 +307,16 @@ def cmd_unload(client: Client, a: argparse.Namespace) -> Outcome:
 def cmd_daemon(a: argparse.Namespace) -> Outcome:
     address = a.address or discovery.default_address()
     if a.action == "start":
-        started = discovery.ensure_daemon(address)
+        started = discovery.ensure_daemon(address, extra_args=("--http", a.http) if a.http else ())
         with Client(address, autostart=False) as c:
             info = to_dict(c.server_info) if c.server_info else {}
-        return (
-            {"started": started, **info},
-            f"mlxd {'started' if started else 'already running'} at {address}",
-            0,
-        )
+        http = info.get("http_address")
+        text = f"mlxd {'started' if started else 'already running'} at {address}"
+        if http:
+            text += f"; OpenAI-compatible API at http://{http}/v1"
+        elif a.http:
+            text += "; it serves no HTTP: stop it (mlxctl daemon stop) and start it again with --http"
+        return {"started": started, **info}, text, 0
     if a.action == "stop":
         if not discovery.is_serving(address):
             return {"stopped": False, "address": address}, f"no daemon at {address}", 0
@@ -340,6 +343,8 @@ def cmd_daemon(a: argparse.Namespace) -> Outcome:
         f"at {address}; BLAS {info.get('blas')}; {len(models['models'])} model(s) resident, "
         f"{models['used_bytes'] / 1e6:.1f} MB"
     )
+    if info.get("http_address"):
+        text += f"; OpenAI-compatible API at http://{info['http_address']}/v1"
     return r, text, 0
 
 
@@ -437,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", help="end the text just before this string (repeatable)")
     add("jobs", cmd_jobs, "list jobs (running and finished, also across daemon restarts)")
     jb = add("job", cmd_job, "show one job and its result")
     jb.add_argument("job_id")
@@ -451,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     ul.add_argument("model_dir")
     d = add("daemon", cmd_daemon, "start, stop or inspect the daemon")
     d.add_argument("action", choices=["start", "stop", "status"])
+    d.add_argument("--http", metavar="[HOST:]PORT", help="start: also serve the OpenAI-compatible HTTP API here")
     return p
 
 

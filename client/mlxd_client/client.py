@@ -305,13 +305,15 @@ class Client:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
+        stop: Iterable[str] = (),
     ) -> Iterator[pb.GeneratedToken | pb.GenerateResult]:
         """Stream generated tokens, then one GenerateResult (text, finish reason, tokens/s).
 
-        Closing the iterator early cancels the generation on the daemon."""
+        ``stop`` strings end the text just before the first one. Closing the iterator early cancels the
+        generation on the daemon."""
         request = pb.GenerateRequest(
             model=str(Path(model).resolve()), prompt=prompt, max_tokens=max_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, messages=[pb.ChatMessage(**m) for m in messages],
+            top_p=top_p, seed=seed, messages=[pb.ChatMessage(**m) for m in messages], stop=list(stop),
         )  # fmt: skip
         return self._stream(self._stub.Generate, request)
 

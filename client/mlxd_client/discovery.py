@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -68,13 +69,15 @@ def is_serving(address: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def start_daemon(address: str, timeout: float = 60.0, log_path: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start ``mlxd`` in the background at ``address`` and wait until it serves."""
+def start_daemon(
+    address: str, timeout: float = 60.0, log_path: Path | None = None, extra_args: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
+    """Start ``mlxd`` (with ``extra_args``) in the background at ``address`` and wait until it serves."""
     log_path = log_path or runtime_dir() / "mlxd.log"
     with open(log_path, "ab") as log:
         idle = os.environ.get(ENV_IDLE_TIMEOUT, "3600")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlxd_daemon", "--address", address, "--idle-timeout", idle],
+            [sys.executable, "-m", "mlxd_daemon", "--address", address, "--idle-timeout", idle, *extra_args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -93,9 +96,9 @@ def start_daemon(address: str, timeout: float = 60.0, log_path: Path | None = No
     raise TimeoutError(msg)
 
 
-def ensure_daemon(address: str) -> bool:
-    """Make sure a daemon serves at ``address``; returns True if one had to be started."""
+def ensure_daemon(address: str, extra_args: Sequence[str] = ()) -> bool:
+    """Make sure a daemon serves at ``address``; returns True if one had to be started (with ``extra_args``)."""
     if is_serving(address):
         return False
-    start_daemon(address)
+    start_daemon(address, extra_args=extra_args)
     return True

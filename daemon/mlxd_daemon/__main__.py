@@ -15,6 +15,7 @@ from mlxd_client.discovery import ENV_TOKEN, default_address, runtime_dir
 from mlxd_daemon import logs
 
 LOOPBACK = ("localhost:", "127.0.0.1:", "[::1]:")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 def total_memory_bytes() -> int:
@@ -32,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only read and write model paths under this directory (repeatable)")  # fmt: skip
     p.add_argument("--token-file", type=Path,
                    help=f"TCP: file with the token clients send (${ENV_TOKEN}); created if missing")  # fmt: skip
-    p.add_argument("--allow-remote", action="store_true", help="allow a TCP address other than loopback")
+    p.add_argument("--allow-remote", action="store_true", help="allow a TCP address (or --http) other than loopback")
+    p.add_argument("--http", metavar="[HOST:]PORT",
+                   help="also serve the OpenAI-compatible HTTP API (default: off; clients send the token)")  # fmt: skip
     p.add_argument("--tls-cert", type=Path, help="TCP: serve TLS with this PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, help="TCP: the PEM private key of --tls-cert")
     p.add_argument("--max-queued-jobs", type=int, default=16)
@@ -61,16 +64,25 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.log_level, log_json)
     import structlog
 
+    from mlxd_daemon.http_front import parse_http_address
     from mlxd_daemon.server import Daemon, socket_path
 
     address = args.address or default_address()
     is_unix = address.startswith("unix://")
     if not is_unix and not address.startswith(LOOPBACK) and not args.allow_remote:
         parser.error(f"refusing to listen on {address}: pass --allow-remote to accept connections from other hosts")
+    http = None
+    if args.http:
+        try:
+            http = parse_http_address(args.http)
+        except ValueError as e:
+            parser.error(str(e))
+        if http[0] not in LOOPBACK_HOSTS and not args.allow_remote:
+            parser.error(f"refusing to serve HTTP on {args.http}: pass --allow-remote to accept other hosts")
     sock = socket_path(address)
     state_dir = args.state_dir or (sock.parent if sock is not None else runtime_dir())
     token = None
-    if not is_unix:
+    if not is_unix or http is not None:  # TCP listeners (gRPC or HTTP) require the token
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         token, token_path = tcp_token(args.token_file, state_dir)
         structlog.get_logger().info("tcp_token_required", token_file=str(token_path))
@@ -87,12 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         log_level=args.log_level,
         log_json=log_json,
         idle_timeout=args.idle_timeout,
-        token=token,
+        token=None if is_unix else token,
         tls=tls,
         allowed_roots=tuple(args.allowed_root),
         max_queued_jobs=args.max_queued_jobs,
         max_batch=args.max_batch,
         batch_window_s=args.batch_window_ms / 1000,
+        http=http,
+        http_token=token,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

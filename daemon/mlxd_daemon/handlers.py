@@ -15,6 +15,7 @@ from typing import Any
 from mlxd_daemon.errors import InvalidArgument, MlxdError
 from mlxd_daemon.progress import Reporter
 from mlxd_daemon.residency import Residency, configure_mlx_for_inference
+from mlxd_daemon.stop_strings import StopStrings
 
 Handler = Callable[[dict[str, Any], Reporter], Any]
 
@@ -170,7 +171,9 @@ def split_outputs(outputs: dict[str, Any], texts: tuple[int, int], images: tuple
 
 
 def generate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
-    """Stream tokens as ``data`` events; return the text and speed. A cancel stops between tokens."""
+    """Stream tokens as ``data`` events; return the text and speed. A cancel stops between tokens.
+
+    ``stop`` strings end generation early: the text stops just before the first one (finish_reason "stop")."""
     resident, _ = _models().get(args["model"])
     bundle = resident.bundle
     if not hasattr(bundle, "generate"):
@@ -178,21 +181,41 @@ def generate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
         raise InvalidArgument(msg, reason="USE_INFER", model_type=resident.model_type)
     prompt: str | list[int] = args["prompt"]
     if args["messages"]:
-        prompt = bundle.apply_chat_template(args["messages"])
+        try:
+            prompt = bundle.apply_chat_template(args["messages"])
+        except InvalidArgument as e:  # the HTTP front asks for plain text when a model has no template
+            if e.reason != "NO_CHAT_TEMPLATE" or not args.get("plain_chat_fallback"):
+                raise
+            prompt = "\n\n".join(m["content"] for m in args["messages"])
     elif not prompt:
         msg = "nothing to generate from: pass a prompt or chat messages"
         raise InvalidArgument(msg, reason="EMPTY_INPUT")
+    stops = StopStrings(args.get("stop", ()))
     start = time.perf_counter()
-    pieces, last = [], {}
-    for event in bundle.generate(prompt, max_tokens=args["max_tokens"], temperature=args["temperature"],
-                                 top_p=args["top_p"], seed=args["seed"]):  # fmt: skip
-        pieces.append(event["text"])
-        reporter.data({"token_id": event["token_id"], "text": event["text"]})
-        last = event
+    first_at, count, pieces, last = start, 0, [], {}
+    events = bundle.generate(prompt, max_tokens=args["max_tokens"], temperature=args["temperature"],
+                             top_p=args["top_p"], seed=args["seed"])  # fmt: skip
+    try:
+        for event in events:
+            first_at, count, last = first_at if count else time.perf_counter(), count + 1, event
+            text = stops.push(event["text"]) + (stops.flush() if "finish_reason" in event else "")
+            pieces.append(text)
+            reporter.data({"token_id": event["token_id"], "text": text})
+            if stops.stopped:
+                break
+    finally:
+        if hasattr(events, "close"):  # a stop string or a cancel: the decoder stops here
+            events.close()
     resident.last_used, resident.infer_count = time.time(), resident.infer_count + 1
-    stats = last.get("stats", {})
+    stats, finish = last.get("stats", {}), last.get("finish_reason", "")
+    if stops.stopped:  # the decoder did not finish, so its stats are ours to take
+        end, finish = time.perf_counter(), "stop"
+        n_prompt = len(prompt) if isinstance(prompt, list) else len(bundle.encode(prompt))
+        stats = {"prompt_tokens": n_prompt, "generation_tokens": count - 1,
+                 "prompt_tps": n_prompt / max(first_at - start, 1e-9),
+                 "generation_tps": (count - 1) / (end - first_at) if count > 1 else 0.0}  # fmt: skip
     return {
-        "model": resident.id, "text": "".join(pieces), "finish_reason": last.get("finish_reason", ""),
+        "model": resident.id, "text": "".join(pieces), "finish_reason": finish,
         "prompt_tokens": stats.get("prompt_tokens", 0), "generation_tokens": stats.get("generation_tokens", 0),
         "prompt_tokens_per_second": stats.get("prompt_tps", 0.0),
         "generation_tokens_per_second": stats.get("generation_tps", 0.0), "seconds": time.perf_counter() - start,

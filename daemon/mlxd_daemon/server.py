@@ -24,6 +24,7 @@ from mlxd_daemon import PROTOCOL_VERSION, __version__
 from mlxd_daemon.batching import InferBatcher
 from mlxd_daemon.blas import find_blas, warning
 from mlxd_daemon.errors import Unauthenticated
+from mlxd_daemon.http_front import HttpServer, OpenAIFront
 from mlxd_daemon.jobs import JobTable
 from mlxd_daemon.servicer import MlxdServicer
 from mlxd_daemon.workers import WorkerProcess
@@ -36,6 +37,10 @@ class CanonicalLogInterceptor(grpc.ServerInterceptor):
     """One log line per RPC: method, status code, latency (and job id, bound by the servicer)."""
 
     def __init__(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def touch(self) -> None:
+        """Record activity from another front (HTTP): the idle timeout counts all requests."""
         self.last_activity = time.monotonic()
 
     def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
@@ -172,6 +177,8 @@ class Daemon:
         max_queued_jobs: int = 16,
         max_batch: int = 32,
         batch_window_s: float = 0.0,
+        http: tuple[str, int] | None = None,
+        http_token: str | None = None,
     ) -> None:
         options = {"log_level": log_level, "log_json": log_json, "memory_budget": memory_budget}
         self.address = address
@@ -206,6 +213,12 @@ class Daemon:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.http: HttpServer | None = None
+        if http is not None:
+            assert http_token, "the HTTP front always requires a token"
+            front = OpenAIFront(self.servicer.service, http_token, touch=self.interceptor.touch)
+            self.http = HttpServer(front.app, *http)  # binds now: a taken port fails before anything starts
+            self.servicer.http_address = self.http.address
 
     def start(self) -> None:
         prepare_socket(self.address)
@@ -222,13 +235,16 @@ class Daemon:
             self.server.start()
         finally:
             os.umask(old_umask)
+        if self.http is not None:
+            self.http.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         blas = find_blas()
         info = {"pid": os.getpid(), "address": self.address, "version": __version__, "protocol": PROTOCOL_VERSION,
-                "started_at": time.time(), "blas": blas}  # fmt: skip
+                "started_at": time.time(), "blas": blas, "http_address": self.servicer.http_address}  # fmt: skip
         write_private(self.discovery, json.dumps(info))
-        log.info("daemon_started", address=self.address, pid=os.getpid(), blas=blas, discovery=str(self.discovery))
+        log.info("daemon_started", address=self.address, pid=os.getpid(), blas=blas, discovery=str(self.discovery),
+                 http=self.servicer.http_address or None)  # fmt: skip
         if warning(blas):
             log.warning("slow_blas", message=warning(blas))
         # Warm the models worker in the background so the first Infer does not pay for process start-up.
@@ -247,6 +263,8 @@ class Daemon:
         self.health.enter_graceful_shutdown()
         for job in self.servicer.jobs.active():
             self.servicer.jobs.cancel(job)
+        if self.http is not None:
+            self.http.stop(grace + 1)
         self.server.stop(grace).wait(grace + 1)
         self.servicer.batcher.stop()
         self.jobs_worker.stop()

@@ -23,7 +23,7 @@ from mlxd_daemon import PROTOCOL_VERSION, __version__
 from mlxd_daemon.archs import SUPPORTED
 from mlxd_daemon.batching import InferBatcher
 from mlxd_daemon.blas import find_blas
-from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, MlxdError, NotFound, PermissionDenied, from_status
+from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, MlxdError, NotFound, from_status
 from mlxd_daemon.jobs import SUCCEEDED, TERMINAL, Job, JobTable
 from mlxd_daemon.messages import (
     DTYPE_NAMES,
@@ -36,6 +36,7 @@ from mlxd_daemon.messages import (
     tensor,
     validation_report,
 )
+from mlxd_daemon.service import Service, generate_args
 from mlxd_daemon.workers import WorkerProcess
 
 log = structlog.get_logger()
@@ -75,7 +76,8 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         self.models_worker = models_worker
         self.jobs = jobs or JobTable()
         self.batcher = batcher or InferBatcher(models_worker)
-        self.allowed_roots = tuple(os.path.realpath(r) for r in allowed_roots)
+        self.service = Service(models_worker, self.batcher, self.jobs, allowed_roots)
+        self.http_address = ""  # set by the daemon when it serves the OpenAI-compatible HTTP front
         self.address = address
         self.started_at = time.time()
         self.request_shutdown = request_shutdown
@@ -107,6 +109,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             address=self.address,
             started_at_unix=self.started_at,
             blas=find_blas(),
+            http_address=self.http_address,
         )
 
     def Shutdown(self, request: pb.ShutdownRequest, context: grpc.ServicerContext) -> pb.ShutdownResponse:
@@ -178,15 +181,10 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         return pb.CancelJobResponse(cancelled=self.jobs.cancel(self._job(context, request.job_id)))
 
     def _require_paths(self, context: grpc.ServicerContext, *paths: str) -> None:
-        """Paths must be absolute and, when the daemon has allowed roots, inside one of them."""
-        for path in paths:
-            if not path or not os.path.isabs(path):
-                msg = f"path {path!r} must be absolute (the daemon has its own working directory)"
-                abort(context, InvalidArgument(msg, reason="RELATIVE_PATH", path=path))
-            real = os.path.realpath(path)  # symlinks cannot escape the roots
-            if self.allowed_roots and not any(real == r or real.startswith(r + os.sep) for r in self.allowed_roots):
-                msg = f"{path} is outside the daemon's allowed roots ({', '.join(self.allowed_roots)})"
-                abort(context, PermissionDenied(msg, reason="PATH_NOT_ALLOWED", path=path))
+        try:
+            self.service.check_paths(*paths)
+        except MlxdError as e:
+            abort(context, e)
 
     def _run_job(self, kind: str, args: dict[str, Any], context: grpc.ServicerContext) -> Iterator[tuple[str, Any]]:
         """Start a job on the jobs worker; yield ("progress", Progress) events then ("result", dict)."""
@@ -270,7 +268,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
     # -- models ----------------------------------------------------------------------------------
     def _models_call(self, context: grpc.ServicerContext, op: str, args: dict[str, Any]) -> Any:
         try:
-            return self.models_worker.call(op, args)
+            return self.service.call(op, args)
         except MlxdError as e:
             abort(context, e)
 
@@ -282,7 +280,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             outputs = {name: tensor(v) for name, v in ran["outputs"].items()}
             return pb.InferResponse(model=ran["model"], seconds=ran["seconds"], outputs=outputs, batch_requests=1)
         try:
-            reply = self.batcher.infer(request.model, list(request.texts), list(request.images))
+            reply = self.service.infer(request.model, list(request.texts), list(request.images))
         except MlxdError as e:
             abort(context, e)
         out = reply["outputs"]
@@ -296,30 +294,16 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         )
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
-        self._require_paths(context, request.model)
-        args = {
-            "model": request.model, "prompt": request.prompt,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-            "max_tokens": request.max_tokens or 64, "temperature": request.temperature,
-            "top_p": request.top_p if 0 < request.top_p <= 1 else 1.0, "seed": request.seed,
-        }  # fmt: skip
+        args = generate_args(
+            request.model, request.prompt, [{"role": m.role, "content": m.content} for m in request.messages],
+            max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+            stop=list(request.stop),
+        )  # fmt: skip
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
-        state = {"running": False, "stop": False}  # running: the worker is on this request now
-
-        def on_start() -> None:
-            state["running"] = True
-
-        def run() -> None:
-            try:
-                result = self.models_worker.call("generate", args, on_event=lambda e: events.put(("token", e)),
-                                                 is_cancelled=lambda: state["stop"], on_start=on_start)  # fmt: skip
-                events.put(("result", result))
-            except MlxdError as e:
-                events.put(("error", e))
-            finally:
-                state["running"] = False
-
-        threading.Thread(target=run, name="generate", daemon=True).start()
+        try:
+            generation = self.service.generate(args, lambda kind, value: events.put((kind, value)))
+        except MlxdError as e:
+            abort(context, e)
         try:
             while True:
                 try:
@@ -336,9 +320,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
                 else:
                     abort(context, value)
         except GeneratorExit:  # the client went away: stop generating for nobody
-            state["stop"] = True
-            if state["running"]:
-                self.models_worker.cancel()
+            generation.cancel()
             raise
 
     def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> pb.LoadModelResponse:

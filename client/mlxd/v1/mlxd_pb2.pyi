@@ -71,7 +71,7 @@ class Capabilities(_message.Message):
     def __init__(self, architectures: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., quant_modes: _Optional[_Iterable[_Union[QuantMode, str]]] = ..., quant_bits: _Optional[_Iterable[int]] = ..., quant_group_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InitializeResponse(_message.Message):
-    __slots__ = ("protocol_version", "daemon_version", "capabilities", "pid", "address", "started_at_unix", "blas")
+    __slots__ = ("protocol_version", "daemon_version", "capabilities", "pid", "address", "started_at_unix", "blas", "http_address")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DAEMON_VERSION_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class InitializeResponse(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     BLAS_FIELD_NUMBER: _ClassVar[int]
+    HTTP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     daemon_version: str
     capabilities: Capabilities
@@ -86,7 +87,8 @@ class InitializeResponse(_message.Message):
     address: str
     started_at_unix: float
     blas: str
-    def __init__(self, protocol_version: _Optional[int] = ..., daemon_version: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., pid: _Optional[int] = ..., address: _Optional[str] = ..., started_at_unix: _Optional[float] = ..., blas: _Optional[str] = ...) -> None: ...
+    http_address: str
+    def __init__(self, protocol_version: _Optional[int] = ..., daemon_version: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., pid: _Optional[int] = ..., address: _Optional[str] = ..., started_at_unix: _Optional[float] = ..., blas: _Optional[str] = ..., http_address: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("kind", "job_id", "stage", "items_done", "items_total", "bytes_done", "bytes_total", "message", "seq")
@@ -513,7 +515,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed")
+    __slots__ = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -521,6 +523,7 @@ class GenerateRequest(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -528,7 +531,8 @@ class GenerateRequest(_message.Message):
     temperature: float
     top_p: float
     seed: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GeneratedToken(_message.Message):
     __slots__ = ("token_id", "text")

@@ -1,0 +1,119 @@
+"""Request handling shared by the front ends (the gRPC servicer and the OpenAI-compatible HTTP front).
+
+Plain arguments in, calls on the same worker processes and Infer batcher, plain results or events out; a
+failure raises a domain error (``errors.py``) that each front turns into its own status. Imports neither
+protobuf nor mlx/torch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlxd_daemon.batching import InferBatcher
+from mlxd_daemon.errors import InvalidArgument, MlxdError, PermissionDenied
+from mlxd_daemon.jobs import SUCCEEDED, JobTable
+from mlxd_daemon.workers import WorkerProcess
+
+DEFAULT_MAX_TOKENS = 64
+Sink = Callable[[str, Any], None]
+
+
+class Service:
+    """What both fronts call: path checks, models-worker calls, batched Infer, streamed Generate."""
+
+    def __init__(
+        self, models_worker: WorkerProcess, batcher: InferBatcher, jobs: JobTable, allowed_roots: tuple[str, ...] = ()
+    ) -> None:
+        self.models_worker = models_worker
+        self.batcher = batcher
+        self.jobs = jobs
+        self.allowed_roots = tuple(os.path.realpath(r) for r in allowed_roots)
+
+    def check_paths(self, *paths: str) -> None:
+        """Paths must be absolute and, when the daemon has allowed roots, inside one of them."""
+        for path in paths:
+            if not path or not os.path.isabs(path):
+                msg = f"path {path!r} must be absolute (the daemon has its own working directory)"
+                raise InvalidArgument(msg, reason="RELATIVE_PATH", path=path)
+            real = os.path.realpath(path)  # symlinks cannot escape the roots
+            if self.allowed_roots and not any(real == r or real.startswith(r + os.sep) for r in self.allowed_roots):
+                msg = f"{path} is outside the daemon's allowed roots ({', '.join(self.allowed_roots)})"
+                raise PermissionDenied(msg, reason="PATH_NOT_ALLOWED", path=path)
+
+    def call(self, op: str, args: dict[str, Any]) -> Any:
+        """One request on the models worker (load, unload, list, run)."""
+        return self.models_worker.call(op, args)
+
+    def infer(self, model: str, texts: list[str], images: list[bytes]) -> dict[str, Any]:
+        """Embed texts/images through the batcher: this request's rows of a (possibly shared) forward."""
+        self.check_paths(model)
+        return self.batcher.infer(model, texts, images)
+
+    def generate(self, args: dict[str, Any], sink: Sink) -> Generation:
+        """Start a generation (args from ``generate_args``); its events go to ``sink`` (see ``Generation``)."""
+        self.check_paths(args["model"])
+        return Generation(self.models_worker, args, sink)
+
+    def converted_models(self) -> list[str]:
+        """Output directories of this daemon's finished convert/quantize jobs that still hold a model."""
+        seen: dict[str, None] = {}
+        for job in self.jobs.newest_first():
+            done = job.kind in ("convert", "quantize") and job.state == SUCCEEDED and job.dst
+            if done and (Path(job.dst) / "config.json").is_file():
+                seen.setdefault(str(Path(job.dst).resolve()))
+        return list(seen)
+
+
+def generate_args(
+    model: str,
+    prompt: str | list[int] = "",
+    messages: Sequence[dict[str, str]] = (),
+    *,
+    max_tokens: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The models worker's ``generate`` arguments; 0 means the default for max_tokens (64) and top_p (1)."""
+    return {
+        "model": model, "prompt": prompt, "messages": [dict(m) for m in messages],
+        "max_tokens": max_tokens or DEFAULT_MAX_TOKENS, "temperature": temperature,
+        "top_p": top_p if 0 < top_p <= 1 else 1.0, "seed": seed, "stop": [s for s in stop if s],
+    }  # fmt: skip
+
+
+class Generation:
+    """One Generate running on its own thread. ``sink(kind, value)`` receives ("token", {"token_id", "text"})
+    events, then exactly one ("result", dict) or ("error", MlxdError). ``cancel`` stops it between tokens."""
+
+    def __init__(self, worker: WorkerProcess, args: dict[str, Any], sink: Sink) -> None:
+        self.worker, self.args, self.sink = worker, args, sink
+        self.running = False  # the worker is on this request now (so a cancel targets it)
+        self.stopped = False
+        threading.Thread(target=self._run, name="generate", daemon=True).start()
+
+    def _started(self) -> None:
+        self.running = True
+
+    def _run(self) -> None:
+        try:
+            result = self.worker.call("generate", self.args, on_event=lambda e: self.sink("token", e),
+                                      is_cancelled=lambda: self.stopped, on_start=self._started)  # fmt: skip
+            self.sink("result", result)
+        except MlxdError as e:
+            self.sink("error", e)
+        except Exception as e:  # a bug must still end the stream, not leave the client waiting
+            self.sink("error", MlxdError(f"internal error: {type(e).__name__}: {e}", reason="INTERNAL"))
+        finally:
+            self.running = False
+
+    def cancel(self) -> None:
+        """The client went away: stop generating for nobody (a no-op once the generation ended)."""
+        self.stopped = True
+        if self.running:
+            self.worker.cancel()

@@ -1,0 +1,213 @@
+"""The OpenAI-compatible HTTP front, driven by the official ``openai`` package against a live daemon that also
+serves gRPC: the same models, the same tokens, the same embeddings."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+from conftest import DaemonProcess
+from mlxd.v1 import mlxd_pb2 as pb
+from mlxd_client import Client
+
+PROMPT = "once upon a time"  # the tiny Llama's greedy continuation of this runs the full max_tokens
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[DaemonProcess]:
+    """A daemon on a unix socket that also serves HTTP on a free loopback port."""
+    with tempfile.TemporaryDirectory(prefix="mlxd-http-") as root:
+        d = DaemonProcess(Path(root), "--http", "127.0.0.1:0")
+        yield d
+        d.stop()
+
+
+@pytest.fixture(scope="module")
+def grpc(served: DaemonProcess) -> Iterator[Client]:
+    with served.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def api(served: DaemonProcess, grpc: Client) -> openai.OpenAI:
+    """The official client, pointed at the daemon's HTTP address with its token as the API key."""
+    token = (served.socket.parent / "token").read_text().strip()
+    return openai.OpenAI(base_url=f"http://{grpc.server_info.http_address}/v1", api_key=token, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def models(grpc: Client, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Llama, BERT and CLIP checkpoints converted by the daemon (so it knows them by alias)."""
+    from mlxd_daemon.fixtures import make_bert, make_clip
+    from mlxd_daemon.fixtures.llama import make_llama
+
+    root = tmp_path_factory.mktemp("http-models")
+    out = {}
+    for name, make in (("llama", make_llama), ("bert", make_bert), ("clip", make_clip)):
+        src = make(root / f"hf-{name}", seed=0)
+        grpc.convert(src, root / f"tiny-{name}")
+        out[name] = root / f"tiny-{name}"
+    return out
+
+
+def grpc_tokens(grpc: Client, model: Path, prompt: str = "", **options: object) -> tuple[list[str], pb.GenerateResult]:
+    events = list(grpc.generate_events(model, prompt, **options))  # type: ignore[arg-type]
+    return [e.text for e in events if isinstance(e, pb.GeneratedToken)], events[-1]
+
+
+class TestModels:
+    def test_lists_converted_and_resident_models_with_alias(
+        self, api: openai.OpenAI, grpc: Client, models: dict[str, Path]
+    ) -> None:
+        """GET /v1/models lists every converted model by directory path, with its directory name as alias."""
+        grpc.load_model(models["bert"])
+        listed = {m.id: m for m in api.models.list().data}
+        assert {str(p) for p in models.values()} <= set(listed)
+        assert listed[str(models["llama"])].alias == "tiny-llama"  # type: ignore[attr-defined]
+        assert listed[str(models["bert"])].resident is True  # type: ignore[attr-defined]
+
+
+class TestCompletions:
+    def test_completion_equals_mlxctl_generate(self, api: openai.OpenAI, served: DaemonProcess,
+                                               models: dict[str, Path]) -> None:  # fmt: skip
+        """A greedy completion (by alias) has the text and token count `mlxctl generate` prints."""
+        env = {**os.environ, "MLXD_ADDRESS": served.address}
+        cmd = [sys.executable, "-m", "mlxd_client.cli", "--json", "generate", str(models["llama"]), PROMPT,
+               "--max-tokens", "12"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        expected = json.loads(proc.stdout)
+        got = api.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=12, temperature=0)
+        assert got.choices[0].text == expected["text"]
+        assert got.choices[0].finish_reason == expected["finish_reason"] == "length"
+        assert got.usage is not None
+        assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (expected["prompt_tokens"], 12)
+
+    def test_streamed_completion_ends_with_finish_reason(self, api: openai.OpenAI, grpc: Client,
+                                                         models: dict[str, Path]) -> None:  # fmt: skip
+        """A streamed completion's pieces join to gRPC Generate's text; the last chunk carries the reason."""
+        pieces, result = grpc_tokens(grpc, models["llama"], PROMPT, max_tokens=10)
+        chunks = list(api.completions.create(model=str(models["llama"]), prompt=PROMPT, max_tokens=10, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == result.text == "".join(pieces)
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+    def test_chat_plain_and_streamed_use_the_chat_template(self, api: openai.OpenAI, grpc: Client,
+                                                           models: dict[str, Path]) -> None:  # fmt: skip
+        """Chat (plain and streamed, with usage) equals gRPC Generate with the same messages."""
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+        pieces, result = grpc_tokens(grpc, models["llama"], messages=messages, max_tokens=8)
+        plain = api.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=8)  # type: ignore[arg-type]
+        assert plain.choices[0].message.content == result.text
+        assert plain.usage is not None and plain.usage.prompt_tokens == result.prompt_tokens
+        assert plain.usage.completion_tokens == len(pieces)
+        stream = api.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=8, stream=True,  # type: ignore[arg-type]
+                                             stream_options={"include_usage": True})  # fmt: skip
+        chunks = list(stream)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == result.text
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(pieces)
+
+    def test_stop_string_ends_text_before_it_over_both_fronts(self, api: openai.OpenAI, grpc: Client,
+                                                              models: dict[str, Path]) -> None:  # fmt: skip
+        """A stop string ends the text just before it (finish "stop"), the same over gRPC and HTTP."""
+        full = grpc.generate(models["llama"], PROMPT, max_tokens=24).text
+        stop = full[len(full) // 2 : len(full) // 2 + 3]
+        cut = full[: full.index(stop)]
+        via_grpc = grpc.generate(models["llama"], PROMPT, max_tokens=24, stop=[stop])
+        assert (via_grpc.text, via_grpc.finish_reason) == (cut, "stop")
+        via_http = api.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=24, stop=[stop, "\x00"])
+        assert (via_http.choices[0].text, via_http.choices[0].finish_reason) == (cut, "stop")
+        streamed = api.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=24, stop=stop, stream=True)
+        assert "".join(c.choices[0].text for c in streamed) == cut
+
+    def test_eight_concurrent_streams_all_complete(self, api: openai.OpenAI, grpc: Client,
+                                                   models: dict[str, Path]) -> None:  # fmt: skip
+        """Eight clients streaming at once all get their whole, correct text."""
+        expected = grpc.generate(models["llama"], PROMPT, max_tokens=16).text
+
+        def one(_: int) -> str:
+            stream = api.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=16, stream=True)
+            return "".join(c.choices[0].text for c in stream)
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(one, range(8))) == [expected] * 8
+
+
+class TestEmbeddings:
+    def test_bert_float_and_base64_equal_infer(self, api: openai.OpenAI, grpc: Client,
+                                               models: dict[str, Path]) -> None:  # fmt: skip
+        """BERT sentence embeddings over HTTP (float and base64) equal Infer's, in input order."""
+        texts = ["a small cat", "the weather today", "x"]
+        expected = grpc.infer(models["bert"], texts=texts).text_embeds
+        for encoding in ("float", "base64"):
+            got = api.embeddings.create(model="tiny-bert", input=texts, encoding_format=encoding)  # type: ignore[arg-type]
+            vectors = [np.frombuffer(base64.b64decode(d.embedding), "<f4") if encoding == "base64"  # type: ignore[arg-type]
+                       else np.array(d.embedding) for d in got.data]  # fmt: skip
+            assert np.abs(np.stack(vectors) - expected).max() <= 1e-5
+
+    def test_clip_texts_and_data_url_images_equal_infer(self, api: openai.OpenAI, grpc: Client,
+                                                        models: dict[str, Path]) -> None:  # fmt: skip
+        """CLIP embeds texts and base64 data-URL images in one request, each equal to Infer's."""
+        from mlxd_daemon.fixtures import golden_images
+
+        buf = io.BytesIO()
+        golden_images(1, size=40)[0].save(buf, format="PNG")
+        png = buf.getvalue()
+        expected = grpc.infer(models["clip"], texts=["a photo"], images=[png])
+        url = "data:image/png;base64," + base64.b64encode(png).decode()
+        got = api.embeddings.create(model="tiny-clip", input=["a photo", url], encoding_format="float").data
+        assert np.abs(np.array(got[0].embedding) - expected.text_embeds[0]).max() <= 1e-5
+        assert np.abs(np.array(got[1].embedding) - expected.image_embeds[0]).max() <= 1e-5
+
+
+class TestErrors:
+    def test_wrong_token_is_401(self, api: openai.OpenAI) -> None:
+        """A wrong API key is 401 with reason BAD_TOKEN."""
+        with pytest.raises(openai.AuthenticationError) as err:
+            api.with_options(api_key="wrong").models.list()
+        assert err.value.code == "BAD_TOKEN"
+
+    def test_unknown_model_is_404(self, api: openai.OpenAI, models: dict[str, Path]) -> None:
+        """An unknown alias, or a path with no model, is 404 with reason MODEL_NOT_FOUND."""
+        for model in ("no-such-model", str(models["llama"]) + "-missing"):
+            with pytest.raises(openai.NotFoundError) as err:
+                api.completions.create(model=model, prompt="hi", max_tokens=2)
+            assert err.value.code == "MODEL_NOT_FOUND"
+
+    def test_bad_requests_are_400_with_reason(self, api: openai.OpenAI, models: dict[str, Path]) -> None:
+        """Bad fields and the wrong kind of model are 400, carrying the mlxd reason; the daemon keeps serving."""
+        with pytest.raises(openai.BadRequestError) as err:
+            api.completions.create(model="tiny-llama", prompt="hi", max_tokens=2, top_p=2.0)
+        assert (err.value.code, err.value.param) == ("BAD_REQUEST", "top_p")
+        with pytest.raises(openai.BadRequestError) as err:
+            api.embeddings.create(model="tiny-llama", input="hi")
+        assert err.value.code == "USE_GENERATE"
+        with pytest.raises(openai.BadRequestError) as err:
+            api.completions.create(model="tiny-bert", prompt="hi", max_tokens=2, stream=True)
+        assert err.value.code == "USE_INFER"
+        assert api.completions.create(model="tiny-llama", prompt="hi", max_tokens=2).choices
+
+
+class TestHttpStatus:
+    def test_error_codes_map_to_http_statuses(self) -> None:
+        """Queue full is 429 with Retry-After; a crashed worker 503; bodies are OpenAI error JSON with the reason."""
+        from mlxd_daemon.errors import ResourceExhausted, WorkerCrashed
+        from mlxd_daemon.http_front import error_response
+
+        full = error_response(ResourceExhausted("queued", reason="QUEUE_FULL", retry_after_s=5))
+        assert (full.status_code, full.headers["retry-after"]) == (429, "5")
+        crashed = error_response(WorkerCrashed("died", exit_code=-9))
+        assert crashed.status_code == 503
+        body = json.loads(bytes(crashed.body))["error"]
+        assert (body["code"], body["mlxd"]["metadata"]["exit_code"]) == ("WORKER_CRASHED", "-9")
