@@ -92,6 +92,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/convert.py
 	$(PY) bench/infer.py
+	$(PY) bench/http_vs_grpc.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .demo $(TS)/node_modules $(TS)/dist
