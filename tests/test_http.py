@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -197,6 +198,32 @@ class TestErrors:
             api.completions.create(model="tiny-bert", prompt="hi", max_tokens=2, stream=True)
         assert err.value.code == "USE_INFER"
         assert api.completions.create(model="tiny-llama", prompt="hi", max_tokens=2).choices
+
+
+class TestStreamLifetime:
+    def test_client_leaving_mid_stream_cancels_the_generation(self, api: openai.OpenAI, served: DaemonProcess,
+                                                              models: dict[str, Path]) -> None:  # fmt: skip
+        """Closing a stream after its first chunk cancels the generation in the worker; the next request runs."""
+        stream = api.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=1900, stream=True)
+        next(iter(stream))
+        stream.close()
+        assert api.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2  # type: ignore[union-attr]
+        cancels = [json.loads(line) for line in served.log.read_text().splitlines() if '"generate_cancelled"' in line]
+        assert cancels and cancels[-1]["tokens"] < 1900
+
+    def test_worker_crash_mid_stream_is_an_error_event(self, api: openai.OpenAI, served: DaemonProcess,
+                                                       models: dict[str, Path]) -> None:  # fmt: skip
+        """A models worker killed mid-stream ends the stream with WORKER_CRASHED; the next request is served."""
+        from helpers import worker_pid
+
+        stream = api.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=1900, stream=True)
+        pid = worker_pid(served, "models")
+        with pytest.raises(openai.APIError) as err:
+            for i, _ in enumerate(stream):
+                if i == 0:  # chunks already in flight may still arrive before the error event
+                    os.kill(pid, signal.SIGKILL)
+        assert err.value.code == "WORKER_CRASHED"
+        assert api.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=2).choices[0].text
 
 
 class TestHttpStatus:

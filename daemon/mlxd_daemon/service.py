@@ -13,10 +13,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from mlxd_daemon.batching import InferBatcher
-from mlxd_daemon.errors import InvalidArgument, MlxdError, PermissionDenied
+from mlxd_daemon.errors import Cancelled, InvalidArgument, MlxdError, PermissionDenied
 from mlxd_daemon.jobs import SUCCEEDED, JobTable
 from mlxd_daemon.workers import WorkerProcess
+
+log = structlog.get_logger()
 
 DEFAULT_MAX_TOKENS = 64
 Sink = Callable[[str, Any], None]
@@ -95,16 +99,24 @@ class Generation:
         self.worker, self.args, self.sink = worker, args, sink
         self.running = False  # the worker is on this request now (so a cancel targets it)
         self.stopped = False
+        self.tokens = 0
         threading.Thread(target=self._run, name="generate", daemon=True).start()
+
+    def _token(self, event: dict[str, Any]) -> None:
+        self.tokens += 1
+        self.sink("token", event)
 
     def _started(self) -> None:
         self.running = True
 
     def _run(self) -> None:
         try:
-            result = self.worker.call("generate", self.args, on_event=lambda e: self.sink("token", e),
-                                      is_cancelled=lambda: self.stopped, on_start=self._started)  # fmt: skip
+            result = self.worker.call("generate", self.args, on_event=self._token, is_cancelled=lambda: self.stopped,
+                                      on_start=self._started)  # fmt: skip
             self.sink("result", result)
+        except Cancelled as e:
+            log.info("generate_cancelled", model=self.args["model"], tokens=self.tokens)
+            self.sink("error", e)
         except MlxdError as e:
             self.sink("error", e)
         except Exception as e:  # a bug must still end the stream, not leave the client waiting
