@@ -102,7 +102,8 @@ class OpenAIFront:
             for m in listed["models"]:
                 known[m["id"]] = {"resident": True, "model_type": m["model_type"], "created": int(m["loaded_at_unix"])}
         for model_id in [*self.service.converted_models(), *self.seen]:
-            known.setdefault(model_id, {"resident": False})
+            if model_id not in known and os.path.isdir(model_id):
+                known[model_id] = {"resident": False, "created": int(os.path.getmtime(model_id))}
         return known
 
     async def resolve(self, name: str) -> str:
