@@ -23,7 +23,10 @@ from mlxd_daemon.errors import InvalidArgument, NotFound
 # (index file, single file, format), in order of preference: safetensors needs no unpickling.
 WEIGHT_FILES: tuple[tuple[str, str, str], ...] = (
     ("model.safetensors.index.json", "model.safetensors", "safetensors"),
+    # diffusers components (unet/, vae/) name their weights diffusion_pytorch_model.*
+    ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors", "safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin", "bin"),
+    ("diffusion_pytorch_model.bin.index.json", "diffusion_pytorch_model.bin", "bin"),
 )
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {

@@ -41,7 +41,12 @@ def decode_images(images: list[bytes]) -> list[Any]:
 def convert(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     from mlxd_daemon.convert import convert as run_convert
     from mlxd_daemon.export import convert_via_export, maybe_export
+    from mlxd_daemon.pipelines import is_pipeline
 
+    if is_pipeline(args["src"]):  # a diffusers pipeline directory (model_index.json): component by component
+        from mlxd_daemon.pipelines.convert import convert_pipeline
+
+        return convert_pipeline(Path(args.pop("src")), Path(args.pop("dst")), reporter=reporter, **args)
     if maybe_export(args["src"]):  # a .pt2, or an HF model_type without a hand-written module: torch.export
         return convert_via_export(args, reporter)
     return run_convert(Path(args.pop("src")), Path(args.pop("dst")), reporter=reporter, **args)
@@ -73,8 +78,13 @@ def quantize(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
 
 
 def validate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    from mlxd_daemon.pipelines import is_pipeline
     from mlxd_daemon.validate import validate_model
 
+    if is_pipeline(args["model_dir"]):
+        from mlxd_daemon.pipelines.validate import validate_pipeline
+
+        return validate_pipeline(Path(args["reference"]), Path(args["model_dir"]), reporter=reporter)
     images = decode_images(args["images"]) if args["images"] else None
     arrays = None
     if args.get("inputs_npz"):

@@ -99,8 +99,13 @@ class Residency:
             if keep_alive is not None:
                 self.models[model_id].keep_alive = keep_alive
             return self.models[model_id], []
-        model_type = read_model_type(Path(model_id))
-        bundle = get_arch(model_type).load(Path(model_id))
+        if (Path(model_id) / "model_index.json").is_file():  # a converted diffusion pipeline
+            from mlxd_daemon.pipelines import sd
+
+            model_type, bundle = "stable_diffusion", sd.load(Path(model_id))
+        else:
+            model_type = read_model_type(Path(model_id))
+            bundle = get_arch(model_type).load(Path(model_id))
         need = int(bundle.nbytes)
         if need > self.budget_bytes:
             del bundle

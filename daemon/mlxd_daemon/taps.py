@@ -40,6 +40,24 @@ def _first_tensor(output: Any) -> Any:
     return output[0] if isinstance(output, tuple | list) else getattr(output, "last_hidden_state", output)
 
 
+def hook_modules(model: Any, names: set[str], captured: dict[str, np.ndarray], prefix: str = "") -> list[Any]:
+    """Record into ``captured[prefix + name]`` the output of each module of ``model`` named ``name`` (or
+    ``<path>.<name>``) for ``name`` in ``names``; returns the hook handles (``.remove()`` them when done)."""
+    handles = []
+
+    def hook_for(name: str) -> Any:
+        def hook(module: Any, inputs: Any, output: Any) -> None:
+            captured[prefix + name] = _first_tensor(output).detach().float().numpy()
+
+        return hook
+
+    for module_name, module in model.named_modules():
+        for name in names:
+            if module_name == name or module_name.endswith("." + name):
+                handles.append(module.register_forward_hook(hook_for(name)))
+    return handles
+
+
 @contextmanager
 def torch_taps(names: list[str]) -> Iterator[dict[str, np.ndarray]]:
     """Hook modules named ``names`` (or ``<prefix>.<name>``, e.g. ``bert.encoder.layer.0``) of models loaded
@@ -50,19 +68,10 @@ def torch_taps(names: list[str]) -> Iterator[dict[str, np.ndarray]]:
     wanted = set(names)
     original = transformers.PreTrainedModel.from_pretrained.__func__  # type: ignore[attr-defined]
 
-    def hook_for(name: str) -> Any:
-        def hook(module: Any, inputs: Any, output: Any) -> None:
-            captured[name] = _first_tensor(output).detach().float().numpy()
-
-        return hook
-
     def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
         loaded = original(cls, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
-        for module_name, module in model.named_modules():
-            for name in wanted:
-                if module_name == name or module_name.endswith("." + name):
-                    module.register_forward_hook(hook_for(name))
+        hook_modules(model, wanted, captured)
         return loaded
 
     transformers.PreTrainedModel.from_pretrained = classmethod(from_pretrained)  # type: ignore[assignment]
