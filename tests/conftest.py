@@ -18,11 +18,12 @@ from mlxd_client.discovery import is_serving
 class DaemonProcess:
     """An ``mlxd`` started as a subprocess; ``log`` collects its stderr."""
 
-    def __init__(self, root: Path, *extra: str) -> None:
+    def __init__(self, root: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.socket = root / "mlxd.sock"
         self.address = f"unix://{self.socket}"
         self.log = root / "mlxd.log"
-        env = {**os.environ, "MLXD_ADDRESS": self.address}
+        # Tests never reach the Hub: a hub id resolves from the cache or fails fast (MODEL_NOT_CACHED).
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {}), "MLXD_ADDRESS": self.address}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [

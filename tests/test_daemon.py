@@ -58,9 +58,11 @@ class TestSocketAndHandshake:
         assert {"mlxd.v1.Mlxd", "grpc.health.v1.Health"} <= names
 
     def test_relative_path_is_invalid_argument(self, daemon: DaemonProcess) -> None:
-        """Raw stub calls with relative paths are refused: the daemon's working directory is not the client's."""
+        """Raw stub calls with relative paths are refused: the daemon's working directory is not the client's.
+
+        ("rel/src" would be a Hugging Face Hub id: see test_hub.py.)"""
         with grpc.insecure_channel(daemon.address) as channel, pytest.raises(grpc.RpcError) as err:
-            list(pb_grpc.MlxdStub(channel).Convert(pb.ConvertRequest(src="rel/src", dst="/tmp/x")))
+            list(pb_grpc.MlxdStub(channel).Convert(pb.ConvertRequest(src="./rel/src", dst="/tmp/x")))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 

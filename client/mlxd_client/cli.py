@@ -106,6 +106,7 @@ def cmd_convert(client: Client, a: argparse.Namespace) -> Outcome:
         q_method=a.q_method if a.quantize else "",
         q_calibration_data=a.calibration_data or "" if a.quantize else "",
         q_calibration_seed=a.calibration_seed,
+        revision=a.revision or "",
     )
     r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
     return r, _convert_text(r), 0
@@ -119,6 +120,9 @@ def _convert_text(r: dict[str, Any]) -> str:
         f"({r['seconds']:.2f} s, peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB)"
     ]
     lines += [f"  {s['file']}: {s['tensors']} tensors, {s['bytes'] / 1e6:.1f} MB" for s in r["shards"]]
+    if r.get("hub_source"):
+        h = r["hub_source"]
+        lines.append(f"source: {h['repo_id']}@{h['revision']} (commit {h['commit_hash']}, {h['path']})")
     if r["quantization"]:
         q = r["quantization"]
         how = f"recipe {q['recipe']} (default {q['bits']} bits)" if q.get("recipe") else f"{q['bits']} bits"
@@ -164,6 +168,7 @@ def cmd_quantize(client: Client, a: argparse.Namespace) -> Outcome:
         q_method=a.q_method,
         q_calibration_data=a.calibration_data or "",
         q_calibration_seed=a.calibration_seed,
+        revision=a.revision or "",
     )
     r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
     return r, _convert_text(r), 0
@@ -171,7 +176,7 @@ def cmd_quantize(client: Client, a: argparse.Namespace) -> Outcome:
 
 def cmd_validate(client: Client, a: argparse.Namespace) -> Outcome:
     events = client.validate_events(a.model_dir, a.reference, texts=a.text or (), images=a.image or (),
-                                    inputs_npz=a.inputs)  # fmt: skip
+                                    inputs_npz=a.inputs, reference_revision=a.revision or "")  # fmt: skip
     r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
     rows = [f"{'output':<28} {'max_abs':>10} {'max_rel':>10} {'cosine':>10} {'atol':>8}  ok"]
     rows += [
@@ -285,12 +290,27 @@ def cmd_generate(client: Client, a: argparse.Namespace) -> Outcome:
 
 
 def cmd_models(client: Client, a: argparse.Namespace) -> Outcome:
+    if a.cached:
+        return _cached_models(client)
     r = to_dict(client.list_models())
     lines = [
         f"{m['id']}  {m['model_type']} {m['dtype']} {m['resident_bytes'] / 1e6:.1f} MB, {m['infer_count']} calls"
         for m in r["models"]
     ]
     lines.append(f"resident {r['used_bytes'] / 1e6:.1f} MB of {r['budget_bytes'] / 1e6:.0f} MB budget")
+    return r, "\n".join(lines), 0
+
+
+def _cached_models(client: Client) -> Outcome:
+    """``models --cached``: what the daemon's Hugging Face cache holds and whether mlxd converts it."""
+    r = to_dict(client.list_cached_models())
+    how = {"native": "supported", "export": "supported (torch.export)", "": "not supported"}
+    lines = [
+        f"{m['repo_id']}@{','.join(m['refs']) or m['commit_hash'][:12]}  {m['model_type'] or '?'}  "
+        f"{how[m['support']]}{'' if m['complete'] else ', weights not all cached'}  {m['size_on_disk'] / 1e6:.1f} MB"
+        for m in r["models"]
+    ]
+    lines.append(f"cache {r['cache_dir']}{' (offline)' if r['offline'] else ''}: {len(r['models'])} snapshot(s)")
     return r, "\n".join(lines), 0
 
 
@@ -404,8 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
         if dequantize:
             sp.add_argument("--dequantize", action="store_true", help="the reverse: a quantized MLX dir to float")
 
-    c = add("convert", cmd_convert, "convert a Hugging Face checkpoint directory to MLX")
-    c.add_argument("src")
+    hub_help = "a local directory, or a Hugging Face Hub id org/name[@revision] the daemon resolves"
+    c = add("convert", cmd_convert, "convert a Hugging Face checkpoint (directory or hub id) to MLX")
+    c.add_argument("src", help=hub_help)
+    c.add_argument("--revision", help="with a hub id: branch, tag or commit (default main)")
     c.add_argument("dst")
     c.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     c.add_argument("--max-shard-size", help="e.g. 500MB, 2GB, 2GiB (default 5GB)")
@@ -414,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quantize", action="store_true")
     quant_flags(c, 0)
     q = add("quantize", cmd_quantize, "quantize an MLX model directory")
-    q.add_argument("src")
+    q.add_argument("src", help=hub_help)
+    q.add_argument("--revision", help="with a hub id: branch, tag or commit (default main)")
     q.add_argument("dst")
     q.add_argument("--overwrite", action="store_true")
     quant_flags(q, 0, dequantize=True)
@@ -422,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --dequantize: the float dtype to write (default: the scales' dtype)")  # fmt: skip
     v = add("validate", cmd_validate, "compare an MLX model with its PyTorch source")
     v.add_argument("model_dir")
-    v.add_argument("--reference", required=True, help="the source Hugging Face checkpoint directory")
+    v.add_argument("--reference", required=True, help="the source Hugging Face checkpoint: " + hub_help)
+    v.add_argument("--revision", help="with a hub id --reference: branch, tag or commit (default main)")
     v.add_argument("--text", action="append", help="a golden text (repeatable; default: built-in)")
     v.add_argument("--image", action="append", help="a golden image file (repeatable; default: built-in)")
     v.add_argument("--inputs", metavar="NPZ", help="arrays replacing the prepared inputs of the same names")
@@ -449,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = add("watch", cmd_watch, "re-attach to a job's progress and wait for its result")
     w.add_argument("job_id")
     w.add_argument("--from-seq", type=int, default=0, help="replay events from this sequence number")
-    add("models", cmd_models, "list resident models")
+    m = add("models", cmd_models, "list resident models (--cached: models in the daemon's Hugging Face cache)")
+    m.add_argument("--cached", action="store_true", help="list the Hugging Face cache with architecture and support")
     ld = add("load", cmd_load, "load a model and keep it resident")
     ld.add_argument("model_dir")
     ld.add_argument("--keep-alive", type=float, default=0.0, help="seconds after last use it may not be evicted")

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 from mlxd.v1 import mlxd_pb2 as pb
 from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
+from mlxd_common.hub_ids import looks_like_hub_id
 
 from mlxd_client import discovery
 from mlxd_client.errors import FailedPreconditionError, from_rpc_error
@@ -155,8 +156,12 @@ class Client:
         q_method: str = "",
         q_calibration_data: str | Path = "",
         q_calibration_seed: int = 0,
+        revision: str = "",
     ) -> Iterator[pb.Progress | pb.ConvertResult]:
         """Stream Convert: Progress events, then one ConvertResult.
+
+        ``src`` is a checkpoint directory, or a Hugging Face Hub id ``org/name[@revision]`` (also ``revision``)
+        that the daemon resolves from its cache, or downloads when it may.
 
         ``q_bits`` > 0 (or a non-affine ``q_mode``, or a ``q_recipe``) quantizes; a 0 bits/group size means the
         mode's default. ``q_overrides``: ``PATTERN=BITS[:GROUP]`` or ``PATTERN=skip`` on module paths.
@@ -164,7 +169,8 @@ class Client:
         .npz; default: the architecture's built-in set drawn with ``q_calibration_seed``).
         """
         request = pb.ConvertRequest(
-            src=str(Path(src).resolve()),
+            src=source_arg(src),
+            revision=revision,
             dst=str(Path(dst).resolve()),
             dtype=_enum(DTYPES, dtype, "dtype"),
             max_shard_size=max_shard_size,
@@ -198,13 +204,15 @@ class Client:
         q_method: str = "",
         q_calibration_data: str | Path = "",
         q_calibration_seed: int = 0,
+        revision: str = "",
     ) -> Iterator[pb.Progress | pb.ConvertResult]:
         """Stream Quantize on an MLX directory (0 bits/group size = the mode's default, affine 4-bit g64).
 
         With ``dequantize`` the reverse: a quantized MLX directory back to float ``dtype`` (spec ignored).
         """
         request = pb.QuantizeRequest(
-            src=str(Path(src).resolve()),
+            src=source_arg(src),
+            revision=revision,
             dst=str(Path(dst).resolve()),
             spec=_quant_spec(
                 bits, group_size, mode, overrides, recipe, q_method, q_calibration_data, q_calibration_seed
@@ -229,11 +237,15 @@ class Client:
         texts: Iterable[str] = (),
         images: Iterable[bytes | str | Path] = (),
         inputs_npz: bytes | str | Path | None = None,
+        reference_revision: str = "",
     ) -> Iterator[pb.Progress | pb.ValidationReport]:
-        """Stream Validate; ``inputs_npz`` (a path or bytes) replaces prepared inputs of the same names."""
+        """Stream Validate; ``inputs_npz`` (a path or bytes) replaces prepared inputs of the same names.
+
+        ``reference`` may be a Hugging Face Hub id (``org/name[@revision]``, or ``reference_revision``)."""
         request = pb.ValidateRequest(
             model_dir=str(Path(model_dir).resolve()),
-            reference=str(Path(reference).resolve()),
+            reference=source_arg(reference),
+            reference_revision=reference_revision,
             texts=list(texts),
             images=[_image_bytes(i) for i in images],
             inputs_npz=_image_bytes(inputs_npz) if inputs_npz is not None else b"",
@@ -329,8 +341,19 @@ class Client:
     def unload_model(self, model_id: str | Path) -> pb.UnloadModelResponse:
         return self._unary(self._stub.UnloadModel, pb.UnloadModelRequest(id=str(Path(model_id).resolve())))
 
+    def list_cached_models(self) -> pb.ListCachedModelsResponse:
+        """Models in the daemon's Hugging Face cache, each with its model_type and how mlxd would convert it."""
+        return self._unary(self._stub.ListCachedModels, pb.ListCachedModelsRequest())
+
     def list_models(self) -> pb.ListModelsResponse:
         return self._unary(self._stub.ListModels, pb.ListModelsRequest())
+
+
+def source_arg(src: str | Path) -> str:
+    """An existing path, made absolute for the daemon; else a string shaped ``org/name[@rev]`` as a hub id."""
+    if isinstance(src, str) and not Path(src).exists() and looks_like_hub_id(src):
+        return src
+    return str(Path(src).resolve())
 
 
 def _enum(table: Mapping[str, Any], value: str, what: str) -> Any:

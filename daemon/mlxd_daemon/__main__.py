@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, help="job journal and discovery files (default: beside the socket)")
     p.add_argument("--allowed-root", action="append", default=[],
                    help="only read and write model paths under this directory (repeatable)")  # fmt: skip
+    p.add_argument("--offline", action="store_true",
+                   help="resolve Hugging Face Hub ids from the cache only (as HF_HUB_OFFLINE=1)")  # fmt: skip
+    p.add_argument("--allow-hub-cache", action="store_true",
+                   help="with --allowed-root: the Hugging Face cache may be read (and written) too")  # fmt: skip
     p.add_argument("--token-file", type=Path,
                    help=f"TCP: file with the token clients send (${ENV_TOKEN}); created if missing")  # fmt: skip
     p.add_argument("--allow-remote", action="store_true", help="allow a TCP address (or --http) other than loopback")
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_window_s=args.batch_window_ms / 1000,
         http=http,
         http_token=token,
+        offline=args.offline,
+        allow_hub_cache=args.allow_hub_cache,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -108,6 +108,7 @@ def convert(
     q_calibration_data: str | Path | None = None,
     q_calibration_seed: int = 0,
     reporter: Reporter = NULL_REPORTER,
+    hub: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Convert the HF model directory ``src`` into an MLX model directory ``dst``; return a JSON-able summary.
 
@@ -116,7 +117,8 @@ def convert(
     nvfp4), ``q_overrides`` (``PATTERN=BITS[:GROUP]|skip``, first match wins) and ``q_recipe`` (mixed_2_6, ...);
     ``q_method`` rtn (round to nearest), awq or gptq (calibrated on ``q_calibration_data``, a text file, image
     folder or .npz, else the architecture's built-in set drawn with ``q_calibration_seed``; see ``calibrate``).
-    With ``dry_run`` nothing is written and the returned dict is the plan.
+    With ``dry_run`` nothing is written and the returned dict is the plan. ``hub`` (the resolved hub id
+    ``src`` came from) is recorded in the result and the manifest.
     """
     started = time.monotonic()
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
@@ -131,7 +133,7 @@ def convert(
     ckpt = open_checkpoint(src, config)
     target = dominant_float_dtype(ckpt.tensors) if target_name == "auto" else DTYPES[target_name]
     plan = make_plan(ckpt, arch, target, max_bytes, spec)
-    return _execute(ckpt, plan, config, dst, target, spec, overwrite, dry_run, started, reporter, calib=calib)
+    return _execute(ckpt, plan, config, dst, target, spec, overwrite, dry_run, started, reporter, calib=calib, hub=hub)
 
 
 def quantize(
@@ -150,6 +152,7 @@ def quantize(
     dry_run: bool = False,
     max_shard_size: int | str = "5GB",
     reporter: Reporter = NULL_REPORTER,
+    hub: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Quantize the float MLX model directory ``src`` into ``dst`` (same options and result as ``convert``).
 
@@ -170,7 +173,19 @@ def quantize(
     identity = types.SimpleNamespace(map_weight=lambda name: name, DISK_LAYOUT=_source_layouts(ckpt))
     plan = make_plan(ckpt, identity, dominant_float_dtype(ckpt.tensors), max_bytes, spec)  # type: ignore[arg-type]
     return _execute(
-        ckpt, plan, config, dst, None, spec, overwrite, dry_run, started, reporter, stage="quantize", calib=calib
+        ckpt,
+        plan,
+        config,
+        dst,
+        None,
+        spec,
+        overwrite,
+        dry_run,
+        started,
+        reporter,
+        stage="quantize",
+        calib=calib,
+        hub=hub,
     )
 
 
@@ -183,6 +198,7 @@ def dequantize(
     dry_run: bool = False,
     max_shard_size: int | str = "5GB",
     reporter: Reporter = NULL_REPORTER,
+    hub: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Turn the quantized MLX directory ``src`` back into float: ``dtype`` auto keeps the float dtype the model
     was stored in (its scales' for affine), or float32 / float16 / bfloat16. config.json loses its quantization
@@ -201,7 +217,9 @@ def dequantize(
     target = dominant_float_dtype(ckpt.tensors) if target_name == "auto" else DTYPES[target_name]
     plan = plan_dequantize(ckpt, quant, target, max_bytes, _source_layouts(ckpt))
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    return _execute(ckpt, plan, config, dst, target, None, overwrite, dry_run, started, reporter, stage="dequantize")
+    return _execute(
+        ckpt, plan, config, dst, target, None, overwrite, dry_run, started, reporter, stage="dequantize", hub=hub
+    )
 
 
 def _execute(
@@ -217,10 +235,11 @@ def _execute(
     reporter: Reporter,
     stage: str = "convert",
     calib: _Calibration | None = None,
+    hub: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write ``plan`` into a temp dir beside ``dst`` and publish it; the shared tail of every entry point."""
     target = target or dominant_float_dtype(ckpt.tensors)
-    result = _summary(ckpt, plan, dst, target, spec, dry_run)
+    result = {**_summary(ckpt, plan, dst, target, spec, dry_run), "hub": hub}
     calibrated = None
     if calib is not None and calib.method != "rtn":
         result["quantization"].update(calib.describe())

@@ -10,6 +10,7 @@
     ├── Aborted                  ABORTED              job interrupted by a daemon restart
     ├── PermissionDenied         PERMISSION_DENIED    path outside the allowed roots
     ├── Unauthenticated          UNAUTHENTICATED      TCP client without the daemon's token
+    ├── Unavailable              UNAVAILABLE          the Hugging Face Hub cannot be reached
     └── WorkerCrashed            UNAVAILABLE          the MLX worker process died mid-request
 
 Every error carries a machine-readable ``reason`` (UPPER_SNAKE, sent as google.rpc.ErrorInfo.reason)
@@ -91,6 +92,11 @@ class Unauthenticated(MlxdError):
     default_reason = "UNAUTHENTICATED"
 
 
+class Unavailable(MlxdError):
+    code = "UNAVAILABLE"
+    default_reason = "UNAVAILABLE"
+
+
 class WorkerCrashed(MlxdError):
     code = "UNAVAILABLE"
     default_reason = "WORKER_CRASHED"
@@ -99,11 +105,11 @@ class WorkerCrashed(MlxdError):
 _BY_NAME = {
     c.__name__: c
     for c in (MlxdError, NotFound, InvalidArgument, FailedPrecondition, Unsupported, ResourceExhausted, Cancelled,
-              Aborted, PermissionDenied, Unauthenticated, WorkerCrashed)
+              Aborted, PermissionDenied, Unauthenticated, Unavailable, WorkerCrashed)
 }  # fmt: skip
 
 
-def from_status(code: str, message: str, reason: str) -> MlxdError:
-    """The error class for a gRPC status code name (used for jobs restored from the journal)."""
+def from_status(code: str, message: str, reason: str, metadata: dict[str, str] | None = None) -> MlxdError:
+    """The error class for a gRPC status code name (a finished job's error, also from the journal)."""
     cls = next((c for c in _BY_NAME.values() if c.code == code), MlxdError)
-    return cls(message, reason=reason)
+    return cls(message, reason=reason, **(metadata or {}))

@@ -1,7 +1,8 @@
 """Request handlers that run inside a worker process: plain arguments in, plain results out.
 
 "jobs" worker: convert (hand-written archs or the torch.export path),
-quantize, validate. "models" worker: load, unload, list, infer_many, run, generate.
+quantize, validate; a source given as a Hugging Face Hub id is resolved first, inside the job (progress,
+cancel). "models" worker: load, unload, list, infer_many, run, generate, hub_cache.
 """
 
 from __future__ import annotations
@@ -38,28 +39,66 @@ def decode_images(images: list[bytes]) -> list[Any]:
     return decoded
 
 
+def _resolve_hub(args: dict[str, Any], key: str, check: Callable[[Path], None], reporter: Reporter) -> Any:
+    """When ``args["hub"]`` is set, resolve the id to a local snapshot and put its path in ``args[key]``."""
+    spec = args.pop("hub", None)
+    if not spec:
+        return None
+    from mlxd_daemon.hub import resolve
+
+    source = resolve(spec["repo_id"], spec["revision"], offline=spec["offline"], check=check, reporter=reporter)
+    args[key] = source.path
+    return source
+
+
+def check_convertible(folder: Path) -> None:
+    """Unsupported (before any weight is read) unless an arch module or the torch.export path takes it."""
+    from mlxd_daemon.archs import get_arch
+    from mlxd_daemon.checkpoint import read_config
+    from mlxd_daemon.export import maybe_export
+
+    config = read_config(folder)
+    if not maybe_export(folder):
+        get_arch(config["model_type"])
+
+
+def support(folder: Path) -> str:
+    """How mlxd would convert a model directory: "native", "export" or "" (not at all)."""
+    from mlxd_daemon.export import maybe_export
+
+    try:
+        check_convertible(folder)
+    except MlxdError:
+        return ""
+    return "export" if maybe_export(folder) else "native"
+
+
 def convert(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     from mlxd_daemon.convert import convert as run_convert
     from mlxd_daemon.export import convert_via_export, maybe_export
     from mlxd_daemon.pipelines import is_pipeline
 
+    source = _resolve_hub(args, "src", check_convertible, reporter)
+    hub = source.to_dict() if source else None
     if is_pipeline(args["src"]):  # a diffusers pipeline directory (model_index.json): component by component
         from mlxd_daemon.pipelines.convert import convert_pipeline
 
         return convert_pipeline(Path(args.pop("src")), Path(args.pop("dst")), reporter=reporter, **args)
     if maybe_export(args["src"]):  # a .pt2, or an HF model_type without a hand-written module: torch.export
-        return convert_via_export(args, reporter)
-    return run_convert(Path(args.pop("src")), Path(args.pop("dst")), reporter=reporter, **args)
+        return {**convert_via_export(args, reporter), "hub": hub}
+    return run_convert(Path(args.pop("src")), Path(args.pop("dst")), reporter=reporter, hub=hub, **args)
 
 
 def quantize(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     """Quantize an MLX directory (names are already MLX names), or with ``dequantize`` turn one back to float."""
     from mlxd_daemon import convert
+    from mlxd_daemon.checkpoint import read_config
 
-    src, dst = Path(args["src"]), Path(args["dst"])
+    source = _resolve_hub(args, "src", read_config, reporter)  # an MLX repo: any model_type quantizes
+    src, dst, hub = Path(args["src"]), Path(args["dst"]), source.to_dict() if source else None
     if args.get("dequantize"):
         return convert.dequantize(
-            src, dst, dtype=args.get("dtype", "auto"), overwrite=args["overwrite"], reporter=reporter
+            src, dst, dtype=args.get("dtype", "auto"), overwrite=args["overwrite"], reporter=reporter, hub=hub
         )
     return convert.quantize(
         src,
@@ -74,6 +113,7 @@ def quantize(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
         calibration_seed=args.get("calibration_seed", 0),
         overwrite=args["overwrite"],
         reporter=reporter,
+        hub=hub,
     )
 
 
@@ -81,6 +121,7 @@ def validate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     from mlxd_daemon.pipelines import is_pipeline
     from mlxd_daemon.validate import validate_model
 
+    source = _resolve_hub(args, "reference", check_convertible, reporter)
     if is_pipeline(args["model_dir"]):
         from mlxd_daemon.pipelines.validate import validate_pipeline
 
@@ -96,7 +137,7 @@ def validate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
         except (ValueError, OSError) as e:
             msg = f"inputs_npz is not a readable .npz of plain arrays: {e}"
             raise InvalidArgument(msg, reason="BAD_NPZ") from None
-    return validate_model(
+    report = validate_model(
         Path(args["reference"]),
         Path(args["model_dir"]),
         texts=args["texts"] or None,
@@ -104,6 +145,17 @@ def validate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
         arrays=arrays,
         reporter=reporter,
     )
+    return {**report, "reference_hub": source.to_dict() if source else None}
+
+
+def hub_cache(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    """The models in the daemon's Hugging Face cache, each with how mlxd would convert it."""
+    from mlxd_daemon.hub import cached_models
+
+    listing = cached_models()
+    for model in listing["models"]:
+        model["support"] = support(Path(model["snapshot_path"])) if model["model_type"] else ""
+    return listing
 
 
 def load(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
@@ -251,6 +303,7 @@ def handlers(role: str, options: dict[str, Any]) -> dict[str, Handler]:
         "infer_many": infer_many,
         "run": run,
         "generate": generate,
+        "hub_cache": hub_cache,
     }
 
 

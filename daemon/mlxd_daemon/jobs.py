@@ -106,7 +106,8 @@ class JobTable:
 
     def fail(self, job: Job, err: MlxdError) -> None:
         state = CANCELLED if err.code == "CANCELLED" else FAILED
-        self._finish(job, state, error={"code": err.code, "reason": err.reason, "message": err.message})
+        error = {"code": err.code, "reason": err.reason, "message": err.message, "metadata": err.metadata}
+        self._finish(job, state, error=error)
 
     def _finish(self, job: Job, state: str, *, result: dict[str, Any] | None = None,
                 error: dict[str, Any] | None = None) -> None:  # fmt: skip

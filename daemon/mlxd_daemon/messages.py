@@ -119,6 +119,7 @@ def convert_result(r: dict[str, Any]) -> pb.ConvertResult:
         ],
         bits_per_weight=r.get("bits_per_weight", 0.0),
         bytes_before=r.get("bytes_before", 0),
+        hub_source=pb.HubSource(**r["hub"]) if r.get("hub") else None,
     )
 
 
@@ -141,4 +142,12 @@ def validation_report(r: dict[str, Any], model_dir: str) -> pb.ValidationReport:
         layers=layers,
         first_divergent_layer=r.get("first_divergent_layer", ""),
         band=r.get("band", ""),
+        reference_hub=pb.HubSource(**r["reference_hub"]) if r.get("reference_hub") else None,
+    )
+
+
+def cached_models(r: dict[str, Any], offline: bool) -> pb.ListCachedModelsResponse:
+    """The models worker's view of the hub cache (``hub.cached_models`` plus support) as a response."""
+    return pb.ListCachedModelsResponse(
+        cache_dir=r["cache_dir"], models=[pb.CachedModel(**m) for m in r["models"]], offline=offline
     )

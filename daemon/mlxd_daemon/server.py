@@ -179,6 +179,8 @@ class Daemon:
         batch_window_s: float = 0.0,
         http: tuple[str, int] | None = None,
         http_token: str | None = None,
+        offline: bool = False,
+        allow_hub_cache: bool = False,
     ) -> None:
         options = {"log_level": log_level, "log_json": log_json, "memory_budget": memory_budget}
         self.address = address
@@ -208,6 +210,8 @@ class Daemon:
             jobs=jobs,
             allowed_roots=allowed_roots,
             batcher=InferBatcher(self.models_worker, max_batch=max_batch, window_s=batch_window_s),
+            offline=offline,
+            allow_hub_cache=allow_hub_cache,
         )
         pb_grpc.add_MlxdServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()

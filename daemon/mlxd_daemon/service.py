@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from mlxd_daemon import hub
 from mlxd_daemon.batching import InferBatcher
 from mlxd_daemon.errors import Cancelled, InvalidArgument, MlxdError, PermissionDenied
 from mlxd_daemon.jobs import SUCCEEDED, JobTable
@@ -30,12 +31,24 @@ class Service:
     """What both fronts call: path checks, models-worker calls, batched Infer, streamed Generate."""
 
     def __init__(
-        self, models_worker: WorkerProcess, batcher: InferBatcher, jobs: JobTable, allowed_roots: tuple[str, ...] = ()
+        self,
+        models_worker: WorkerProcess,
+        batcher: InferBatcher,
+        jobs: JobTable,
+        allowed_roots: tuple[str, ...] = (),
+        *,
+        offline: bool = False,
+        allow_hub_cache: bool = False,
     ) -> None:
         self.models_worker = models_worker
         self.batcher = batcher
         self.jobs = jobs
         self.allowed_roots = tuple(os.path.realpath(r) for r in allowed_roots)
+        self.offline = offline  # Hub ids resolve from the cache only (mlxd --offline)
+        self.allow_hub_cache = allow_hub_cache  # the Hub cache is readable even outside the allowed roots
+
+    def _allowed(self, real: str) -> bool:
+        return not self.allowed_roots or any(real == r or real.startswith(r + os.sep) for r in self.allowed_roots)
 
     def check_paths(self, *paths: str) -> None:
         """Paths must be absolute and, when the daemon has allowed roots, inside one of them."""
@@ -44,9 +57,31 @@ class Service:
                 msg = f"path {path!r} must be absolute (the daemon has its own working directory)"
                 raise InvalidArgument(msg, reason="RELATIVE_PATH", path=path)
             real = os.path.realpath(path)  # symlinks cannot escape the roots
-            if self.allowed_roots and not any(real == r or real.startswith(r + os.sep) for r in self.allowed_roots):
+            if not self._allowed(real):
                 msg = f"{path} is outside the daemon's allowed roots ({', '.join(self.allowed_roots)})"
                 raise PermissionDenied(msg, reason="PATH_NOT_ALLOWED", path=path)
+
+    def hub_args(self, source: str, revision: str) -> dict[str, Any] | None:
+        """For a source shaped like a Hub id (not an absolute path): what the jobs worker needs to resolve it.
+
+        The Hub cache is read (and written) like any path: inside an allowed root, or with --allow-hub-cache."""
+        parsed = hub.split_source(source, revision)
+        if parsed is None:
+            return None
+        self._check_hub_cache(f"{source} is a Hugging Face Hub id, but")
+        return {"repo_id": parsed[0], "revision": parsed[1], "offline": self.offline}
+
+    def cached_models(self) -> dict[str, Any]:
+        """The models worker's listing of the Hub cache (each with how mlxd would convert it)."""
+        self._check_hub_cache("listing it:")
+        return self.call("hub_cache", {})
+
+    def _check_hub_cache(self, what: str) -> None:
+        cache = os.path.realpath(hub.cache_dir())
+        if not self.allow_hub_cache and not self._allowed(cache):
+            msg = (f"{what} the Hugging Face cache {cache} is outside the daemon's allowed roots: start mlxd with "
+                   f"--allow-hub-cache, or put HF_HUB_CACHE inside an allowed root")  # fmt: skip
+            raise PermissionDenied(msg, reason="HUB_CACHE_NOT_ALLOWED", path=cache)
 
     def call(self, op: str, args: dict[str, Any]) -> Any:
         """One request on the models worker (load, unload, list, run)."""

@@ -19,7 +19,7 @@ from grpc_status import rpc_status
 from mlxd.v1 import mlxd_pb2 as pb
 from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
 
-from mlxd_daemon import PROTOCOL_VERSION, __version__
+from mlxd_daemon import PROTOCOL_VERSION, __version__, hub
 from mlxd_daemon.archs import SUPPORTED
 from mlxd_daemon.batching import InferBatcher
 from mlxd_daemon.blas import find_blas
@@ -29,6 +29,7 @@ from mlxd_daemon.messages import (
     DTYPE_NAMES,
     INFER_TENSORS,
     QUANT_MODE_NAMES,
+    cached_models,
     convert_result,
     job_info,
     job_result,
@@ -71,12 +72,16 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         jobs: JobTable | None = None,
         allowed_roots: tuple[str, ...] = (),
         batcher: InferBatcher | None = None,
+        offline: bool = False,
+        allow_hub_cache: bool = False,
     ) -> None:
         self.jobs_worker = jobs_worker
         self.models_worker = models_worker
         self.jobs = jobs or JobTable()
         self.batcher = batcher or InferBatcher(models_worker)
-        self.service = Service(models_worker, self.batcher, self.jobs, allowed_roots)
+        self.service = Service(
+            models_worker, self.batcher, self.jobs, allowed_roots, offline=offline, allow_hub_cache=allow_hub_cache
+        )
         self.http_address = ""  # set by the daemon when it serves the OpenAI-compatible HTTP front
         self.address = address
         self.started_at = time.time()
@@ -124,6 +129,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             "dtype": enum_name(context, DTYPE_NAMES, request.dtype, "dtype"),
             "overwrite": request.overwrite,
             "dry_run": request.dry_run,
+            "hub": self._hub_args(context, request.src, request.revision),
         }
         if request.max_shard_size:
             args["max_shard_size"] = request.max_shard_size
@@ -139,7 +145,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
                 q_calibration_data=request.quantize.calibration_data or None,
                 q_calibration_seed=request.quantize.calibration_seed,
             )
-        self._require_paths(context, request.src, request.dst)
+        self._require_paths(context, *([] if args["hub"] else [request.src]), request.dst)
         for kind, value in self._run_job("convert", args, context):
             yield pb.ConvertResponse(**{kind: value if kind == "progress" else convert_result(value)})
 
@@ -158,8 +164,9 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             "calibration_seed": request.spec.calibration_seed,
             "dequantize": request.dequantize,
             "dtype": enum_name(context, DTYPE_NAMES, request.dtype, "dtype"),
+            "hub": self._hub_args(context, request.src, request.revision),
         }
-        self._require_paths(context, request.src, request.dst)
+        self._require_paths(context, *([] if args["hub"] else [request.src]), request.dst)
         for kind, value in self._run_job("quantize", args, context):
             yield pb.QuantizeResponse(**{kind: value if kind == "progress" else convert_result(value)})
 
@@ -170,8 +177,9 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             "texts": list(request.texts),
             "images": list(request.images),
             "inputs_npz": request.inputs_npz,
+            "hub": self._hub_args(context, request.reference, request.reference_revision),
         }
-        self._require_paths(context, request.model_dir, request.reference)
+        self._require_paths(context, request.model_dir, *([] if args["hub"] else [request.reference]))
         for kind, value in self._run_job("validate", args, context):
             if kind == "result":
                 value = validation_report(value, request.model_dir)
@@ -179,6 +187,12 @@ class MlxdServicer(pb_grpc.MlxdServicer):
 
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.CancelJobResponse:
         return pb.CancelJobResponse(cancelled=self.jobs.cancel(self._job(context, request.job_id)))
+
+    def _hub_args(self, context: grpc.ServicerContext, source: str, revision: str) -> dict[str, Any] | None:
+        try:
+            return self.service.hub_args(source, revision)
+        except MlxdError as e:
+            abort(context, e)
 
     def _require_paths(self, context: grpc.ServicerContext, *paths: str) -> None:
         try:
@@ -240,7 +254,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             yield "result", job.result
         else:
             error = job.error or {"code": "INTERNAL", "reason": "INTERNAL", "message": "job ended without a result"}
-            abort(context, from_status(error["code"], error["message"], error["reason"]))
+            abort(context, from_status(error["code"], error["message"], error["reason"], error.get("metadata")))
 
     def _job(self, context: grpc.ServicerContext, job_id: str) -> Job:
         job = self.jobs.get(job_id)
@@ -331,6 +345,15 @@ class MlxdServicer(pb_grpc.MlxdServicer):
 
     def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.ServicerContext) -> pb.UnloadModelResponse:
         return pb.UnloadModelResponse(freed_bytes=self._models_call(context, "unload", {"id": request.id}))
+
+    def ListCachedModels(
+        self, request: pb.ListCachedModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListCachedModelsResponse:
+        try:
+            listing = self.service.cached_models()
+        except MlxdError as e:
+            abort(context, e)
+        return cached_models(listing, hub.downloads_disabled(self.service.offline))
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         reply = self._models_call(context, "list", {})

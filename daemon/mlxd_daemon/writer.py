@@ -351,7 +351,13 @@ def write_manifest(ckpt: Checkpoint, plan: Plan, dtype: torch.dtype, result: dic
             "torch": torch.__version__,
             "safetensors": getattr(safetensors, "__version__", ""),
         },
-        "source": {"path": str(ckpt.path.resolve()), "weight_format": ckpt.weight_format, "files": files},
+        # hub: the Hugging Face Hub id, revision and commit the source snapshot came from (None for a directory)
+        "source": {
+            "path": str(ckpt.path.resolve()),
+            "weight_format": ckpt.weight_format,
+            "files": files,
+            "hub": result.get("hub"),
+        },
         "model_type": ckpt.model_type,
         "dtype": DTYPE_NAMES[dtype],
         "tensor_dtypes": result.get("tensor_dtypes", {}),

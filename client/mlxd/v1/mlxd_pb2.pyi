@@ -57,18 +57,20 @@ class InitializeRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., client_name: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("architectures", "dtypes", "quant_modes", "quant_bits", "quant_group_sizes")
+    __slots__ = ("architectures", "dtypes", "quant_modes", "quant_bits", "quant_group_sizes", "quant_recipes")
     ARCHITECTURES_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
     QUANT_MODES_FIELD_NUMBER: _ClassVar[int]
     QUANT_BITS_FIELD_NUMBER: _ClassVar[int]
     QUANT_GROUP_SIZES_FIELD_NUMBER: _ClassVar[int]
+    QUANT_RECIPES_FIELD_NUMBER: _ClassVar[int]
     architectures: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[Dtype]
     quant_modes: _containers.RepeatedScalarFieldContainer[QuantMode]
     quant_bits: _containers.RepeatedScalarFieldContainer[int]
     quant_group_sizes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, architectures: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., quant_modes: _Optional[_Iterable[_Union[QuantMode, str]]] = ..., quant_bits: _Optional[_Iterable[int]] = ..., quant_group_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+    quant_recipes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, architectures: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., quant_modes: _Optional[_Iterable[_Union[QuantMode, str]]] = ..., quant_bits: _Optional[_Iterable[int]] = ..., quant_group_sizes: _Optional[_Iterable[int]] = ..., quant_recipes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InitializeResponse(_message.Message):
     __slots__ = ("protocol_version", "daemon_version", "capabilities", "pid", "address", "started_at_unix", "blas", "http_address")
@@ -181,7 +183,7 @@ class SkippedLayer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ConvertRequest(_message.Message):
-    __slots__ = ("src", "dst", "dtype", "max_shard_size", "overwrite", "dry_run", "quantize")
+    __slots__ = ("src", "dst", "dtype", "max_shard_size", "overwrite", "dry_run", "quantize", "revision")
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +191,7 @@ class ConvertRequest(_message.Message):
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     src: str
     dst: str
     dtype: Dtype
@@ -196,10 +199,11 @@ class ConvertRequest(_message.Message):
     overwrite: bool
     dry_run: bool
     quantize: QuantizationSpec
-    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_shard_size: _Optional[str] = ..., overwrite: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., quantize: _Optional[_Union[QuantizationSpec, _Mapping]] = ...) -> None: ...
+    revision: str
+    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_shard_size: _Optional[str] = ..., overwrite: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., quantize: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., revision: _Optional[str] = ...) -> None: ...
 
 class ConvertResult(_message.Message):
-    __slots__ = ("job_id", "dst", "model_type", "dtype", "num_tensors", "num_parameters", "total_bytes", "shards", "copied_files", "dropped_tensors", "quantization", "quantized_layers", "skipped_layers", "seconds", "peak_rss_bytes", "dry_run", "layer_reports", "bits_per_weight", "bytes_before")
+    __slots__ = ("job_id", "dst", "model_type", "dtype", "num_tensors", "num_parameters", "total_bytes", "shards", "copied_files", "dropped_tensors", "quantization", "quantized_layers", "skipped_layers", "seconds", "peak_rss_bytes", "dry_run", "layer_reports", "bits_per_weight", "bytes_before", "hub_source")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +223,7 @@ class ConvertResult(_message.Message):
     LAYER_REPORTS_FIELD_NUMBER: _ClassVar[int]
     BITS_PER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    HUB_SOURCE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     dst: str
     model_type: str
@@ -238,7 +243,20 @@ class ConvertResult(_message.Message):
     layer_reports: _containers.RepeatedCompositeFieldContainer[LayerQuantReport]
     bits_per_weight: float
     bytes_before: int
-    def __init__(self, job_id: _Optional[str] = ..., dst: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., num_tensors: _Optional[int] = ..., num_parameters: _Optional[int] = ..., total_bytes: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., copied_files: _Optional[_Iterable[str]] = ..., dropped_tensors: _Optional[_Iterable[str]] = ..., quantization: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., quantized_layers: _Optional[_Iterable[str]] = ..., skipped_layers: _Optional[_Iterable[_Union[SkippedLayer, _Mapping]]] = ..., seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., dry_run: _Optional[bool] = ..., layer_reports: _Optional[_Iterable[_Union[LayerQuantReport, _Mapping]]] = ..., bits_per_weight: _Optional[float] = ..., bytes_before: _Optional[int] = ...) -> None: ...
+    hub_source: HubSource
+    def __init__(self, job_id: _Optional[str] = ..., dst: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., num_tensors: _Optional[int] = ..., num_parameters: _Optional[int] = ..., total_bytes: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., copied_files: _Optional[_Iterable[str]] = ..., dropped_tensors: _Optional[_Iterable[str]] = ..., quantization: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., quantized_layers: _Optional[_Iterable[str]] = ..., skipped_layers: _Optional[_Iterable[_Union[SkippedLayer, _Mapping]]] = ..., seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., dry_run: _Optional[bool] = ..., layer_reports: _Optional[_Iterable[_Union[LayerQuantReport, _Mapping]]] = ..., bits_per_weight: _Optional[float] = ..., bytes_before: _Optional[int] = ..., hub_source: _Optional[_Union[HubSource, _Mapping]] = ...) -> None: ...
+
+class HubSource(_message.Message):
+    __slots__ = ("repo_id", "revision", "commit_hash", "path")
+    REPO_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_HASH_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    repo_id: str
+    revision: str
+    commit_hash: str
+    path: str
+    def __init__(self, repo_id: _Optional[str] = ..., revision: _Optional[str] = ..., commit_hash: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class ConvertResponse(_message.Message):
     __slots__ = ("progress", "result")
@@ -249,20 +267,22 @@ class ConvertResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ConvertResult, _Mapping]] = ...) -> None: ...
 
 class QuantizeRequest(_message.Message):
-    __slots__ = ("src", "dst", "spec", "overwrite", "dequantize", "dtype")
+    __slots__ = ("src", "dst", "spec", "overwrite", "dequantize", "dtype", "revision")
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     DEQUANTIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     src: str
     dst: str
     spec: QuantizationSpec
     overwrite: bool
     dequantize: bool
     dtype: Dtype
-    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., spec: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., overwrite: _Optional[bool] = ..., dequantize: _Optional[bool] = ..., dtype: _Optional[_Union[Dtype, str]] = ...) -> None: ...
+    revision: str
+    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., spec: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., overwrite: _Optional[bool] = ..., dequantize: _Optional[bool] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., revision: _Optional[str] = ...) -> None: ...
 
 class QuantizeResponse(_message.Message):
     __slots__ = ("progress", "result")
@@ -273,18 +293,20 @@ class QuantizeResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ConvertResult, _Mapping]] = ...) -> None: ...
 
 class ValidateRequest(_message.Message):
-    __slots__ = ("model_dir", "reference", "texts", "images", "inputs_npz")
+    __slots__ = ("model_dir", "reference", "texts", "images", "inputs_npz", "reference_revision")
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     INPUTS_NPZ_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_REVISION_FIELD_NUMBER: _ClassVar[int]
     model_dir: str
     reference: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     inputs_npz: bytes
-    def __init__(self, model_dir: _Optional[str] = ..., reference: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[bytes]] = ..., inputs_npz: _Optional[bytes] = ...) -> None: ...
+    reference_revision: str
+    def __init__(self, model_dir: _Optional[str] = ..., reference: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[bytes]] = ..., inputs_npz: _Optional[bytes] = ..., reference_revision: _Optional[str] = ...) -> None: ...
 
 class LayerReport(_message.Message):
     __slots__ = ("name", "rel_error", "max_abs", "cosine", "tolerance", "passed", "note")
@@ -325,7 +347,7 @@ class OutputReport(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_abs: _Optional[float] = ..., max_rel: _Optional[float] = ..., cosine: _Optional[float] = ..., nmse: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class ValidationReport(_message.Message):
-    __slots__ = ("job_id", "passed", "model_type", "dtype", "outputs", "matching_agreement", "num_texts", "num_images", "seconds", "report_path", "layers", "first_divergent_layer", "band")
+    __slots__ = ("job_id", "passed", "model_type", "dtype", "outputs", "matching_agreement", "num_texts", "num_images", "seconds", "report_path", "layers", "first_divergent_layer", "band", "reference_hub")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -339,6 +361,7 @@ class ValidationReport(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     FIRST_DIVERGENT_LAYER_FIELD_NUMBER: _ClassVar[int]
     BAND_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_HUB_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     passed: bool
     model_type: str
@@ -352,7 +375,8 @@ class ValidationReport(_message.Message):
     layers: _containers.RepeatedCompositeFieldContainer[LayerReport]
     first_divergent_layer: str
     band: str
-    def __init__(self, job_id: _Optional[str] = ..., passed: _Optional[bool] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputReport, _Mapping]]] = ..., matching_agreement: _Optional[float] = ..., num_texts: _Optional[int] = ..., num_images: _Optional[int] = ..., seconds: _Optional[float] = ..., report_path: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerReport, _Mapping]]] = ..., first_divergent_layer: _Optional[str] = ..., band: _Optional[str] = ...) -> None: ...
+    reference_hub: HubSource
+    def __init__(self, job_id: _Optional[str] = ..., passed: _Optional[bool] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputReport, _Mapping]]] = ..., matching_agreement: _Optional[float] = ..., num_texts: _Optional[int] = ..., num_images: _Optional[int] = ..., seconds: _Optional[float] = ..., report_path: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerReport, _Mapping]]] = ..., first_divergent_layer: _Optional[str] = ..., band: _Optional[str] = ..., reference_hub: _Optional[_Union[HubSource, _Mapping]] = ...) -> None: ...
 
 class ValidateResponse(_message.Message):
     __slots__ = ("progress", "result")
@@ -645,6 +669,40 @@ class ListModelsResponse(_message.Message):
     recent_evictions: _containers.RepeatedCompositeFieldContainer[Eviction]
     worker_rss_bytes: int
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., recent_evictions: _Optional[_Iterable[_Union[Eviction, _Mapping]]] = ..., worker_rss_bytes: _Optional[int] = ...) -> None: ...
+
+class ListCachedModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CachedModel(_message.Message):
+    __slots__ = ("repo_id", "refs", "commit_hash", "snapshot_path", "model_type", "support", "size_on_disk", "complete")
+    REPO_ID_FIELD_NUMBER: _ClassVar[int]
+    REFS_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_HASH_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_PATH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_ON_DISK_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    repo_id: str
+    refs: _containers.RepeatedScalarFieldContainer[str]
+    commit_hash: str
+    snapshot_path: str
+    model_type: str
+    support: str
+    size_on_disk: int
+    complete: bool
+    def __init__(self, repo_id: _Optional[str] = ..., refs: _Optional[_Iterable[str]] = ..., commit_hash: _Optional[str] = ..., snapshot_path: _Optional[str] = ..., model_type: _Optional[str] = ..., support: _Optional[str] = ..., size_on_disk: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class ListCachedModelsResponse(_message.Message):
+    __slots__ = ("cache_dir", "models", "offline")
+    CACHE_DIR_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_FIELD_NUMBER: _ClassVar[int]
+    cache_dir: str
+    models: _containers.RepeatedCompositeFieldContainer[CachedModel]
+    offline: bool
+    def __init__(self, cache_dir: _Optional[str] = ..., models: _Optional[_Iterable[_Union[CachedModel, _Mapping]]] = ..., offline: _Optional[bool] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ()

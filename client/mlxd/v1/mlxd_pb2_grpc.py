@@ -99,6 +99,11 @@ class MlxdStub:
                 request_serializer=mlxd_dot_v1_dot_mlxd__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=mlxd_dot_v1_dot_mlxd__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ListCachedModels = channel.unary_unary(
+                '/mlxd.v1.Mlxd/ListCachedModels',
+                request_serializer=mlxd_dot_v1_dot_mlxd__pb2.ListCachedModelsRequest.SerializeToString,
+                response_deserializer=mlxd_dot_v1_dot_mlxd__pb2.ListCachedModelsResponse.FromString,
+                _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/mlxd.v1.Mlxd/Shutdown',
                 request_serializer=mlxd_dot_v1_dot_mlxd__pb2.ShutdownRequest.SerializeToString,
@@ -192,6 +197,13 @@ class MlxdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCachedModels(self, request, context):
+        """Models in the daemon's Hugging Face cache (what a hub id would resolve to offline).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Shutdown(self, request, context):
         """Graceful shutdown (used by `mlxctl daemon stop`).
         """
@@ -266,6 +278,11 @@ def add_MlxdServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=mlxd_dot_v1_dot_mlxd__pb2.ListModelsRequest.FromString,
                     response_serializer=mlxd_dot_v1_dot_mlxd__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ListCachedModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCachedModels,
+                    request_deserializer=mlxd_dot_v1_dot_mlxd__pb2.ListCachedModelsRequest.FromString,
+                    response_serializer=mlxd_dot_v1_dot_mlxd__pb2.ListCachedModelsResponse.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
@@ -624,6 +641,33 @@ class Mlxd:
             '/mlxd.v1.Mlxd/ListModels',
             mlxd_dot_v1_dot_mlxd__pb2.ListModelsRequest.SerializeToString,
             mlxd_dot_v1_dot_mlxd__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCachedModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxd.v1.Mlxd/ListCachedModels',
+            mlxd_dot_v1_dot_mlxd__pb2.ListCachedModelsRequest.SerializeToString,
+            mlxd_dot_v1_dot_mlxd__pb2.ListCachedModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,6 +18,7 @@ import type {
   InitializeResponse,
   JobEvent,
   JobInfo,
+  ListCachedModelsResponse,
   ListModelsResponse,
   LoadModelResponse,
   Progress,
@@ -127,7 +128,10 @@ export class MlxdClient {
     return res;
   }
 
-  /** Convert a Hugging Face checkpoint directory to MLX; resolves with the result once the job ends. */
+  /**
+   * Convert a Hugging Face checkpoint to MLX; resolves with the result once the job ends. `src` is a directory
+   * on the daemon's machine or a Hub id ("org/name[@revision]") the daemon resolves from its cache (or downloads).
+   */
   convert(src: string, dst: string, opts: ConvertOptions = {}, job: JobOptions | JobOptions["onProgress"] = {}) {
     return this.runJob<ConvertResult>(this.convertEvents(src, dst, opts, jobOptions(job)), jobOptions(job));
   }
@@ -142,7 +146,13 @@ export class MlxdClient {
   quantize(
     src: string,
     dst: string,
-    opts: { spec?: Partial<QuantizationSpec>; overwrite?: boolean; dequantize?: boolean; dtype?: string } = {},
+    opts: {
+      spec?: Partial<QuantizationSpec>;
+      overwrite?: boolean;
+      dequantize?: boolean;
+      dtype?: string;
+      revision?: string;
+    } = {},
     job: JobOptions | JobOptions["onProgress"] = {},
   ) {
     const req = { src, dst, ...opts, spec: opts.spec };
@@ -221,6 +231,11 @@ export class MlxdClient {
 
   listModels(): Promise<ListModelsResponse> {
     return this.unary<ListModelsResponse>("ListModels", {});
+  }
+
+  /** Models in the daemon's Hugging Face cache, with their model_type and whether mlxd converts them. */
+  listCachedModels(): Promise<ListCachedModelsResponse> {
+    return this.unary<ListCachedModelsResponse>("ListCachedModels", {});
   }
 
   // -- plumbing --------------------------------------------------------------------------------

@@ -84,6 +84,8 @@ export interface LayerQuantReport {
 }
 
 export interface ConvertOptions {
+  /** With a Hugging Face Hub id as `src` ("org/name", or "org/name@rev"): branch, tag or commit. */
+  revision?: string;
   dtype?: Dtype;
   maxShardSize?: string;
   overwrite?: boolean;
@@ -111,6 +113,35 @@ export interface ConvertResult {
   layerReports: LayerQuantReport[];
   bitsPerWeight: number;
   bytesBefore: number;
+  /** Set when the source was a Hugging Face Hub id. */
+  hubSource: HubSource | null;
+}
+
+/** A Hub id as the daemon resolved it (also recorded in mlxd_manifest.json). */
+export interface HubSource {
+  repoId: string;
+  revision: string;
+  commitHash: string;
+  path: string;
+}
+
+/** A snapshot in the daemon's Hugging Face cache. */
+export interface CachedModel {
+  repoId: string;
+  refs: string[];
+  commitHash: string;
+  snapshotPath: string;
+  modelType: string;
+  /** "native", "export" (the torch.export path) or "" (mlxd does not convert it). */
+  support: string;
+  sizeOnDisk: number;
+  complete: boolean;
+}
+
+export interface ListCachedModelsResponse {
+  cacheDir: string;
+  models: CachedModel[];
+  offline: boolean;
 }
 
 export interface OutputReport {
@@ -148,6 +179,7 @@ export interface ValidationReport {
   layers: LayerReport[];
   firstDivergentLayer: string;
   band: string;
+  referenceHub: HubSource | null;
 }
 
 export interface JobInfo {

@@ -169,7 +169,9 @@ describe("MlxdClient", () => {
     assert.equal(exists.code, "FAILED_PRECONDITION");
     assert.match(exists.details, /already exists/);
     await rejectsWith(client.convert(path.join(root, "missing"), path.join(root, "x")), NotFoundError, "SOURCE_NOT_FOUND");
-    await rejectsWith(client.convert("relative/src", path.join(root, "x")), InvalidArgumentError, "RELATIVE_PATH");
+    await rejectsWith(client.convert("./relative/src", path.join(root, "x")), InvalidArgumentError, "RELATIVE_PATH");
+    // "org/name" is a Hugging Face Hub id; the test daemon is offline, so an uncached one is not found.
+    await rejectsWith(client.convert("acme/uncached", path.join(root, "x")), NotFoundError, "MODEL_NOT_CACHED");
     const alien = path.join(root, "alien");
     mkdirSync(alien);
     writeFileSync(path.join(alien, "config.json"), JSON.stringify({ model_type: "not-a-model" }));
@@ -204,6 +206,9 @@ class FakeUi implements Ui {
   }
   async pickFolder() {
     return this.folders.shift();
+  }
+  async pickOne(_title: string, items: string[]) {
+    return items.at(-1); // "Browse for a folder…": these tests convert folders
   }
   async pickFiles() {
     return this.files.shift();

@@ -39,7 +39,9 @@ export class Daemon {
     const log = openSync(logFile, "w");
     const args = ["-m", "mlxd_daemon", "--address", address, "--log-format", "json"];
     if (tcp) args.push("--token-file", tcp.tokenFile, "--state-dir", root);
-    const proc = spawn(PYTHON, args, { stdio: ["ignore", log, log], env: { ...process.env, MLXD_ADDRESS: address } });
+    // Tests never reach the Hugging Face Hub: an id resolves from the cache or fails fast (MODEL_NOT_CACHED).
+    const env = { ...process.env, HF_HUB_OFFLINE: "1", MLXD_ADDRESS: address };
+    const proc = spawn(PYTHON, args, { stdio: ["ignore", log, log], env });
     closeSync(log);
     proc.on("error", (err) => writeFileSync(logFile, `spawn failed: ${err}\n`, { flag: "a" }));
     const daemon = new Daemon(address, logFile, proc);

@@ -14,7 +14,9 @@ import {
   ResourceExhaustedError,
   type Progress,
 } from "../src/index.js";
-import { COMMANDS, commandTable, type Ui } from "../src/extension/commands.js";
+import { BROWSE, COMMANDS, commandTable, pickSource, type ClientProvider, type Ui } from "../src/extension/commands.js";
+import type { MlxdClient } from "../src/client.js";
+import type { ListCachedModelsResponse } from "../src/types.js";
 import { ProgressIncrements } from "../src/extension/progress.js";
 import { activateWith, deactivate, vscodeUi, type VscodeApi } from "../src/extension/vscode.js";
 
@@ -141,6 +143,7 @@ function fakeVscode(cancel: boolean) {
       },
       showOpenDialog: async () => [{ fsPath: "/models/clip" }],
       showInputBox: async (o) => o.value,
+      showQuickPick: async (items) => items[0],
       showWarningMessage: async (_m, _o, ...items) => items[0],
       showInformationMessage: async () => undefined,
       showErrorMessage: async () => undefined,
@@ -185,6 +188,47 @@ describe("VS Code adapter", () => {
     assert.equal(aborted, true);
     assert.deepEqual(progressOptions, [{ location: 15, title: "Converting", cancellable: true }]);
     assert.equal(await ui.pickFolder("x"), "/models/clip");
+    assert.equal(await ui.pickOne("x", ["a/b@main", "c/d@main"]), "a/b@main");
     assert.equal(await ui.confirm("replace?", "Replace"), true);
+  });
+});
+
+describe("Convert model… source picker", () => {
+  /** A provider whose client answers only ListCachedModels (the picker's one call), as the daemon would. */
+  const listing = (models: Partial<ListCachedModelsResponse["models"][number]>[], offline = true): ClientProvider =>
+    async () =>
+      ({
+        listCachedModels: async () => ({
+          cacheDir: "/hf",
+          offline,
+          models: models.map((m) => ({
+            repoId: "", refs: [], commitHash: "c0ffee", snapshotPath: "", modelType: "bert",
+            support: "native", sizeOnDisk: 0, complete: true, ...m,
+          })),
+        }),
+      }) as unknown as MlxdClient;
+  const ui = (pick: (items: string[]) => string | undefined) => {
+    const seen: string[][] = [];
+    const u = {
+      pickOne: async (_t: string, items: string[]) => (seen.push(items), pick(items)),
+      pickFolder: async () => "/models/folder",
+    } as unknown as Ui;
+    return { u, seen };
+  };
+
+  it("offers convertible cached models as hub ids, then a folder dialog", async () => {
+    const { u, seen } = ui((items) => items[0]);
+    const models = [
+      { repoId: "acme/bert", refs: ["main"] },
+      { repoId: "acme/net", refs: ["main"], support: "" },
+      { repoId: "acme/partial", refs: ["main"], complete: false },
+    ];
+    assert.equal(await pickSource(u, listing(models)), "acme/bert@main");
+    assert.deepEqual(seen, [["acme/bert@main", BROWSE]]);
+  });
+
+  it("goes straight to the folder dialog when nothing cached converts, or on Browse", async () => {
+    assert.equal(await pickSource(ui(() => assert.fail("no list")).u, listing([{ support: "" }])), "/models/folder");
+    assert.equal(await pickSource(ui(() => BROWSE).u, listing([{ repoId: "acme/bert" }])), "/models/folder");
   });
 });

@@ -3,6 +3,7 @@
  * bar) and an `MlxdClient`, so it runs unchanged in VS Code (src/extension/vscode.ts) and in tests (a fake Ui).
  */
 import { readFile } from "node:fs/promises";
+import * as os from "node:os";
 import * as path from "node:path";
 import { MlxdClient, type ClientOptions } from "../client.js";
 import { FailedPreconditionError, MlxdError } from "../errors.js";
@@ -23,6 +24,8 @@ export interface Ui {
   pickFolder(title: string): Promise<string | undefined>;
   /** Files chosen by the user (possibly none), or undefined if dismissed. */
   pickFiles(title: string): Promise<string[] | undefined>;
+  /** One of `items` chosen by the user, or undefined if dismissed. */
+  pickOne(title: string, items: string[]): Promise<string | undefined>;
   /** Free text from the user, pre-filled with `value`; undefined if dismissed. */
   inputText(prompt: string, value?: string): Promise<string | undefined>;
   /** A yes/no question; true when the user chose `action`. */
@@ -59,11 +62,36 @@ export const COMMANDS = {
   showModels: "mlx.showModels",
 } as const;
 
-/** "MLX: Convert model…": pick a Hugging Face folder and a destination, convert with progress. */
+/** The entry of `pickSource`'s list that opens a folder dialog instead of using a cached model. */
+export const BROWSE = "Browse for a folder…";
+
+/**
+ * A source to convert: a model from the daemon's Hugging Face cache (as a Hub id "org/name@ref") when it has
+ * convertible ones, else (or on "Browse…") a folder.
+ */
+export async function pickSource(ui: Ui, client: ClientProvider): Promise<string | undefined> {
+  let cached: string[] = [];
+  try {
+    const listing = await (await client()).listCachedModels();
+    cached = listing.models
+      .filter((m) => m.support !== "" && (m.complete || !listing.offline))
+      .map((m) => `${m.repoId}@${m.refs[0] ?? m.commitHash}`);
+  } catch {
+    cached = []; // no daemon yet, or one that cannot list its cache: folders still work
+  }
+  if (cached.length === 0) return ui.pickFolder("Hugging Face model folder to convert");
+  const choice = await ui.pickOne("Model to convert (from the Hugging Face cache)", [...cached, BROWSE]);
+  if (choice !== BROWSE) return choice;
+  return ui.pickFolder("Hugging Face model folder to convert");
+}
+
+/** "MLX: Convert model…": pick a cached Hub model or a folder, and a destination; convert with progress. */
 export async function convertModel(ui: Ui, client: ClientProvider): Promise<ConvertResult | undefined> {
-  const src = await ui.pickFolder("Hugging Face model folder to convert");
+  const src = await pickSource(ui, client);
   if (!src) return undefined;
-  const dst = await ui.inputText("Write the MLX model to", `${src.replace(/\/+$/, "")}-mlx`);
+  const isHubId = !path.isAbsolute(src);
+  const suggested = isHubId ? path.join(os.homedir(), "mlx-models", src.replace(/[@/]/g, "--")) : src;
+  const dst = await ui.inputText("Write the MLX model to", `${suggested.replace(/\/+$/, "")}-mlx`);
   if (!dst) return undefined;
   return reportErrors(ui, async () => {
     const c = await client();

@@ -35,6 +35,7 @@ export interface VscodeApi {
       title?: string;
     }): Thenable<Uri[] | undefined>;
     showInputBox(options: { prompt?: string; value?: string }): Thenable<string | undefined>;
+    showQuickPick(items: string[], options: { title?: string }): Thenable<string | undefined>;
     showWarningMessage(message: string, options: { modal?: boolean }, ...items: string[]): Thenable<string | undefined>;
     showInformationMessage(message: string): Thenable<unknown>;
     showErrorMessage(message: string): Thenable<unknown>;
@@ -64,6 +65,7 @@ export function vscodeUi(vscode: VscodeApi): Ui {
       (await w.showOpenDialog({ canSelectFolders: true, canSelectFiles: false, title }))?.[0]?.fsPath,
     pickFiles: async (title) =>
       (await w.showOpenDialog({ canSelectFiles: true, canSelectMany: true, title }))?.map((u) => u.fsPath),
+    pickOne: async (title, items) => w.showQuickPick(items, { title }),
     inputText: async (prompt, value) => w.showInputBox({ prompt, value }),
     confirm: async (message, action) => (await w.showWarningMessage(message, { modal: true }, action)) === action,
     showInfo: (message) => void w.showInformationMessage(message),

@@ -1,0 +1,1 @@
+"""Facts both the client and the daemon need, in a package that imports neither grpc, mlx nor torch."""
