@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,13 +24,14 @@ from mlxd.v1 import mlxd_pb2 as pb
 from mlxd_client import Client
 
 PROMPT = "once upon a time"  # the tiny Llama's greedy continuation of this runs the full max_tokens
+MAX_GENERATIONS = 10
 
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[DaemonProcess]:
-    """A daemon on a unix socket that also serves HTTP on a free loopback port."""
+    """A daemon on a unix socket that also serves HTTP on a free loopback port (at most 10 generations at once)."""
     with tempfile.TemporaryDirectory(prefix="mlxd-http-") as root:
-        d = DaemonProcess(Path(root), "--http", "127.0.0.1:0")
+        d = DaemonProcess(Path(root), "--http", "127.0.0.1:0", "--max-generations", str(MAX_GENERATIONS))
         yield d
         d.stop()
 
@@ -224,6 +226,34 @@ class TestStreamLifetime:
                     os.kill(pid, signal.SIGKILL)
         assert err.value.code == "WORKER_CRASHED"
         assert api.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=2).choices[0].text
+
+
+class TestQueueFull:
+    def test_generations_past_the_limit_get_429_with_retry_after(self, api: openai.OpenAI, grpc: Client,
+                                                                 models: dict[str, Path]) -> None:  # fmt: skip
+        """While the worker is busy, requests wait up to --max-generations (both fronts); the next gets 429."""
+        holder = grpc.generate_events(models["llama"], PROMPT, max_tokens=1900)
+        next(iter(holder))  # the worker is on this one now; it counts against the limit
+        rejected: list[openai.RateLimitError] = []
+
+        def probe() -> None:
+            try:
+                api.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=1)
+            except openai.RateLimitError as e:
+                rejected.append(e)
+
+        with ThreadPoolExecutor(MAX_GENERATIONS + 4) as pool:
+            probes = []
+            while not rejected and len(probes) < MAX_GENERATIONS + 4:
+                probes.append(pool.submit(probe))
+                time.sleep(0.02)  # well inside the holder's 1900 tokens
+            time.sleep(0.2)  # a probe still in flight meets the full queue too
+            holder.close()  # the waiting ones now run, one token each
+            for p in probes:
+                p.result(timeout=120)
+        assert rejected and rejected[0].code == "QUEUE_FULL"
+        assert rejected[0].response.headers["retry-after"] == "1"
+        assert len(probes) - len(rejected) == MAX_GENERATIONS - 1  # the holder took one place
 
 
 class TestHttpStatus:

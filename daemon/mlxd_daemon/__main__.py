@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path, help="TCP: serve TLS with this PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, help="TCP: the PEM private key of --tls-cert")
     p.add_argument("--max-queued-jobs", type=int, default=16)
+    p.add_argument("--max-generations", type=int, default=64,
+                   help="generations running or waiting (gRPC and HTTP); more get QUEUE_FULL (HTTP 429)")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=32, help="Infer inputs coalesced into one forward (1: off)")
     p.add_argument("--batch-window-ms", type=float, default=0.0,
                    help="hold a lone Infer this long to gather a batch (default 0: batch only while busy)")  # fmt: skip
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         max_queued_jobs=args.max_queued_jobs,
         max_batch=args.max_batch,
         batch_window_s=args.batch_window_ms / 1000,
+        max_generations=args.max_generations,
         http=http,
         http_token=token,
         offline=args.offline,

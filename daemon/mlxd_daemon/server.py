@@ -177,6 +177,7 @@ class Daemon:
         max_queued_jobs: int = 16,
         max_batch: int = 32,
         batch_window_s: float = 0.0,
+        max_generations: int = 64,
         http: tuple[str, int] | None = None,
         http_token: str | None = None,
         offline: bool = False,
@@ -212,6 +213,7 @@ class Daemon:
             batcher=InferBatcher(self.models_worker, max_batch=max_batch, window_s=batch_window_s),
             offline=offline,
             allow_hub_cache=allow_hub_cache,
+            max_generations=max_generations,
         )
         pb_grpc.add_MlxdServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()

@@ -17,7 +17,7 @@ import structlog
 
 from mlxd_daemon import hub
 from mlxd_daemon.batching import InferBatcher
-from mlxd_daemon.errors import Cancelled, InvalidArgument, MlxdError, PermissionDenied
+from mlxd_daemon.errors import Cancelled, InvalidArgument, MlxdError, PermissionDenied, ResourceExhausted
 from mlxd_daemon.jobs import SUCCEEDED, JobTable
 from mlxd_daemon.workers import WorkerProcess
 
@@ -39,6 +39,7 @@ class Service:
         *,
         offline: bool = False,
         allow_hub_cache: bool = False,
+        max_generations: int = 64,
     ) -> None:
         self.models_worker = models_worker
         self.batcher = batcher
@@ -46,6 +47,9 @@ class Service:
         self.allowed_roots = tuple(os.path.realpath(r) for r in allowed_roots)
         self.offline = offline  # Hub ids resolve from the cache only (mlxd --offline)
         self.allow_hub_cache = allow_hub_cache  # the Hub cache is readable even outside the allowed roots
+        self.max_generations = max_generations  # running + waiting for the models worker, over both fronts
+        self._generations = 0
+        self._lock = threading.Lock()
 
     def _allowed(self, real: str) -> bool:
         return not self.allowed_roots or any(real == r or real.startswith(r + os.sep) for r in self.allowed_roots)
@@ -95,7 +99,17 @@ class Service:
     def generate(self, args: dict[str, Any], sink: Sink) -> Generation:
         """Start a generation (args from ``generate_args``); its events go to ``sink`` (see ``Generation``)."""
         self.check_paths(args["model"])
-        return Generation(self.models_worker, args, sink)
+        with self._lock:
+            if self._generations >= self.max_generations:
+                msg = (f"{self._generations} generations are already running or waiting (limit "
+                       f"{self.max_generations}, --max-generations); retry shortly")  # fmt: skip
+                raise ResourceExhausted(msg, reason="QUEUE_FULL", queued=self._generations, retry_after_s=1)
+            self._generations += 1
+        return Generation(self.models_worker, args, sink, on_end=self._ended)
+
+    def _ended(self) -> None:
+        with self._lock:
+            self._generations -= 1
 
     def converted_models(self) -> list[str]:
         """Output directories of this daemon's finished convert/quantize jobs that still hold a model."""
@@ -130,8 +144,10 @@ class Generation:
     """One Generate running on its own thread. ``sink(kind, value)`` receives ("token", {"token_id", "text"})
     events, then exactly one ("result", dict) or ("error", MlxdError). ``cancel`` stops it between tokens."""
 
-    def __init__(self, worker: WorkerProcess, args: dict[str, Any], sink: Sink) -> None:
-        self.worker, self.args, self.sink = worker, args, sink
+    def __init__(
+        self, worker: WorkerProcess, args: dict[str, Any], sink: Sink, on_end: Callable[[], None] = lambda: None
+    ) -> None:
+        self.worker, self.args, self.sink, self.on_end = worker, args, sink, on_end
         self.running = False  # the worker is on this request now (so a cancel targets it)
         self.stopped = False
         self.tokens = 0
@@ -146,18 +162,23 @@ class Generation:
 
     def _run(self) -> None:
         try:
-            result = self.worker.call("generate", self.args, on_event=self._token, is_cancelled=lambda: self.stopped,
-                                      on_start=self._started)  # fmt: skip
-            self.sink("result", result)
-        except Cancelled as e:
-            log.info("generate_cancelled", model=self.args["model"], tokens=self.tokens)
-            self.sink("error", e)
-        except MlxdError as e:
-            self.sink("error", e)
-        except Exception as e:  # a bug must still end the stream, not leave the client waiting
-            self.sink("error", MlxdError(f"internal error: {type(e).__name__}: {e}", reason="INTERNAL"))
+            end = self._call()
         finally:
             self.running = False
+            self.on_end()  # before the client hears the end, so its next request finds the slot free
+        self.sink(*end)
+
+    def _call(self) -> tuple[str, Any]:
+        try:
+            return "result", self.worker.call("generate", self.args, on_event=self._token,
+                                              is_cancelled=lambda: self.stopped, on_start=self._started)  # fmt: skip
+        except Cancelled as e:
+            log.info("generate_cancelled", model=self.args["model"], tokens=self.tokens)
+            return "error", e
+        except MlxdError as e:
+            return "error", e
+        except Exception as e:  # a bug must still end the stream, not leave the client waiting
+            return "error", MlxdError(f"internal error: {type(e).__name__}: {e}", reason="INTERNAL")
 
     def cancel(self) -> None:
         """The client went away: stop generating for nobody (a no-op once the generation ended)."""

@@ -74,13 +74,20 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         batcher: InferBatcher | None = None,
         offline: bool = False,
         allow_hub_cache: bool = False,
+        max_generations: int = 64,
     ) -> None:
         self.jobs_worker = jobs_worker
         self.models_worker = models_worker
         self.jobs = jobs or JobTable()
         self.batcher = batcher or InferBatcher(models_worker)
         self.service = Service(
-            models_worker, self.batcher, self.jobs, allowed_roots, offline=offline, allow_hub_cache=allow_hub_cache
+            models_worker,
+            self.batcher,
+            self.jobs,
+            allowed_roots,
+            offline=offline,
+            allow_hub_cache=allow_hub_cache,
+            max_generations=max_generations,
         )
         self.http_address = ""  # set by the daemon when it serves the OpenAI-compatible HTTP front
         self.address = address
