@@ -80,6 +80,17 @@ class TestModels:
         assert listed[str(models["llama"])].alias == "tiny-llama"  # type: ignore[attr-defined]
         assert listed[str(models["bert"])].resident is True  # type: ignore[attr-defined]
 
+    def test_listing_does_not_wait_for_a_running_generation(
+        self, api: openai.OpenAI, grpc: Client, served: DaemonProcess, models: dict[str, Path]
+    ) -> None:
+        """GET /v1/models answers while a long generation holds the models worker (from its last listing)."""
+        holder = grpc.generate_events(models["llama"], PROMPT, max_tokens=1900)
+        next(iter(holder))
+        assert str(models["bert"]) in {m.id for m in api.models.list().data}
+        holder.close()  # cancelled only if the listing came back before the generation ended
+        assert grpc.generate(models["llama"], PROMPT, max_tokens=1).generation_tokens == 0  # runs after the cancel
+        assert any('"generate_cancelled"' in line for line in served.log.read_text().splitlines())
+
 
 class TestCompletions:
     def test_completion_equals_mlxctl_generate(self, api: openai.OpenAI, served: DaemonProcess,

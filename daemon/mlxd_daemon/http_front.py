@@ -65,6 +65,7 @@ class OpenAIFront:
         self.service, self.touch = service, touch
         self._expected = f"Bearer {token}".encode()
         self.seen: dict[str, None] = {}  # models this front has served, newest last
+        self._resident: dict[str, dict[str, Any]] = {}  # the models worker's last listing
         routes = [
             Route("/v1/models", self._endpoint(self.models), methods=["GET"]),
             Route("/v1/chat/completions", self._endpoint(self.chat), methods=["POST"]),
@@ -95,12 +96,16 @@ class OpenAIFront:
 
     # -- models ------------------------------------------------------------------------------------
     async def _catalog(self, with_resident: bool) -> dict[str, dict[str, Any]]:
-        """Known models by id: resident ones (asks the models worker), converted by this daemon, served here."""
+        """Known models by id: resident ones (asks the models worker), converted by this daemon, served here.
+
+        While the worker is busy (a generation can take minutes) the last resident listing stands in."""
         known: dict[str, dict[str, Any]] = {}
         if with_resident:
-            listed = await anyio.to_thread.run_sync(self.service.call, "list", {})
-            for m in listed["models"]:
-                known[m["id"]] = {"resident": True, "model_type": m["model_type"], "created": int(m["loaded_at_unix"])}
+            if not self.service.models_busy():
+                listed = await anyio.to_thread.run_sync(self.service.call, "list", {})
+                self._resident = {m["id"]: {"resident": True, "model_type": m["model_type"],
+                                            "created": int(m["loaded_at_unix"])} for m in listed["models"]}  # fmt: skip
+            known.update(self._resident)
         for model_id in [*self.service.converted_models(), *self.seen]:
             if model_id not in known and os.path.isdir(model_id):
                 known[model_id] = {"resident": False, "created": int(os.path.getmtime(model_id))}

@@ -87,6 +87,10 @@ class Service:
                    f"--allow-hub-cache, or put HF_HUB_CACHE inside an allowed root")  # fmt: skip
             raise PermissionDenied(msg, reason="HUB_CACHE_NOT_ALLOWED", path=cache)
 
+    def models_busy(self) -> bool:
+        """Whether the models worker is running a request now (a call would wait for it)."""
+        return self.models_worker.busy_with is not None
+
     def call(self, op: str, args: dict[str, Any]) -> Any:
         """One request on the models worker (load, unload, list, run)."""
         return self.models_worker.call(op, args)
