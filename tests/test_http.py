@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 from conftest import DaemonProcess
 from mlxd.v1 import mlxd_pb2 as pb
 from mlxd_client import Client
+from mlxd_client.errors import InvalidArgumentError
 
 PROMPT = "once upon a time"  # the tiny Llama's greedy continuation of this runs the full max_tokens
 MAX_GENERATIONS = 10
@@ -131,6 +133,22 @@ class TestCompletions:
         assert chunks[0].choices[0].delta.role == "assistant"
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == result.text
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(pieces)
+
+    def test_model_without_chat_template_gets_plain_text(self, api: openai.OpenAI, grpc: Client,
+                                                         models: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
+        """Without a chat template, HTTP chat joins the contents by blank lines into a plain prompt; gRPC refuses."""
+        plain = tmp_path / "no-template-llama"
+        shutil.copytree(models["llama"], plain)
+        config = plain / "tokenizer_config.json"
+        config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "chat_template"}))
+        (plain / "chat_template.jinja").unlink(missing_ok=True)
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}]
+        expected = grpc.generate(plain, "be brief\n\n" + PROMPT, max_tokens=8).text
+        got = api.chat.completions.create(model=str(plain), messages=messages, max_tokens=8)  # type: ignore[arg-type]
+        assert got.choices[0].message.content == expected
+        with pytest.raises(InvalidArgumentError) as err:
+            grpc.generate(plain, messages=messages, max_tokens=2)
+        assert err.value.reason == "NO_CHAT_TEMPLATE"
 
     def test_stop_string_ends_text_before_it_over_both_fronts(self, api: openai.OpenAI, grpc: Client,
                                                               models: dict[str, Path]) -> None:  # fmt: skip
