@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlxd_client import Client
@@ -67,6 +69,44 @@ def daemon() -> Iterator[DaemonProcess]:
         d = DaemonProcess(Path(root))
         yield d
         d.stop()
+
+
+BUG_CODES = ("INTERNAL", "UNKNOWN")  # a bug: every bad input has its own code and reason
+
+
+def bug_responses(log: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """The daemon's RPC log lines from byte ``start`` on whose status is INTERNAL or UNKNOWN, and the offset read to."""
+    with open(log, "rb") as f:
+        f.seek(start)
+        data = f.read()
+    data = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
+    bad = []
+    for line in data.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a worker's plain stderr line
+        if entry.get("event") == "rpc" and entry.get("code") in BUG_CODES:
+            bad.append(entry)
+    return bad, start + len(data)
+
+
+_log_cursor: dict[str, int] = {}
+
+
+@pytest.fixture(autouse=True)
+def no_internal_responses(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The sweep guard: after each test that used the shared daemon, none of its RPCs (nor any logged late by the
+    test before) answered INTERNAL or UNKNOWN."""
+    if "daemon" not in request.fixturenames:
+        yield
+        return
+    daemon = request.getfixturevalue("daemon")
+    yield
+    time.sleep(0.05)  # the interceptor logs an RPC just after its response went out
+    log = str(daemon.log)
+    bad, _log_cursor[log] = bug_responses(daemon.log, _log_cursor.get(log, 0))
+    assert not bad, f"responses that should have had a specific code and reason: {bad}"
 
 
 @pytest.fixture()

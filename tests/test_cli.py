@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 
@@ -94,6 +95,39 @@ class TestMlxctl:
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith("wrote ") and "tensors" in proc.stdout
         assert "\r" not in proc.stderr
+
+    def test_classifier_infer_prints_top_labels(self, mlxctl: Mlxctl, golden_pngs: list[Path], tmp_path: Path) -> None:
+        """infer on a ViT classifier: --json carries logits, labels and the --top-k best labels with their softmax
+        probabilities (best first); the human output prints them per image."""
+        from mlxd_daemon.fixtures import make_vit
+
+        dst = tmp_path / "mlx-vit"
+        mlxctl.run("convert", str(make_vit(tmp_path / "vit", num_labels=5)), str(dst))
+        images = [arg for p in golden_pngs[:2] for arg in ("--image", str(p))]
+        _, out, _ = mlxctl.run("infer", str(dst), *images, "--top-k", "3")
+        assert len(out["logits"]) == 2 and len(out["logits"][0]) == len(out["labels"]) == 5
+        for logits, best in zip(out["logits"], out["top_k"], strict=True):
+            probs = np.exp(np.array(logits) - max(logits))
+            probs /= probs.sum()
+            assert [b["label"] for b in best] == [out["labels"][i] for i in np.argsort(-probs)[:3]]
+            np.testing.assert_allclose([b["probability"] for b in best], np.sort(probs)[::-1][:3], rtol=1e-6)
+        text = subprocess.run([sys.executable, "-m", "mlxd_client.cli", "infer", str(dst), *images], env=mlxctl.env,
+                              capture_output=True, text=True, timeout=300).stdout  # fmt: skip
+        first = out["top_k"][0][0]
+        assert f"image {golden_pngs[0]}: {first['label']} {first['probability']:.3f}, " in text
+        assert "image_embeds" not in text
+
+    def test_unmeasured_agreement_is_na(self, mlxctl: Mlxctl, tmp_path: Path) -> None:
+        """validate of a model with nothing to match (a plain ViT encoder): matching_agreement is null, "n/a"."""
+        from mlxd_daemon.fixtures import make_vit
+
+        src, dst = make_vit(tmp_path / "vit", classifier=False), tmp_path / "mlx"
+        mlxctl.run("convert", str(src), str(dst))
+        _, report, _ = mlxctl.run("validate", str(dst), "--reference", str(src))
+        assert report["passed"] is True and report["matching_agreement"] is None
+        text = subprocess.run([sys.executable, "-m", "mlxd_client.cli", "validate", str(dst), "--reference", str(src)],
+                              env=mlxctl.env, capture_output=True, text=True, timeout=300).stdout  # fmt: skip
+        assert "matching agreement: n/a" in text
 
     def test_daemon_stop(self, mlxctl: Mlxctl) -> None:
         """`daemon stop` shuts the daemon down; status then says it is not running."""

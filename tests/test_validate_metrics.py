@@ -105,9 +105,14 @@ class TestMatchingAgreement:
         cand = np.array([[1.0, 0.5], [1.0, 0.0], [2.0, 1.0], [0.0, 3.0]])
         assert matching_agreement(ref, cand) == 0.75
 
-    def test_empty_is_vacuous(self) -> None:
-        """No images (or no texts) gives 1.0."""
-        assert matching_agreement(np.zeros((0, 3)), np.zeros((0, 3))) == 1.0
+    def test_empty_is_not_measured(self) -> None:
+        """No images (or no texts): nothing was matched, so there is no agreement to report (None)."""
+        assert matching_agreement(np.zeros((0, 3)), np.zeros((0, 3))) is None
+
+    def test_non_finite_is_not_measured(self) -> None:
+        """A row holding NaN has no meaningful best column: None, not a number."""
+        ref = np.array([[1.0, 0.0], [0.0, 1.0]])
+        assert matching_agreement(ref, np.array([[np.nan, 0.0], [0.0, 1.0]])) is None
 
     def test_shape_mismatch(self) -> None:
         """Different shapes are InvalidArgument."""

@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from mlxd.v1 import mlxd_pb2 as pb
 
 from mlxd_client import discovery
-from mlxd_client.client import Client
+from mlxd_client.client import Client, top_k
 from mlxd_client.errors import FailedPreconditionError, MlxdClientError
 
 
@@ -28,6 +28,8 @@ def to_dict(msg: Message) -> dict[str, Any]:
         value = getattr(msg, field.name)
         if field.message_type is not None and not field.is_repeated:
             out[field.name] = to_dict(value) if msg.HasField(field.name) else None
+        elif field.has_presence and not field.is_repeated and not msg.HasField(field.name):
+            out[field.name] = None  # an optional metric nothing measured
         elif field.is_repeated:
             out[field.name] = [_scalar(field, v) for v in value]
         else:
@@ -107,6 +109,7 @@ def cmd_convert(client: Client, a: argparse.Namespace) -> Outcome:
         q_calibration_data=a.calibration_data or "" if a.quantize else "",
         q_calibration_seed=a.calibration_seed,
         revision=a.revision or "",
+        strict=a.strict,
     )
     r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
     return r, _convert_text(r), 0
@@ -150,6 +153,10 @@ def _convert_text(r: dict[str, Any]) -> str:
     lines += [f"  kept in float: {s['name']} ({s['reason']})" for s in r["skipped_layers"]]
     if r["copied_files"]:
         lines.append("copied byte-for-byte: " + ", ".join(r["copied_files"]))
+    for b in r.get("non_finite", []):
+        note = f"; {b['note']}" if b["note"] else ""
+        lines.append(f"WARNING: {b['name']} holds {b['nan_count']} NaN and {b['inf_count']} Inf values, the first "
+                     f"at {b['first_index']}{note} (--strict refuses such weights)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -169,6 +176,7 @@ def cmd_quantize(client: Client, a: argparse.Namespace) -> Outcome:
         q_calibration_data=a.calibration_data or "",
         q_calibration_seed=a.calibration_seed,
         revision=a.revision or "",
+        strict=a.strict,
     )
     r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
     return r, _convert_text(r), 0
@@ -181,16 +189,21 @@ def cmd_validate(client: Client, a: argparse.Namespace) -> Outcome:
     rows = [f"{'output':<28} {'max_abs':>10} {'max_rel':>10} {'cosine':>10} {'atol':>8}  ok"]
     rows += [
         f"{o['name']:<28} {o['max_abs']:>10.3g} {o['max_rel']:>10.3g} {o['cosine']:>10.6f} {o['atol']:>8.0e}  "
-        f"{'yes' if o['passed'] else 'NO'}"
+        f"{'yes' if o['passed'] else 'NO'}{'  ' + o['note'] if o['note'] else ''}"
         for o in r["outputs"]
     ]
-    if r["num_images"] and r["num_texts"]:
-        rows.append(
-            f"image-text matching agreement: {r['matching_agreement']:.3f} "
-            f"({r['num_images']} images x {r['num_texts']} texts)"
-        )
+    agreement = r["matching_agreement"]
+    if agreement is None:
+        rows.append("matching agreement: n/a (not measured for this model)")
+    elif r["num_images"] and r["num_texts"]:
+        size = f"{r['num_images']} images x {r['num_texts']} texts"
+        rows.append(f"image-text matching agreement: {agreement:.3f} ({size})")
+    else:
+        rows.append(f"top-1 label agreement: {agreement:.3f}")
     if r["layers"]:
-        worst = max(r["layers"], key=lambda layer: layer["rel_error"] / layer["tolerance"])
+        # A NaN error (non-finite outputs) is the worst of all.
+        worst = max(r["layers"], key=lambda x: x["rel_error"] / x["tolerance"] if x["rel_error"] == x["rel_error"]
+                    else float("inf"))  # fmt: skip
         rows.append(
             f"layers: {sum(layer['passed'] for layer in r['layers'])}/{len(r['layers'])} within tolerance "
             f"{r['layers'][0]['tolerance']:.0e}; worst {worst['name']} rel_error {worst['rel_error']:.3g}"
@@ -219,6 +232,10 @@ def cmd_infer(client: Client, a: argparse.Namespace) -> Outcome:
         if a.save:
             np.savez(a.save, **outputs)  # type: ignore[arg-type]
         text = "\n".join(f"{k}: {list(v.shape)} {v.dtype}" for k, v in outputs.items())
+        if "logits" in outputs and outputs["logits"].ndim == 2:  # a classifier program: its best classes (indices)
+            best = top_k(outputs["logits"], [], a.top_k)
+            r["top_k"] = [[{"label": name, "probability": p} for name, p in row] for row in best]
+            text += "\n" + "\n".join(_top_k_lines([f"input {i}" for i in range(len(best))], best))
         return r, text + (f"\nsaved to {a.save}" if a.save else ""), 0
     res = client.infer(a.model_dir, texts=a.text or (), images=a.image or ())
     r = {
@@ -227,11 +244,16 @@ def cmd_infer(client: Client, a: argparse.Namespace) -> Outcome:
         "text_embeds": res.text_embeds.tolist(),
         "image_embeds": res.image_embeds.tolist(),
         "logits_per_image": res.logits_per_image.tolist(),
+        "logits": res.logits.tolist(),
+        "labels": res.labels,
     }
-    lines = [
-        f"{res.model} ({res.seconds * 1e3:.1f} ms)",
-        f"text_embeds {list(res.text_embeds.shape)}, image_embeds {list(res.image_embeds.shape)}",
-    ]
+    lines = [f"{res.model} ({res.seconds * 1e3:.1f} ms)"]
+    if len(res.logits):  # a classifier: its best labels, per input
+        r["top_k"] = [[{"label": name, "probability": p} for name, p in row] for row in res.top_k(a.top_k)]
+        inputs = [f"text {t!r}" for t in a.text or ()] or [f"image {i}" for i in a.image or ()]
+        lines += _top_k_lines(inputs, res.top_k(a.top_k))
+        return r, "\n".join(lines), 0
+    lines.append(f"text_embeds {list(res.text_embeds.shape)}, image_embeds {list(res.image_embeds.shape)}")
     for i, row in enumerate(res.logits_per_image):
         best = int(row.argmax())
         lines.append(
@@ -241,6 +263,12 @@ def cmd_infer(client: Client, a: argparse.Namespace) -> Outcome:
         texts = a.text or ()
         lines += [f"text {t!r}: {e[:4].round(4).tolist()}..." for t, e in zip(texts, res.text_embeds, strict=True)]
     return r, "\n".join(lines), 0
+
+
+def _top_k_lines(inputs: list[str], best: list[list[tuple[str, float]]]) -> list[str]:
+    """``input: label 0.912, label 0.051, ...`` per input."""
+    rows = zip(inputs, best, strict=False)
+    return [f"{what}: " + ", ".join(f"{name} {p:.3f}" for name, p in row) for what, row in rows]
 
 
 def _job_line(j: dict[str, Any]) -> str:
@@ -434,12 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace DST once the new output is complete")
     c.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     c.add_argument("--quantize", action="store_true")
+    c.add_argument("--strict", action="store_true", help="refuse weights holding NaN/Inf instead of listing them")
     quant_flags(c, 0)
     q = add("quantize", cmd_quantize, "quantize an MLX model directory")
     q.add_argument("src", help=hub_help)
     q.add_argument("--revision", help="with a hub id: branch, tag or commit (default main)")
     q.add_argument("dst")
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--strict", action="store_true", help="refuse weights holding NaN/Inf instead of listing them")
     quant_flags(q, 0, dequantize=True)
     q.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="with --dequantize: the float dtype to write (default: the scales' dtype)")  # fmt: skip
@@ -451,12 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--image", action="append", help="a golden image file (repeatable; default: built-in)")
     v.add_argument("--inputs", metavar="NPZ", help="arrays replacing the prepared inputs of the same names")
     v.add_argument("--plot", metavar="PNG", help="draw the per-layer error (log scale) with the tolerance line")
-    i = add("infer", cmd_infer, "embed texts and images, and match them")
+    i = add("infer", cmd_infer, "embed texts and images, match them, or classify them")
     i.add_argument("model_dir")
     i.add_argument("--text", action="append")
     i.add_argument("--image", action="append")
     i.add_argument("--inputs", metavar="NPZ", help="named input arrays for an exported program (mlxd_program)")
     i.add_argument("--save", metavar="NPZ", help="with --inputs: also save the outputs to this .npz")
+    i.add_argument("--top-k", type=int, default=5, metavar="N", help="classifiers: the N best labels per input")
     g = add("generate", cmd_generate, "generate text with a Llama-family model (tokens streamed)")
     g.add_argument("model_dir")
     g.add_argument("prompt")
@@ -502,8 +533,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    print(json.dumps(result) if args.json else text)
+    print(json.dumps(json_safe(result)) if args.json else text)
     return code
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/Inf (metrics of non-finite outputs) become null: the output stays strict JSON."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":

@@ -60,6 +60,22 @@ class InferResult:
     labels: list[str]
     batch_requests: int = 1
 
+    def top_k(self, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Classifiers: per input, the ``k`` most probable labels with their softmax probabilities, best first."""
+        return top_k(self.logits, self.labels, k)
+
+
+def top_k(logits: np.ndarray, labels: list[str], k: int = 5) -> list[list[tuple[str, float]]]:
+    """Per row of ``logits`` [n, classes], the ``k`` best (label, probability) pairs; unnamed classes by index."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or not logits.size:
+        return []
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    names = labels if len(labels) == logits.shape[1] else [str(i) for i in range(logits.shape[1])]
+    order = np.argsort(-probs, axis=1, kind="stable")[:, : max(k, 0)]
+    return [[(names[j], float(row[j])) for j in best] for row, best in zip(probs, order, strict=True)]
+
 
 class Client:
     """A connection to one mlxd daemon. Starts the daemon if none answers and ``autostart`` is set."""
@@ -157,6 +173,7 @@ class Client:
         q_calibration_data: str | Path = "",
         q_calibration_seed: int = 0,
         revision: str = "",
+        strict: bool = False,
     ) -> Iterator[pb.Progress | pb.ConvertResult]:
         """Stream Convert: Progress events, then one ConvertResult.
 
@@ -166,7 +183,9 @@ class Client:
         ``q_bits`` > 0 (or a non-affine ``q_mode``, or a ``q_recipe``) quantizes; a 0 bits/group size means the
         mode's default. ``q_overrides``: ``PATTERN=BITS[:GROUP]`` or ``PATTERN=skip`` on module paths.
         ``q_method``: rtn (default), awq or gptq, calibrated on ``q_calibration_data`` (text file, image folder or
-        .npz; default: the architecture's built-in set drawn with ``q_calibration_seed``).
+        .npz; default: the architecture's built-in set drawn with ``q_calibration_seed``). Source tensors holding
+        NaN/Inf are listed in the result's ``non_finite``; with ``strict`` they refuse the conversion
+        (``InvalidArgumentError``, reason NON_FINITE_WEIGHTS).
         """
         request = pb.ConvertRequest(
             src=source_arg(src),
@@ -176,6 +195,7 @@ class Client:
             max_shard_size=max_shard_size,
             overwrite=overwrite,
             dry_run=dry_run,
+            strict=strict,
         )
         if q_bits or q_mode != "affine" or q_recipe:
             calibration = (q_method, q_calibration_data, q_calibration_seed)
@@ -205,10 +225,12 @@ class Client:
         q_calibration_data: str | Path = "",
         q_calibration_seed: int = 0,
         revision: str = "",
+        strict: bool = False,
     ) -> Iterator[pb.Progress | pb.ConvertResult]:
         """Stream Quantize on an MLX directory (0 bits/group size = the mode's default, affine 4-bit g64).
 
         With ``dequantize`` the reverse: a quantized MLX directory back to float ``dtype`` (spec ignored).
+        ``strict``: refuse weights holding NaN/Inf (NON_FINITE_WEIGHTS) instead of listing them.
         """
         request = pb.QuantizeRequest(
             src=source_arg(src),
@@ -220,6 +242,7 @@ class Client:
             overwrite=overwrite,
             dequantize=dequantize,
             dtype=_enum(DTYPES, dtype, "dtype"),
+            strict=strict,
         )
         return self._stream(self._stub.Quantize, request)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import shutil
 import time
 import types
@@ -29,7 +28,8 @@ from mlxd_daemon.malloc import peak_rss_bytes
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
 from mlxd_daemon.quantize import QuantSpec, make_spec
 from mlxd_daemon.shards import DTYPE_NAMES, DTYPES, Plan, make_plan, parse_size, plan_dequantize
-from mlxd_daemon.writer import MANIFEST, publish, sync_tree, write_config, write_manifest, write_weights
+from mlxd_daemon.staging import check_destination, needed_bytes, staged
+from mlxd_daemon.writer import MANIFEST, write_config, write_manifest, write_weights
 
 __all__ = ["convert", "dequantize", "parse_size", "quantize"]
 
@@ -107,6 +107,7 @@ def convert(
     q_method: str = "rtn",
     q_calibration_data: str | Path | None = None,
     q_calibration_seed: int = 0,
+    strict: bool = False,
     reporter: Reporter = NULL_REPORTER,
     hub: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -118,7 +119,8 @@ def convert(
     ``q_method`` rtn (round to nearest), awq or gptq (calibrated on ``q_calibration_data``, a text file, image
     folder or .npz, else the architecture's built-in set drawn with ``q_calibration_seed``; see ``calibrate``).
     With ``dry_run`` nothing is written and the returned dict is the plan. ``hub`` (the resolved hub id
-    ``src`` came from) is recorded in the result and the manifest.
+    ``src`` came from) is recorded in the result and the manifest. Tensors holding NaN/Inf are listed in
+    ``non_finite``; with ``strict`` they refuse the conversion (InvalidArgument NON_FINITE_WEIGHTS).
     """
     started = time.monotonic()
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
@@ -129,11 +131,14 @@ def convert(
 
     config = read_config(src)
     arch = archs.get_arch(config["model_type"])
-    _check_destination(src, dst, overwrite)
+    check_destination(src, dst, overwrite)
     ckpt = open_checkpoint(src, config)
     target = dominant_float_dtype(ckpt.tensors) if target_name == "auto" else DTYPES[target_name]
     plan = make_plan(ckpt, arch, target, max_bytes, spec)
-    return _execute(ckpt, plan, config, dst, target, spec, overwrite, dry_run, started, reporter, calib=calib, hub=hub)
+    return _execute(
+        ckpt, plan, config, dst, target, spec, overwrite, dry_run, started, reporter, calib=calib, hub=hub,
+        strict=strict,
+    )  # fmt: skip
 
 
 def quantize(
@@ -151,6 +156,7 @@ def quantize(
     overwrite: bool = False,
     dry_run: bool = False,
     max_shard_size: int | str = "5GB",
+    strict: bool = False,
     reporter: Reporter = NULL_REPORTER,
     hub: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -168,25 +174,14 @@ def quantize(
     if "quantization" in config:
         msg = f"{src} is already quantized; quantize its float source instead (or dequantize it first)"
         raise FailedPrecondition(msg, reason="ALREADY_QUANTIZED", path=src)
-    _check_destination(src, dst, overwrite)
+    check_destination(src, dst, overwrite)
     ckpt = open_checkpoint(src, config)
     identity = types.SimpleNamespace(map_weight=lambda name: name, DISK_LAYOUT=_source_layouts(ckpt))
     plan = make_plan(ckpt, identity, dominant_float_dtype(ckpt.tensors), max_bytes, spec)  # type: ignore[arg-type]
     return _execute(
-        ckpt,
-        plan,
-        config,
-        dst,
-        None,
-        spec,
-        overwrite,
-        dry_run,
-        started,
-        reporter,
-        stage="quantize",
-        calib=calib,
-        hub=hub,
-    )
+        ckpt, plan, config, dst, None, spec, overwrite, dry_run, started, reporter,
+        stage="quantize", calib=calib, hub=hub, strict=strict,
+    )  # fmt: skip
 
 
 def dequantize(
@@ -197,6 +192,7 @@ def dequantize(
     overwrite: bool = False,
     dry_run: bool = False,
     max_shard_size: int | str = "5GB",
+    strict: bool = False,
     reporter: Reporter = NULL_REPORTER,
     hub: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -212,14 +208,15 @@ def dequantize(
     if not isinstance(quant, dict) or "bits" not in quant:
         msg = f"{src} is not quantized (config.json has no quantization entry): nothing to dequantize"
         raise FailedPrecondition(msg, reason="NOT_QUANTIZED", path=src)
-    _check_destination(src, dst, overwrite)
+    check_destination(src, dst, overwrite)
     ckpt = open_checkpoint(src, config)
     target = dominant_float_dtype(ckpt.tensors) if target_name == "auto" else DTYPES[target_name]
     plan = plan_dequantize(ckpt, quant, target, max_bytes, _source_layouts(ckpt))
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     return _execute(
-        ckpt, plan, config, dst, target, None, overwrite, dry_run, started, reporter, stage="dequantize", hub=hub
-    )
+        ckpt, plan, config, dst, target, None, overwrite, dry_run, started, reporter,
+        stage="dequantize", hub=hub, strict=strict,
+    )  # fmt: skip
 
 
 def _execute(
@@ -236,6 +233,7 @@ def _execute(
     stage: str = "convert",
     calib: _Calibration | None = None,
     hub: dict[str, str] | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Write ``plan`` into a temp dir beside ``dst`` and publish it; the shared tail of every entry point."""
     target = target or dominant_float_dtype(ckpt.tensors)
@@ -252,24 +250,19 @@ def _execute(
                 report["method"] = calibrated.notes.get(report["name"], "rtn") if report["bits"] else ""
     if dry_run:
         return _finish(result, started)
-    tmp = dst.parent / f".{dst.name}.mlxd-tmp-{secrets.token_hex(4)}"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
+    needed = needed_bytes(plan.total_bytes, [ckpt.path / name for name in result["copied_files"]])
     try:
-        errors = write_weights(ckpt, plan, tmp, reporter, stage, calibrated.tensors if calibrated else None)
-        for report in result["layer_reports"]:
-            report["rel_error"] = errors.get(report["name"], 0.0)
-        write_config(config, spec, plan, tmp)
-        for name in result["copied_files"]:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(ckpt.path / name, tmp / name)
-        check_tokenizer(ckpt.path, tmp)
-        write_manifest(ckpt, plan, target, result, tmp)
-        sync_tree(tmp)
-        publish(tmp, dst, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged(dst, needed, overwrite) as tmp:
+            errors = write_weights(ckpt, plan, tmp, reporter, stage, calibrated.tensors if calibrated else None,
+                                   strict=strict, non_finite=result["non_finite"])  # fmt: skip
+            for report in result["layer_reports"]:
+                report["rel_error"] = errors.get(report["name"], 0.0)
+            write_config(config, spec, plan, tmp)
+            for name in result["copied_files"]:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(ckpt.path / name, tmp / name)
+            check_tokenizer(ckpt.path, tmp)
+            write_manifest(ckpt, plan, target, result, tmp)
     finally:
         ckpt.release()
     return _finish(result, started)
@@ -308,15 +301,6 @@ def _source_layouts(ckpt: Checkpoint) -> dict[str, str]:
     return layouts
 
 
-def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    if src.resolve() == dst.resolve() or dst.resolve() in src.resolve().parents:
-        msg = f"output {dst} is or contains the source directory: choose another path"
-        raise InvalidArgument(msg, reason="OUTPUT_IS_SOURCE", path=dst)
-    if dst.exists() and not overwrite:
-        msg = f"output {dst} already exists: pass --overwrite or choose another path"
-        raise FailedPrecondition(msg, reason="OUTPUT_EXISTS", path=dst)
-
-
 def _summary(
     ckpt: Checkpoint, plan: Plan, dst: Path, dtype: torch.dtype, spec: QuantSpec | None, dry_run: bool
 ) -> dict[str, Any]:
@@ -345,6 +329,7 @@ def _summary(
         **_layer_reports(plan),
         "dequantized_layers": [u.target.removesuffix(".weight") for u in plan.units if u.dequant],
         "float16_overflow": [],
+        "non_finite": [],  # tensors holding NaN/Inf, filled in by the writer
         "estimated_peak_bytes": plan.estimated_peak_bytes(),
         "dry_run": dry_run,
     }

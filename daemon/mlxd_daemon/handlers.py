@@ -97,9 +97,8 @@ def quantize(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     source = _resolve_hub(args, "src", read_config, reporter)  # an MLX repo: any model_type quantizes
     src, dst, hub = Path(args["src"]), Path(args["dst"]), source.to_dict() if source else None
     if args.get("dequantize"):
-        return convert.dequantize(
-            src, dst, dtype=args.get("dtype", "auto"), overwrite=args["overwrite"], reporter=reporter, hub=hub
-        )
+        return convert.dequantize(src, dst, dtype=args.get("dtype", "auto"), overwrite=args["overwrite"],
+                                  strict=args.get("strict", False), reporter=reporter, hub=hub)  # fmt: skip
     return convert.quantize(
         src,
         dst,
@@ -112,6 +111,7 @@ def quantize(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
         calibration_data=args.get("calibration_data"),
         calibration_seed=args.get("calibration_seed", 0),
         overwrite=args["overwrite"],
+        strict=args.get("strict", False),
         reporter=reporter,
         hub=hub,
     )
@@ -232,6 +232,13 @@ def split_outputs(outputs: dict[str, Any], texts: tuple[int, int], images: tuple
     return out
 
 
+def capabilities(args: dict[str, Any], reporter: Reporter) -> dict[str, str | None]:
+    """Per quantization mode: why this MLX backend cannot run it, or None when it can (Initialize lists these)."""
+    from mlxd_daemon.quantize import MODES, mode_unsupported
+
+    return {mode: mode_unsupported(mode) for mode in MODES}
+
+
 def generate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     """Stream tokens as ``data`` events; return the text and speed. A cancel stops between tokens.
 
@@ -304,6 +311,7 @@ def handlers(role: str, options: dict[str, Any]) -> dict[str, Handler]:
         "run": run,
         "generate": generate,
         "hub_cache": hub_cache,
+        "capabilities": capabilities,
     }
 
 

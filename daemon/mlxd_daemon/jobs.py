@@ -46,7 +46,7 @@ class Job:
     finished_at: float = 0.0
     cancel_requested: bool = False
     worker: WorkerProcess | None = None
-    error: dict[str, Any] | None = None  # {"code", "reason", "message"}
+    error: dict[str, Any] | None = None  # {"code", "reason", "message", "metadata"}
     result: dict[str, Any] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
 

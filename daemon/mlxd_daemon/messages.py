@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -110,7 +111,7 @@ def convert_result(r: dict[str, Any]) -> pb.ConvertResult:
                 bits=x["bits"],
                 group_size=x["group_size"],
                 mode=modes.get(x["mode"], pb.QUANT_MODE_UNSPECIFIED),
-                rel_error=x["rel_error"] or 0.0,  # None in a dry run: nothing was quantized yet
+                rel_error=_number(x["rel_error"], 0.0),  # None in a dry run: nothing was quantized yet
                 bytes_before=x["bytes_before"],
                 bytes_after=x["bytes_after"],
                 note=x.get("reason") or "",
@@ -120,21 +121,39 @@ def convert_result(r: dict[str, Any]) -> pb.ConvertResult:
         bits_per_weight=r.get("bits_per_weight", 0.0),
         bytes_before=r.get("bytes_before", 0),
         hub_source=pb.HubSource(**r["hub"]) if r.get("hub") else None,
+        non_finite=[non_finite_tensor(b) for b in r.get("non_finite", [])],
     )
 
 
+def non_finite_tensor(b: dict[str, Any]) -> pb.NonFiniteTensor:
+    return pb.NonFiniteTensor(
+        name=b["name"], nan_count=b["nan"], inf_count=b["inf"], first_index=b["first_index"], note=b.get("note", "")
+    )
+
+
+def _number(value: float | None, missing: float = math.nan) -> float:
+    """A metric for a double field: None (not computable, e.g. from NaN outputs) travels as NaN."""
+    return missing if value is None else float(value)
+
+
 def validation_report(r: dict[str, Any], model_dir: str) -> pb.ValidationReport:
-    keys = ("name", "max_abs", "max_rel", "cosine", "nmse", "atol", "rtol", "passed")
-    outputs = [pb.OutputReport(**{k: o[k] for k in keys}) for o in r["outputs"]]
-    layer_keys = ("name", "rel_error", "max_abs", "cosine", "tolerance", "passed", "note")
-    layers = [pb.LayerReport(**{k: layer[k] for k in layer_keys}) for layer in r.get("layers", [])]
+    keys = ("max_abs", "max_rel", "cosine", "nmse", "atol", "rtol")
+    outputs = [
+        pb.OutputReport(name=o["name"], **{k: _number(o[k]) for k in keys}, passed=o["passed"], note=o.get("note", ""))
+        for o in r["outputs"]
+    ]
+    layers = [
+        pb.LayerReport(name=x["name"], rel_error=_number(x["rel_error"]), max_abs=_number(x["max_abs"]),
+                       cosine=_number(x["cosine"]), tolerance=x["tolerance"], passed=x["passed"], note=x["note"])
+        for x in r.get("layers", [])
+    ]  # fmt: skip
     return pb.ValidationReport(
         job_id=r.get("job_id", ""),
         passed=r["passed"],
         model_type=r["model_type"],
         dtype=str(r["dtype"]),
         outputs=outputs,
-        matching_agreement=r.get("matching_agreement", 0.0),
+        matching_agreement=r.get("matching_agreement"),  # None: not measured, the field stays unset
         num_texts=r.get("num_texts", 0),
         num_images=r.get("num_images", 0),
         seconds=r.get("seconds", 0.0),

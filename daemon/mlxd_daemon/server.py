@@ -253,8 +253,9 @@ class Daemon:
                  http=self.servicer.http_address or None)  # fmt: skip
         if warning(blas):
             log.warning("slow_blas", message=warning(blas))
-        # Warm the models worker in the background so the first Infer does not pay for process start-up.
-        threading.Thread(target=self.models_worker.start, daemon=True).start()
+        # Warm the models worker in the background so the first Infer does not pay for process start-up; its first
+        # request probes the quantization modes the MLX backend runs (Initialize's capabilities).
+        threading.Thread(target=self.servicer.probe_capabilities, daemon=True).start()
 
     def wait(self) -> None:
         """Block until Shutdown, a signal, or the idle timeout."""

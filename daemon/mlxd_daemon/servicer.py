@@ -37,12 +37,14 @@ from mlxd_daemon.messages import (
     tensor,
     validation_report,
 )
+from mlxd_daemon.quantize import MODES, RECIPES
 from mlxd_daemon.service import Service, generate_args
 from mlxd_daemon.workers import WorkerProcess
 
 log = structlog.get_logger()
 
 ERROR_DOMAIN = "mlxd"
+PROBE_WAIT_S = 60.0  # Initialize waits this long for the first capabilities probe (the models worker's start-up)
 
 
 def abort(context: grpc.ServicerContext, err: MlxdError) -> NoReturn:
@@ -93,6 +95,45 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         self.address = address
         self.started_at = time.time()
         self.request_shutdown = request_shutdown
+        self._quant_support: dict[str, str | None] | None = None  # mode -> why unsupported (None: supported)
+        self._probed = threading.Event()
+        self._probing = threading.Lock()
+
+    def probe_capabilities(self) -> None:
+        """Ask the models worker (starting it) which quantization modes its MLX backend runs; once per daemon."""
+        with self._probing:
+            if self._probed.is_set():
+                return
+            try:
+                self._quant_support = self.models_worker.call("capabilities", {})
+            except MlxdError as e:
+                log.warning("capabilities_probe_failed", error=e.message)
+            self._probed.set()
+
+    def _capabilities(self) -> pb.Capabilities:
+        """From the tables the code uses: quantize.MODES, filtered by what the backend was probed to run."""
+        if not self._probed.is_set():
+            threading.Thread(target=self.probe_capabilities, daemon=True).start()
+            self._probed.wait(PROBE_WAIT_S)
+        support = self._quant_support
+        if support is None:  # the probe failed or is late: the table, unfiltered (logged)
+            log.warning("capabilities_unprobed")
+        modes = [m for m in MODES if support is None or support.get(m) is None]
+        enums = {name: num for num, name in QUANT_MODE_NAMES.items() if num != pb.QUANT_MODE_UNSPECIFIED}
+        details = [
+            pb.QuantModeCapability(mode=enums[m], bits=MODES[m][0], group_sizes=MODES[m][1],
+                                   default_bits=MODES[m][2][0], default_group_size=MODES[m][2][1])
+            for m in modes
+        ]  # fmt: skip
+        return pb.Capabilities(
+            architectures=list(SUPPORTED),
+            dtypes=list(DTYPE_NAMES),
+            quant_modes=[enums[m] for m in modes],
+            quant_bits=sorted({b for m in modes for b in MODES[m][0]}),
+            quant_group_sizes=sorted({g for m in modes for g in MODES[m][1]}),
+            quant_recipes=list(RECIPES),
+            quant_mode_details=details,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
     def Initialize(self, request: pb.InitializeRequest, context: grpc.ServicerContext) -> pb.InitializeResponse:
@@ -106,13 +147,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
                     daemon_protocol=PROTOCOL_VERSION,
                 ),
             )
-        caps = pb.Capabilities(
-            architectures=list(SUPPORTED),
-            dtypes=list(DTYPE_NAMES),
-            quant_modes=[pb.QUANT_MODE_AFFINE, pb.QUANT_MODE_MXFP4, pb.QUANT_MODE_MXFP8, pb.QUANT_MODE_NVFP4],
-            quant_bits=[2, 3, 4, 5, 6, 8],
-            quant_group_sizes=[32, 64, 128],
-        )
+        caps = self._capabilities()
         return pb.InitializeResponse(
             protocol_version=PROTOCOL_VERSION,
             daemon_version=__version__,
@@ -137,6 +172,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             "overwrite": request.overwrite,
             "dry_run": request.dry_run,
             "hub": self._hub_args(context, request.src, request.revision),
+            "strict": request.strict,
         }
         if request.max_shard_size:
             args["max_shard_size"] = request.max_shard_size
@@ -172,6 +208,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             "dequantize": request.dequantize,
             "dtype": enum_name(context, DTYPE_NAMES, request.dtype, "dtype"),
             "hub": self._hub_args(context, request.src, request.revision),
+            "strict": request.strict,
         }
         self._require_paths(context, *([] if args["hub"] else [request.src]), request.dst)
         for kind, value in self._run_job("quantize", args, context):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from mlxd_daemon.errors import InvalidArgument, MlxdError, NotFound
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
 from mlxd_daemon.taps import mlx_taps, torch_taps
 
+NON_FINITE = "non-finite values"  # how a note starts when an output or layer holds NaN/Inf
 REL_EPS_FRACTION = 1e-3
 """``max_rel`` divides by ``|ref| + eps`` with ``eps = REL_EPS_FRACTION * rms(ref)``, so elements near zero do
 not turn a tiny absolute error into a huge relative one. ``max_rel`` is reported, not gated on."""
@@ -70,7 +71,8 @@ LAYER_REL_TOL: dict[str, float] = {
 def compare_layers(
     reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], tol: float
 ) -> list[dict[str, Any]]:
-    """Per-layer relative error in forward order (the candidate's tap order); unpaired layers are listed too."""
+    """Per-layer relative error in forward order (the candidate's tap order); unpaired layers are listed too, and
+    a layer whose output holds NaN/Inf on either side fails with a note saying which side."""
     layers = []
     for name, got in candidate.items():
         ref = reference.get(name)
@@ -84,9 +86,18 @@ def compare_layers(
         norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
         rel = float(np.linalg.norm(diff)) / max(norm_b, 1e-30)
         cos = float(a @ b) / max(norm_a * norm_b, 1e-30)
+        note = non_finite_note(ref, got)
         layers.append({"name": name, "rel_error": rel, "max_abs": float(np.abs(diff).max(initial=0.0)), "cosine": cos,
-                       "tolerance": tol, "passed": bool(np.isfinite(rel) and rel <= tol), "note": ""})  # fmt: skip
+                       "tolerance": tol, "passed": bool(np.isfinite(rel) and rel <= tol and not note),
+                       "note": note})  # fmt: skip
     return layers
+
+
+def non_finite_note(reference: np.ndarray, candidate: np.ndarray) -> str:
+    """Which side holds NaN/Inf values (and how many), or "" when both are finite."""
+    sides = [(what, int(x.size - np.isfinite(x).sum())) for what, x in (("MLX", candidate), ("PyTorch", reference))]
+    bad = [f"{what} {n}" for what, n in sides if n]
+    return f"{NON_FINITE} (NaN/Inf count: {', '.join(bad)})" if bad else ""
 
 
 # Microscaling float modes err like these affine widths (measured on tiny CLIP: mxfp8 ~ 6-bit, mx/nvfp4 ~ 4-bit).
@@ -202,21 +213,22 @@ def compare(
             reports.append(_report(name, tol, None, False, note))
             continue
         m = metrics(ref, cand)
-        finite = bool(np.isfinite(cand).all())
+        note = non_finite_note(ref, cand)
         close = bool(np.allclose(cand.astype(np.float64), ref.astype(np.float64), atol=tol.atol, rtol=tol.rtol))
-        passed = finite and close and m["cosine"] >= tol.min_cosine
-        reports.append(_report(name, tol, m, passed, "" if finite else "non-finite values in the MLX output"))
+        passed = not note and close and m["cosine"] >= tol.min_cosine
+        reports.append(_report(name, tol, m, passed, note))
     return reports
 
 
-def matching_agreement(ref_logits: np.ndarray, cand_logits: np.ndarray) -> float:
-    """Fraction of rows (images) whose best column (text) is the same; 1.0 when there is nothing to match."""
+def matching_agreement(ref_logits: np.ndarray, cand_logits: np.ndarray) -> float | None:
+    """Fraction of rows (images) whose best column (text) is the same; None when there is nothing to match (no
+    rows or columns) or a row holds NaN/Inf (its argmax means nothing)."""
     ref_logits, cand_logits = np.asarray(ref_logits), np.asarray(cand_logits)
     if ref_logits.ndim != 2 or ref_logits.shape != cand_logits.shape:
         msg = f"logits shapes {ref_logits.shape} and {cand_logits.shape} must be equal and 2-D"
         raise InvalidArgument(msg, reason="BAD_LOGITS")
-    if ref_logits.size == 0:
-        return 1.0
+    if ref_logits.size == 0 or not (np.isfinite(ref_logits).all() and np.isfinite(cand_logits).all()):
+        return None
     return float(np.mean(ref_logits.argmax(axis=1) == cand_logits.argmax(axis=1)))
 
 
@@ -238,10 +250,13 @@ def _summarise_in_manifest(mlx_dir: Path, result: dict[str, Any]) -> None:
     if not path.is_file():
         return
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    worst = max(result["outputs"], key=lambda o: o["max_abs"] / max(o["atol"], 1e-30), default=None)
+    # Metrics of non-finite outputs are None: such an output is the worst, and has no cosine to take the min of.
+    worst = max(result["outputs"], key=lambda o: math.inf if o["max_abs"] is None else o["max_abs"] / o["atol"],
+                default=None)  # fmt: skip
+    cosines = [o["cosine"] for o in result["outputs"] if o["cosine"] is not None]
     manifest["validation"] = {
         "passed": result["passed"], "band": result["band"], "first_divergent_layer": result["first_divergent_layer"],
-        "min_cosine": min((o["cosine"] for o in result["outputs"]), default=1.0),
+        "min_cosine": min(cosines) if len(cosines) == len(result["outputs"]) and cosines else None,
         "worst_output": worst["name"] if worst else "", "report": "validation.json",
         "validated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
@@ -321,7 +336,7 @@ def validate_model(
     tolerances = {name: tolerance_for(name, TOLERANCES[band]) for name in reference}
     reports = compare(reference, candidate, tolerances)
     reporter.report(len(reports))
-    agreement = 1.0
+    agreement = None  # measured only where there is something to match
     if "logits_per_image" in reference and "logits_per_image" in candidate:
         agreement = matching_agreement(reference["logits_per_image"], candidate["logits_per_image"])
     elif "logits" in candidate and np.ndim(reference.get("logits")) == 2:  # classifiers: top-1 agreement
@@ -330,6 +345,10 @@ def validate_model(
 
     layers = compare_layers(ref_layers, mlx_layers, LAYER_REL_TOL[band])
     first_bad = next((layer["name"] for layer in layers if not layer["passed"]), "")
+    first_non_finite = next((layer for layer in layers if layer["note"].startswith(NON_FINITE)), None)
+    if first_non_finite is not None:  # name where the NaN/Inf first appear, next to each output they reach
+        where = f"; first layer with NaN/Inf: {first_non_finite['name']} ({first_non_finite['note']})"
+        reports = [replace(r, note=r.note + where) if r.note.startswith(NON_FINITE) else r for r in reports]
     result = {
         "passed": all(r.passed for r in reports) and not first_bad,
         "layers": layers,
@@ -339,7 +358,7 @@ def validate_model(
         "quantization_bits": bits,
         "band": band,
         "outputs": [r.to_dict() for r in reports],
-        # Reported, not gated: near-tied random-weight logits can swap order within tolerance.
+        # Reported, not gated: near-tied random-weight logits can swap order within tolerance. None: not measured.
         "matching_agreement": agreement,
         "num_texts": len(inputs["input_ids"]) if "input_ids" in inputs else len(inputs.get("texts", [])),
         "num_images": len(inputs["pixel_values"]) if "pixel_values" in inputs else len(inputs.get("images", [])),

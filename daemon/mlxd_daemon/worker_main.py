@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -16,6 +17,7 @@ from mlxd_daemon import blas, logs
 from mlxd_daemon.errors import MlxdError
 from mlxd_daemon.malloc import pin_mmap_threshold
 from mlxd_daemon.progress import Reporter
+from mlxd_daemon.staging import os_error
 
 log = structlog.get_logger()
 
@@ -49,6 +51,12 @@ def worker_main(conn: Any, cancel_event: Any, role: str, options: dict[str, Any]
             conn.send(("result", handlers[op](args, reporter)))
         except MlxdError as e:
             conn.send(("error", e.to_dict()))
+        except OSError as e:  # a full or read-only disk met outside the staged writers (validation.json, ...)
+            mapped = os_error(e, Path(args.get("dst") or args.get("model_dir") or e.filename or "."))
+            if mapped is None:
+                log.error("worker_op_failed", op=op, error=repr(e), traceback=traceback.format_exc())
+                mapped = MlxdError(f"internal error in {op}: {type(e).__name__}: {e}", reason="INTERNAL")
+            conn.send(("error", mapped.to_dict()))
         except Exception as e:
             log.error("worker_op_failed", op=op, error=repr(e), traceback=traceback.format_exc())
             err = MlxdError(f"internal error in {op}: {type(e).__name__}: {e}", reason="INTERNAL")

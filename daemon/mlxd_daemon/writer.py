@@ -1,5 +1,5 @@
-"""Writing a planned conversion: tensors shard by shard (cast, quantize or dequantize one at a time), config.json,
-the manifest, then an fsync'd atomic publish. Used by every entry point in ``convert``.
+"""Writing a planned conversion: tensors shard by shard (cast, quantize or dequantize one at a time), config.json
+and the manifest, into the temp dir ``staging.staged`` publishes. Used by every entry point in ``convert``.
 """
 
 from __future__ import annotations
@@ -7,10 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import queue
-import secrets
-import shutil
 import struct
 import threading
 from datetime import datetime, timezone
@@ -23,7 +20,7 @@ import torch
 
 import mlxd_daemon
 from mlxd_daemon.checkpoint import Checkpoint
-from mlxd_daemon.errors import FailedPrecondition, InvalidArgument
+from mlxd_daemon.errors import InvalidArgument
 from mlxd_daemon.malloc import pin_mmap_threshold
 from mlxd_daemon.progress import Reporter
 from mlxd_daemon.quantize import QParams, QuantSpec, config_entry
@@ -34,8 +31,11 @@ RELEASE_MAPPED_BYTES = 256 << 20  # unmap the source after this much is read: ma
 CHUNK_BYTES = 64 << 20  # plain casts of bigger tensors stream in row blocks of about this size
 ERROR_SAMPLE_ROWS = 64  # rows of a weight used to measure its quantization error
 MANIFEST = "mlxd_manifest.json"
+Bad = tuple[int, int, list[int]]  # a tensor's NaN count, Inf count, index of its first non-finite value
 _HASH_LIMIT = 64 << 20  # sha256 only for small files; hashing multi-GB weights would double the run time.
-_MANIFEST_RESULT_KEYS = ("quantization", "skipped_layers", "layer_reports", "bits_per_weight", "bytes_before")
+_MANIFEST_RESULT_KEYS = (
+    "quantization", "skipped_layers", "layer_reports", "bits_per_weight", "bytes_before", "non_finite"
+)  # fmt: skip
 
 
 def write_weights(
@@ -45,9 +45,14 @@ def write_weights(
     reporter: Reporter,
     stage: str,
     precomputed: dict[str, tuple[dict[str, torch.Tensor], float | None]] | None = None,
+    strict: bool = False,
+    non_finite: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """Stream tensors shard by shard; with a float16 target, scan everything before refusing an overflow.
 
+    Every floating source tensor is checked for NaN/Inf on the blocks already read; each one that has any is
+    appended to ``non_finite`` ({name, nan, inf, first_index}). With ``strict`` those refuse the conversion
+    (InvalidArgument NON_FINITE_WEIGHTS, after scanning the rest), like a float16 overflow does.
     ``precomputed`` (calibrated quantization) maps a unit's target to its final output tensors and weight error;
     those units are written as given (and dropped from the dict) instead of converted from the source.
     Returns each quantized layer's relative reconstruction error ||W - dequant(q(W))|| / ||W||.
@@ -56,12 +61,17 @@ def write_weights(
     reporter.begin(stage, len(plan.units), plan.total_bytes)
     done = done_bytes = mapped = 0
     overflow: list[dict[str, Any]] = []
+    found = non_finite if non_finite is not None else []
     errors: dict[str, float] = {}
+
+    def doomed() -> bool:  # the output will be refused: keep scanning, stop writing
+        return bool(overflow) or (strict and bool(found))
+
     for shard in plan.shards:
         # Each tensor goes to disk as soon as it is converted: memory holds one tensor, not one shard.
         with ShardFile(out / shard.file, shard, plan.layouts) as writer:
             for unit in shard.units:
-                if precomputed and unit.target in precomputed and not overflow:
+                if precomputed and unit.target in precomputed and not doomed():
                     given, error = precomputed.pop(unit.target)
                     for o in unit.outputs:
                         writer.write(o.name, given[o.name])
@@ -72,7 +82,7 @@ def write_weights(
                     continue
                 if _streamable(ckpt, unit):  # a big tensor: row blocks, never the whole tensor in memory
                     peaks: list[float] = []
-                    error = _stream_unit(ckpt, unit, writer, peaks, write=not overflow)
+                    error = _stream_unit(ckpt, unit, writer, peaks, found, write=not doomed(), strict=strict)
                     if peaks:
                         overflow.append({"name": unit.source, "max_abs": max(peaks)})
                     elif error is not None:
@@ -83,10 +93,12 @@ def write_weights(
                 source = ckpt.get(unit.source)
                 if unit.dequant is not None:
                     source = _dequantize_unit(ckpt, unit, unit.dequant, source)
-                peak = _float16_overflow(source, unit.dtype)
+                peak, bad = _scan(source, unit.dtype)
                 if peak is not None:
                     overflow.append({"name": unit.source, "max_abs": peak})  # doomed output: keep scanning only
-                if not overflow:
+                if bad is not None:
+                    found.append(_non_finite_entry(unit, bad))
+                if not doomed():
                     converted, error = _convert_unit(source, unit)
                     for name, tensor in converted.items():
                         writer.write(name, tensor)
@@ -100,7 +112,7 @@ def write_weights(
                     ckpt.release()
                     mapped = 0
                 reporter.report(done, done_bytes, unit.target)
-            writer.complete = not overflow
+            writer.complete = not doomed()
     ckpt.release()
     if overflow:
         worst = ", ".join(f"{o['name']} (max |x| {o['max_abs']:.6g})" for o in overflow[:10])
@@ -113,6 +125,16 @@ def write_weights(
             reason="FLOAT16_OVERFLOW",
             tensors=",".join(o["name"] for o in overflow),
             float16_overflow=json.dumps(overflow),
+        )
+    if strict and found:
+        listed = ", ".join(f"{b['name']} ({b['nan']} NaN, {b['inf']} Inf, first at {b['first_index']})"
+                           for b in found[:10])  # fmt: skip
+        msg = (
+            f"{len(found)} tensor(s) hold NaN or Inf values: {listed}; the checkpoint is damaged "
+            "(convert without --strict to write it anyway, with the tensors listed in the result)"
+        )
+        raise InvalidArgument(
+            msg, reason="NON_FINITE_WEIGHTS", tensors=",".join(b["name"] for b in found), non_finite=json.dumps(found)
         )
     if len(plan.shards) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(index_json(plan), indent=2) + "\n")
@@ -128,15 +150,30 @@ def _streamable(ckpt: Checkpoint, unit: Unit) -> bool:
             and unit.src_nbytes > CHUNK_BYTES)  # fmt: skip
 
 
-def _stream_unit(ckpt: Checkpoint, unit: Unit, writer: ShardFile, peaks: list[float], write: bool) -> float | None:
+def _stream_unit(
+    ckpt: Checkpoint,
+    unit: Unit,
+    writer: ShardFile,
+    peaks: list[float],
+    found: list[dict[str, Any]],
+    write: bool,
+    strict: bool,
+) -> float | None:
     """Cast (or quantize) ``unit`` block by block straight into ``writer``; returns the quantization error
-    (over a row sample of every block). A float16 overflow is added to ``peaks`` and stops the writing."""
+    (over a row sample of every block). A float16 overflow is added to ``peaks`` and stops the writing; NaN/Inf
+    are counted over all blocks into one ``found`` entry (and stop the writing when ``strict``)."""
     side: list[list[torch.Tensor]] = [[] for _ in unit.outputs[1:]]  # scales/biases: small, written after
     err2 = ref2 = 0.0
+    row = 0
+    bad: Bad | None = None
     for part in ckpt.iter_rows(unit.source, CHUNK_BYTES):
-        if (peak := _float16_overflow(part, unit.dtype)) is not None:
+        peak, part_bad = _scan(part, unit.dtype, row)
+        row += part.shape[0]
+        if peak is not None:
             peaks.append(peak)
-        if not write or peaks:
+        if part_bad is not None:
+            bad = part_bad if bad is None else (bad[0] + part_bad[0], bad[1] + part_bad[1], bad[2])
+        if not write or peaks or (strict and bad):
             continue
         cast = part.to(unit.dtype)
         if not unit.quantize:
@@ -153,21 +190,47 @@ def _stream_unit(ckpt: Checkpoint, unit: Unit, writer: ShardFile, peaks: list[fl
             pieces.append(t)
         del w, packed, tensors
         mx.clear_cache()
-    if write and not peaks:
+    if bad is not None:
+        found.append(_non_finite_entry(unit, bad))
+    if write and not peaks and not (strict and bad):
         for out, pieces in zip(unit.outputs[1:], side, strict=True):
             writer.write(out.name, torch.cat(pieces))
     return math.sqrt(err2 / max(ref2, 1e-60)) if unit.quantize and not peaks else None
 
 
-def _float16_overflow(t: torch.Tensor, out_dtype: torch.dtype) -> float | None:
-    """Largest finite |x| when casting ``t`` to float16 would overflow it, else None."""
-    if out_dtype != torch.float16 or not t.is_floating_point() or t.dtype == torch.float16 or t.numel() == 0:
-        return None
-    lo, hi = torch.aminmax(t)  # no copy of the tensor in the common, all-finite case
-    peak = max(-float(lo), float(hi))
+def _scan(t: torch.Tensor, out_dtype: torch.dtype, row0: int = 0) -> tuple[float | None, Bad | None]:
+    """One min/max pass over a floating tensor (``row0``: its first row in the whole tensor). Returns the largest
+    finite |x| when casting to ``out_dtype`` float16 would overflow (else None), and (NaN count, Inf count, index
+    of the first) when it holds non-finite values (else None); both counted only in that rare case."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None, None
+    lo, hi = (float(x) for x in torch.aminmax(t))  # no copy of the tensor in the common, all-finite case
+    bad = None
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # aminmax propagates NaN, so this sees every NaN/Inf
+        finite = torch.isfinite(t)
+        nan = int(torch.isnan(t).sum())
+        first = int((~finite).reshape(-1).nonzero()[0, 0])
+        index = [int(i) for i in np.unravel_index(first, tuple(t.shape))]
+        index[0] += row0
+        bad = (nan, int(finite.numel() - finite.sum()) - nan, index)
+    if out_dtype != torch.float16 or t.dtype == torch.float16:
+        return None, bad
+    peak = max(-lo, hi)
     if not math.isfinite(peak):  # inf/nan already there are not an overflow of ours: look past them
         peak = float(t.abs().masked_fill_(~torch.isfinite(t), 0).max())
-    return peak if peak > FLOAT16_MAX else None
+    return (peak if peak > FLOAT16_MAX else None), bad
+
+
+def _non_finite_entry(unit: Unit, bad: Bad) -> dict[str, Any]:
+    """The report of one tensor with NaN/Inf; a quantized one names its first bad quantization group too."""
+    nan, inf, index = bad
+    entry: dict[str, Any] = {"name": unit.source, "nan": nan, "inf": inf, "first_index": index}
+    if unit.quantize:
+        entry["note"] = (
+            f"quantized {unit.bits}-bit {unit.mode} g{unit.group_size}: group {index[-1] // unit.group_size} of row "
+            f"{index[0]} holds it, so that group's scale is computed from NaN/Inf and all its values are wrong"
+        )
+    return entry
 
 
 def _convert_unit(source: torch.Tensor, unit: Unit) -> tuple[dict[str, torch.Tensor], float | None]:
@@ -266,7 +329,7 @@ class ShardFile:
         blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
         self.path, self.next, self.complete = path, 0, True
         self.file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed in __exit__); big writes need no buffer
-        self.file.write(struct.pack("<Q", len(blob)) + blob)
+        _write_all(self.file, memoryview(struct.pack("<Q", len(blob)) + blob))
         # Disk writes overlap the next tensor's read and conversion; at most 2 tensors wait (bounded memory).
         self._pending: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
@@ -278,7 +341,7 @@ class ShardFile:
         while (tensor := self._pending.get()) is not None:
             try:
                 if self._error is None:
-                    self.file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+                    _write_all(self.file, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
             except BaseException as e:  # reported by write() / __exit__ on the caller's thread
                 self._error = e
 
@@ -318,6 +381,13 @@ class ShardFile:
         if exc_type is None and self.complete and self.next != len(self.expected):
             msg = f"{self.path.name}: wrote {self.next} of {len(self.expected)} planned tensors"
             raise RuntimeError(msg)
+
+
+def _write_all(file: Any, data: memoryview) -> None:
+    """An unbuffered write may stop short (a file size limit, a filling disk): write the rest, so the shortage
+    surfaces as its OSError (EFBIG, ENOSPC) instead of a silently truncated shard."""
+    while data:
+        data = data[file.write(data) :]
 
 
 def write_config(config: dict[str, Any], spec: QuantSpec | None, plan: Plan, out: Path) -> None:
@@ -367,42 +437,3 @@ def write_manifest(ckpt: Checkpoint, plan: Plan, dtype: torch.dtype, result: dic
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def sync_tree(path: Path) -> None:
-    """fsync every file and folder (depth first), so the rename never publishes files that are not on disk yet."""
-    for f in path.iterdir():
-        if f.is_dir():
-            sync_tree(f)
-            continue
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish(tmp: Path, dst: Path, overwrite: bool) -> None:
-    """Move the finished output into place; an old ``dst`` is removed only once the new one is there."""
-    if not dst.exists() and not dst.is_symlink():
-        tmp.rename(dst)
-        return
-    if not overwrite:  # someone created dst while we were converting
-        msg = f"output {dst} already exists: pass --overwrite or choose another path"
-        raise FailedPrecondition(msg, reason="OUTPUT_EXISTS", path=dst)
-    old = dst.parent / f".{dst.name}.mlxd-old-{secrets.token_hex(4)}"
-    dst.rename(old)
-    try:
-        tmp.rename(dst)
-    except BaseException:
-        old.rename(dst)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()

@@ -1,4 +1,5 @@
-"""Load: many concurrent clients, many load/unload cycles, and a bounded property-based fuzz of requests."""
+"""Load: many concurrent clients, many load/unload cycles, and a bounded property-based fuzz of requests (Convert,
+Quantize, Validate, Infer) that never answers INTERNAL/UNKNOWN."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import DaemonProcess
+from conftest import BUG_CODES, DaemonProcess, bug_responses
+from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlxd.v1 import mlxd_pb2 as pb
@@ -25,6 +27,12 @@ def mlx_clip(daemon: DaemonProcess, tiny_clip: Path, tmp_path_factory: pytest.Te
     with daemon.client() as c:
         c.convert(tiny_clip, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def writes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where fuzzed requests that write may write (never a random path: --overwrite would replace it)."""
+    return tmp_path_factory.mktemp("fuzz-writes")
 
 
 class TestLoad:
@@ -76,6 +84,20 @@ class TestLoad:
 C = grpc.StatusCode
 ALLOWED = {C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION, C.UNIMPLEMENTED, C.PERMISSION_DENIED,
            C.RESOURCE_EXHAUSTED}  # fmt: skip
+
+
+def answer_or_specific_code(daemon: DaemonProcess, method: str, request: object, timeout: float) -> None:
+    """Call ``method`` (streams are drained): an answer, or an error whose code is one of ``ALLOWED``."""
+    with grpc.insecure_channel(daemon.address) as channel:
+        call = getattr(pb_grpc.MlxdStub(channel), method)
+        try:
+            reply = call(request, timeout=timeout)
+            if not isinstance(reply, Message):
+                list(reply)
+        except grpc.RpcError as e:
+            assert e.code() in ALLOWED, (e.code(), e.details())
+
+
 paths = st.one_of(st.text(max_size=40), st.sampled_from(["/", "/tmp", "/nonexistent/x", "relative", "/dev/null"]))
 
 
@@ -89,23 +111,67 @@ class TestFuzz:
         request = pb.ConvertRequest(src=src, dst=dst, dtype=dtype, max_shard_size=shard, dry_run=True)  # type: ignore[arg-type]
         if bits:
             request.quantize.CopyFrom(pb.QuantizationSpec(bits=bits, group_size=group))
-        with grpc.insecure_channel(daemon.address) as channel:
-            try:
-                list(pb_grpc.MlxdStub(channel).Convert(request, timeout=30))
-            except grpc.RpcError as e:
-                assert e.code() in ALLOWED, (e.code(), e.details())
+        answer_or_specific_code(daemon, "Convert", request, timeout=30)
 
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
     @given(model=paths, texts=st.lists(st.text(max_size=30), max_size=3),
            images=st.lists(st.binary(max_size=64), max_size=2))  # fmt: skip
     def test_infer_fields(self, daemon: DaemonProcess, model: str, texts: list[str], images: list[bytes]) -> None:
         """Random Infer requests never crash the daemon and never answer UNKNOWN or INTERNAL."""
-        with grpc.insecure_channel(daemon.address) as channel:
-            try:
-                pb_grpc.MlxdStub(channel).Infer(pb.InferRequest(model=model, texts=texts, images=images), timeout=30)
-            except grpc.RpcError as e:
-                assert e.code() in ALLOWED, (e.code(), e.details())
+        answer_or_specific_code(daemon, "Infer", pb.InferRequest(model=model, texts=texts, images=images), timeout=30)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(name=st.text(max_size=12), dtype=st.integers(0, 4), bits=st.sampled_from([0, 0, 2, 4, 7, 8]),
+           mode=st.integers(0, 5), group=st.sampled_from([0, 16, 32, 64, 100]), overwrite=st.booleans(),
+           strict=st.booleans(),
+           shard=st.sampled_from(["", "1KB", "64KB", "0", "-1", "5GB"]))  # fmt: skip
+    def test_convert_writes(self, daemon: DaemonProcess, tiny_clip: Path, writes_root: Path, name: str, dtype: int,
+                            bits: int, mode: int, group: int, overwrite: bool, strict: bool,
+                            shard: str) -> None:  # fmt: skip
+        """Random real conversions (written, never dry runs) into a scratch folder: a result or a specific code."""
+        dst = writes_root / (name.replace("/", "_").replace("\0", "_").strip(".") or "out")
+        request = pb.ConvertRequest(src=str(tiny_clip), dst=str(dst), dtype=dtype, max_shard_size=shard,  # type: ignore[arg-type]
+                                    overwrite=overwrite, strict=strict)  # fmt: skip
+        if bits or mode:
+            request.quantize.CopyFrom(pb.QuantizationSpec(bits=bits, group_size=group, mode=mode))  # type: ignore[arg-type]
+        answer_or_specific_code(daemon, "Convert", request, timeout=60)
+        assert not [p.name for p in writes_root.iterdir() if ".mlxd-" in p.name]
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(src=st.one_of(paths, st.just("MLX")), name=st.text(max_size=12), bits=st.integers(0, 9),
+           mode=st.integers(0, 5), group=st.sampled_from([0, 16, 32, 64, 100]), dequantize=st.booleans(),
+           dtype=st.integers(0, 4), overwrite=st.booleans())  # fmt: skip
+    def test_quantize_fields(self, daemon: DaemonProcess, mlx_clip: Path, writes_root: Path, src: str, name: str,
+                             bits: int, mode: int, group: int, dequantize: bool, dtype: int,
+                             overwrite: bool) -> None:  # fmt: skip
+        """Random Quantize requests (on the converted model, or on random paths): a result or a specific code."""
+        dst = writes_root / ("q-" + (name.replace("/", "_").replace("\0", "_") or "out"))
+        request = pb.QuantizeRequest(src=str(mlx_clip) if src == "MLX" else src, dst=str(dst), overwrite=overwrite,
+                                     spec=pb.QuantizationSpec(bits=bits, group_size=group, mode=mode),  # type: ignore[arg-type]
+                                     dequantize=dequantize, dtype=dtype)  # type: ignore[arg-type]  # fmt: skip
+        answer_or_specific_code(daemon, "Quantize", request, timeout=60)
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(model=st.one_of(paths, st.just("MLX")), reference=st.one_of(paths, st.just("HF")),
+           texts=st.lists(st.text(max_size=20), max_size=2), images=st.lists(st.binary(max_size=32), max_size=1),
+           npz=st.one_of(st.just(b""), st.binary(max_size=64)))  # fmt: skip
+    def test_validate_fields(self, daemon: DaemonProcess, mlx_clip: Path, tiny_clip: Path, model: str,
+                             reference: str, texts: list[str], images: list[bytes], npz: bytes) -> None:  # fmt: skip
+        """Random Validate requests never answer UNKNOWN or INTERNAL (garbage .npz bytes and images included)."""
+        request = pb.ValidateRequest(model_dir=str(mlx_clip) if model == "MLX" else model,
+                                     reference=str(tiny_clip) if reference == "HF" else reference,
+                                     texts=texts, images=images, inputs_npz=npz)  # fmt: skip
+        answer_or_specific_code(daemon, "Validate", request, timeout=120)
 
     def test_daemon_still_serving(self, daemon: DaemonProcess) -> None:
         """After the fuzzing the daemon still answers its health check."""
         assert is_serving(daemon.address)
+
+    def test_no_fuzzed_request_was_internal(self, daemon: DaemonProcess) -> None:
+        """Over the whole session so far, no RPC answered INTERNAL/UNKNOWN and no job failed with either."""
+        bad, _ = bug_responses(daemon.log)
+        assert bad == []
+        with daemon.client() as c:
+            jobs = c.list_jobs()
+        assert len(jobs) > 0
+        assert [(j.job_id, j.error_code, j.error_message) for j in jobs if j.error_code in BUG_CODES] == []

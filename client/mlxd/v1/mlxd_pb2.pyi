@@ -57,20 +57,36 @@ class InitializeRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., client_name: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("architectures", "dtypes", "quant_modes", "quant_bits", "quant_group_sizes", "quant_recipes")
+    __slots__ = ("architectures", "dtypes", "quant_modes", "quant_bits", "quant_group_sizes", "quant_recipes", "quant_mode_details")
     ARCHITECTURES_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
     QUANT_MODES_FIELD_NUMBER: _ClassVar[int]
     QUANT_BITS_FIELD_NUMBER: _ClassVar[int]
     QUANT_GROUP_SIZES_FIELD_NUMBER: _ClassVar[int]
     QUANT_RECIPES_FIELD_NUMBER: _ClassVar[int]
+    QUANT_MODE_DETAILS_FIELD_NUMBER: _ClassVar[int]
     architectures: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[Dtype]
     quant_modes: _containers.RepeatedScalarFieldContainer[QuantMode]
     quant_bits: _containers.RepeatedScalarFieldContainer[int]
     quant_group_sizes: _containers.RepeatedScalarFieldContainer[int]
     quant_recipes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, architectures: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., quant_modes: _Optional[_Iterable[_Union[QuantMode, str]]] = ..., quant_bits: _Optional[_Iterable[int]] = ..., quant_group_sizes: _Optional[_Iterable[int]] = ..., quant_recipes: _Optional[_Iterable[str]] = ...) -> None: ...
+    quant_mode_details: _containers.RepeatedCompositeFieldContainer[QuantModeCapability]
+    def __init__(self, architectures: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., quant_modes: _Optional[_Iterable[_Union[QuantMode, str]]] = ..., quant_bits: _Optional[_Iterable[int]] = ..., quant_group_sizes: _Optional[_Iterable[int]] = ..., quant_recipes: _Optional[_Iterable[str]] = ..., quant_mode_details: _Optional[_Iterable[_Union[QuantModeCapability, _Mapping]]] = ...) -> None: ...
+
+class QuantModeCapability(_message.Message):
+    __slots__ = ("mode", "bits", "group_sizes", "default_bits", "default_group_size")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_BITS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    mode: QuantMode
+    bits: _containers.RepeatedScalarFieldContainer[int]
+    group_sizes: _containers.RepeatedScalarFieldContainer[int]
+    default_bits: int
+    default_group_size: int
+    def __init__(self, mode: _Optional[_Union[QuantMode, str]] = ..., bits: _Optional[_Iterable[int]] = ..., group_sizes: _Optional[_Iterable[int]] = ..., default_bits: _Optional[int] = ..., default_group_size: _Optional[int] = ...) -> None: ...
 
 class InitializeResponse(_message.Message):
     __slots__ = ("protocol_version", "daemon_version", "capabilities", "pid", "address", "started_at_unix", "blas", "http_address")
@@ -183,7 +199,7 @@ class SkippedLayer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ConvertRequest(_message.Message):
-    __slots__ = ("src", "dst", "dtype", "max_shard_size", "overwrite", "dry_run", "quantize", "revision")
+    __slots__ = ("src", "dst", "dtype", "max_shard_size", "overwrite", "dry_run", "quantize", "revision", "strict")
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +208,7 @@ class ConvertRequest(_message.Message):
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    STRICT_FIELD_NUMBER: _ClassVar[int]
     src: str
     dst: str
     dtype: Dtype
@@ -200,10 +217,25 @@ class ConvertRequest(_message.Message):
     dry_run: bool
     quantize: QuantizationSpec
     revision: str
-    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_shard_size: _Optional[str] = ..., overwrite: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., quantize: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., revision: _Optional[str] = ...) -> None: ...
+    strict: bool
+    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_shard_size: _Optional[str] = ..., overwrite: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., quantize: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., revision: _Optional[str] = ..., strict: _Optional[bool] = ...) -> None: ...
+
+class NonFiniteTensor(_message.Message):
+    __slots__ = ("name", "nan_count", "inf_count", "first_index", "note")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NAN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INF_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    nan_count: int
+    inf_count: int
+    first_index: _containers.RepeatedScalarFieldContainer[int]
+    note: str
+    def __init__(self, name: _Optional[str] = ..., nan_count: _Optional[int] = ..., inf_count: _Optional[int] = ..., first_index: _Optional[_Iterable[int]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class ConvertResult(_message.Message):
-    __slots__ = ("job_id", "dst", "model_type", "dtype", "num_tensors", "num_parameters", "total_bytes", "shards", "copied_files", "dropped_tensors", "quantization", "quantized_layers", "skipped_layers", "seconds", "peak_rss_bytes", "dry_run", "layer_reports", "bits_per_weight", "bytes_before", "hub_source")
+    __slots__ = ("job_id", "dst", "model_type", "dtype", "num_tensors", "num_parameters", "total_bytes", "shards", "copied_files", "dropped_tensors", "quantization", "quantized_layers", "skipped_layers", "seconds", "peak_rss_bytes", "dry_run", "layer_reports", "bits_per_weight", "bytes_before", "hub_source", "non_finite")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +256,7 @@ class ConvertResult(_message.Message):
     BITS_PER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
     HUB_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    NON_FINITE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     dst: str
     model_type: str
@@ -244,7 +277,8 @@ class ConvertResult(_message.Message):
     bits_per_weight: float
     bytes_before: int
     hub_source: HubSource
-    def __init__(self, job_id: _Optional[str] = ..., dst: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., num_tensors: _Optional[int] = ..., num_parameters: _Optional[int] = ..., total_bytes: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., copied_files: _Optional[_Iterable[str]] = ..., dropped_tensors: _Optional[_Iterable[str]] = ..., quantization: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., quantized_layers: _Optional[_Iterable[str]] = ..., skipped_layers: _Optional[_Iterable[_Union[SkippedLayer, _Mapping]]] = ..., seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., dry_run: _Optional[bool] = ..., layer_reports: _Optional[_Iterable[_Union[LayerQuantReport, _Mapping]]] = ..., bits_per_weight: _Optional[float] = ..., bytes_before: _Optional[int] = ..., hub_source: _Optional[_Union[HubSource, _Mapping]] = ...) -> None: ...
+    non_finite: _containers.RepeatedCompositeFieldContainer[NonFiniteTensor]
+    def __init__(self, job_id: _Optional[str] = ..., dst: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., num_tensors: _Optional[int] = ..., num_parameters: _Optional[int] = ..., total_bytes: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., copied_files: _Optional[_Iterable[str]] = ..., dropped_tensors: _Optional[_Iterable[str]] = ..., quantization: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., quantized_layers: _Optional[_Iterable[str]] = ..., skipped_layers: _Optional[_Iterable[_Union[SkippedLayer, _Mapping]]] = ..., seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., dry_run: _Optional[bool] = ..., layer_reports: _Optional[_Iterable[_Union[LayerQuantReport, _Mapping]]] = ..., bits_per_weight: _Optional[float] = ..., bytes_before: _Optional[int] = ..., hub_source: _Optional[_Union[HubSource, _Mapping]] = ..., non_finite: _Optional[_Iterable[_Union[NonFiniteTensor, _Mapping]]] = ...) -> None: ...
 
 class HubSource(_message.Message):
     __slots__ = ("repo_id", "revision", "commit_hash", "path")
@@ -267,7 +301,7 @@ class ConvertResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ConvertResult, _Mapping]] = ...) -> None: ...
 
 class QuantizeRequest(_message.Message):
-    __slots__ = ("src", "dst", "spec", "overwrite", "dequantize", "dtype", "revision")
+    __slots__ = ("src", "dst", "spec", "overwrite", "dequantize", "dtype", "revision", "strict")
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +309,7 @@ class QuantizeRequest(_message.Message):
     DEQUANTIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    STRICT_FIELD_NUMBER: _ClassVar[int]
     src: str
     dst: str
     spec: QuantizationSpec
@@ -282,7 +317,8 @@ class QuantizeRequest(_message.Message):
     dequantize: bool
     dtype: Dtype
     revision: str
-    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., spec: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., overwrite: _Optional[bool] = ..., dequantize: _Optional[bool] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., revision: _Optional[str] = ...) -> None: ...
+    strict: bool
+    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., spec: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., overwrite: _Optional[bool] = ..., dequantize: _Optional[bool] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., revision: _Optional[str] = ..., strict: _Optional[bool] = ...) -> None: ...
 
 class QuantizeResponse(_message.Message):
     __slots__ = ("progress", "result")
@@ -327,7 +363,7 @@ class LayerReport(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rel_error: _Optional[float] = ..., max_abs: _Optional[float] = ..., cosine: _Optional[float] = ..., tolerance: _Optional[float] = ..., passed: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
 
 class OutputReport(_message.Message):
-    __slots__ = ("name", "max_abs", "max_rel", "cosine", "nmse", "atol", "rtol", "passed")
+    __slots__ = ("name", "max_abs", "max_rel", "cosine", "nmse", "atol", "rtol", "passed", "note")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_ABS_FIELD_NUMBER: _ClassVar[int]
     MAX_REL_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +372,7 @@ class OutputReport(_message.Message):
     ATOL_FIELD_NUMBER: _ClassVar[int]
     RTOL_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_abs: float
     max_rel: float
@@ -344,7 +381,8 @@ class OutputReport(_message.Message):
     atol: float
     rtol: float
     passed: bool
-    def __init__(self, name: _Optional[str] = ..., max_abs: _Optional[float] = ..., max_rel: _Optional[float] = ..., cosine: _Optional[float] = ..., nmse: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
+    note: str
+    def __init__(self, name: _Optional[str] = ..., max_abs: _Optional[float] = ..., max_rel: _Optional[float] = ..., cosine: _Optional[float] = ..., nmse: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ..., passed: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
 
 class ValidationReport(_message.Message):
     __slots__ = ("job_id", "passed", "model_type", "dtype", "outputs", "matching_agreement", "num_texts", "num_images", "seconds", "report_path", "layers", "first_divergent_layer", "band", "reference_hub")

@@ -142,6 +142,16 @@ export interface ListCachedModelsResponse {
   cacheDir: string;
   models: CachedModel[];
   offline: boolean;
+  nonFinite: NonFiniteTensor[];
+}
+
+/** A source tensor holding NaN/Inf values (listed by Convert/Quantize; refused with `strict`). */
+export interface NonFiniteTensor {
+  name: string;
+  nanCount: number;
+  infCount: number;
+  firstIndex: number[];
+  note: string;
 }
 
 export interface OutputReport {
@@ -153,6 +163,7 @@ export interface OutputReport {
   atol: number;
   rtol: number;
   passed: boolean;
+  note: string;
 }
 
 export interface LayerReport {
@@ -171,7 +182,8 @@ export interface ValidationReport {
   modelType: string;
   dtype: string;
   outputs: OutputReport[];
-  matchingAgreement: number;
+  /** Absent where nothing was matched (proto3 `optional`): embedding models, decoders, NaN outputs. */
+  matchingAgreement?: number;
   numTexts: number;
   numImages: number;
   seconds: number;

@@ -8,8 +8,6 @@ place. On any failure the temp dir is removed and ``dst`` is left as it was (the
 from __future__ import annotations
 
 import json
-import secrets
-import shutil
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -21,13 +19,14 @@ from safetensors.torch import save_file
 
 import mlxd_daemon
 from mlxd_daemon.archs import MODEL_REMAPPING, SUPPORTED
-from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, Unsupported
+from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.export import program as fmt
 from mlxd_daemon.export.capture import Captured, capture
 from mlxd_daemon.export.lower import Lowered, dtype_name, lower
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
 from mlxd_daemon.shards import DTYPES
-from mlxd_daemon.writer import FLOAT16_MAX, MANIFEST, publish, sync_tree
+from mlxd_daemon.staging import check_destination, needed_bytes, staged
+from mlxd_daemon.writer import FLOAT16_MAX, MANIFEST
 
 
 def export_program(
@@ -56,24 +55,15 @@ def export_program(
     captured = capture(source, example_inputs=example_inputs, input_spec=input_spec)
     reporter.report(1)
     reporter.end(f"{sum(captured.ops.values())} nodes, {len(captured.ops)} distinct ops, all mapped")
-    if isinstance(source, (str, Path)) and Path(source).expanduser().exists():
-        _check_not_source(Path(source).expanduser(), dst)
-    if dst.exists() and not overwrite:
-        msg = f"output {dst} already exists: pass --overwrite or choose another path"
-        raise FailedPrecondition(msg, reason="OUTPUT_EXISTS", path=dst)
+    src = Path(source).expanduser() if isinstance(source, (str, Path)) else None
+    check_destination(src if src is not None and src.exists() else None, dst, overwrite)
     lowered = lower(captured.decomposed)
     target = _target_dtype(dtype, lowered.weights)
 
-    tmp = dst.parent / f".{dst.name}.mlxd-tmp-{secrets.token_hex(4)}"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
-    try:
+    weights = sum(t.numel() * target.itemsize if t.is_floating_point() else t.nbytes for t in lowered.weights.values())
+    examples = sum(t.nbytes for t in captured.example.values())
+    with staged(dst, needed_bytes(weights + examples), overwrite) as tmp:
         summary = _write(tmp, captured, lowered, target, reporter)
-        sync_tree(tmp)
-        publish(tmp, dst, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     coverage = dict(sorted(captured.ops.items()))
     return {
         "dst": str(dst),
@@ -134,12 +124,6 @@ def convert_via_export(args: dict[str, Any], reporter: Reporter) -> dict[str, An
 
 def _describe(source: Any) -> str:
     return type(source).__name__ if isinstance(source, torch.nn.Module) else str(source)
-
-
-def _check_not_source(src: Path, dst: Path) -> None:
-    if src.resolve() == dst.resolve() or dst.resolve() in src.resolve().parents:
-        msg = f"output {dst} is or contains the source: choose another path"
-        raise InvalidArgument(msg, reason="OUTPUT_IS_SOURCE", path=dst)
 
 
 def _target_dtype(dtype: str, weights: dict[str, torch.Tensor]) -> torch.dtype:

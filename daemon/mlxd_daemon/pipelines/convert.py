@@ -14,7 +14,6 @@ conv), the loader transposes them to MLX's [O, kH, kW, I].
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import time
 import types
@@ -27,13 +26,14 @@ import torch
 
 import mlxd_daemon
 from mlxd_daemon.checkpoint import Checkpoint, dominant_float_dtype, open_checkpoint
-from mlxd_daemon.convert import _check_destination, _check_dtype, _finish, _summary, check_tokenizer
+from mlxd_daemon.convert import _check_dtype, _finish, _summary, check_tokenizer
 from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.malloc import peak_rss_bytes
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
 from mlxd_daemon.quantize import QuantSpec, make_spec
 from mlxd_daemon.shards import DTYPE_NAMES, DTYPES, Plan, make_plan, parse_size
-from mlxd_daemon.writer import MANIFEST, publish, sync_tree, write_config, write_manifest, write_weights
+from mlxd_daemon.staging import check_destination, needed_bytes, staged
+from mlxd_daemon.writer import MANIFEST, write_config, write_manifest, write_weights
 
 CONV_LAYOUT = "pytorch_conv2d_OIHW"
 WEIGHTED = ("text_encoder", "unet", "vae")
@@ -206,39 +206,35 @@ def convert_pipeline(
     q = {"bits": q_bits, "group_size": q_group_size, "mode": q_mode, "overrides": list(q_overrides),
          "recipe": q_recipe}  # fmt: skip
     components = plan_pipeline(src, target_name, parse_size(max_shard_size), quantize, q)
-    _check_destination(src, dst, overwrite)
+    check_destination(src, dst, overwrite)
     summaries = {c.name: _summary(c.ckpt, c.plan, dst / c.name, c.dtype, c.spec, dry_run) for c in components}
     result = _merge(components, summaries, dst, target_name, dry_run)
     result["copied_files"] = _files_to_copy(src)
     if dry_run:
         return _finish(result, started)
-    tmp = dst.parent / f".{dst.name}.mlxd-tmp-{secrets.token_hex(4)}"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
+    weights = sum(c.plan.total_bytes for c in components)
     try:
-        for c in components:
-            out = tmp / c.name
-            out.mkdir()
-            summary = summaries[c.name]
-            errors = write_weights(c.ckpt, c.plan, out, reporter, f"convert {c.name}")
-            for report in summary["layer_reports"]:
-                report["rel_error"] = errors.get(report["name"], 0.0)
-            write_config(c.config, c.spec, c.plan, out)
-            write_manifest(c.ckpt, c.plan, c.dtype, summary, out)
-            c.ckpt.release()
-        for name in result["copied_files"]:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / name, tmp / name)
-        check_tokenizer(src / "tokenizer", tmp / "tokenizer")
-        _write_root_manifest(src, index, components, summaries, result, tmp)
-        sync_tree(tmp)
-        publish(tmp, dst, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged(dst, needed_bytes(weights, [src / name for name in result["copied_files"]]), overwrite) as tmp:
+            for c in components:
+                out = tmp / c.name
+                out.mkdir()
+                summary = summaries[c.name]
+                errors = write_weights(c.ckpt, c.plan, out, reporter, f"convert {c.name}",
+                                       non_finite=summary["non_finite"])  # fmt: skip
+                for report in summary["layer_reports"]:
+                    report["rel_error"] = errors.get(report["name"], 0.0)
+                write_config(c.config, c.spec, c.plan, out)
+                write_manifest(c.ckpt, c.plan, c.dtype, summary, out)
+                c.ckpt.release()
+            for name in result["copied_files"]:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / name, tmp / name)
+            check_tokenizer(src / "tokenizer", tmp / "tokenizer")
+            _write_root_manifest(src, index, components, summaries, result, tmp)
     finally:
         for c in components:
             c.ckpt.release()
+    result["non_finite"] = [{**b, "name": f"{n}.{b['name']}"} for n, x in summaries.items() for b in x["non_finite"]]
     result["layer_reports"] = [
         {**r, "name": f"{n}.{r['name']}"} for n, s in summaries.items() for r in s["layer_reports"]
     ]
