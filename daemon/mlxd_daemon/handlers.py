@@ -129,14 +129,9 @@ def validate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     images = decode_images(args["images"]) if args["images"] else None
     arrays = None
     if args.get("inputs_npz"):
-        import numpy as np
+        from mlxd_daemon.npz import read_npz
 
-        try:
-            with np.load(io.BytesIO(args["inputs_npz"]), allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except (ValueError, OSError) as e:
-            msg = f"inputs_npz is not a readable .npz of plain arrays: {e}"
-            raise InvalidArgument(msg, reason="BAD_NPZ") from None
+        arrays = read_npz(args["inputs_npz"], "inputs_npz", "BAD_NPZ")
     report = validate_model(
         Path(args["reference"]),
         Path(args["model_dir"]),

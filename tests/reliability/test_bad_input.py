@@ -3,6 +3,7 @@ and nothing is left at the destination."""
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import struct
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from conftest import DaemonProcess
@@ -171,3 +173,39 @@ class TestRequestBadInput:
             pb_grpc.MlxdStub(channel).Infer(pb.InferRequest(model="/x", images=[big]))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert is_serving(daemon.address)
+
+
+class TestDamagedInputsFoundBySweep:
+    def test_truncated_mlx_weights(self, client: Client, tiny_clip: Path, tmp_path: Path) -> None:
+        """A converted model whose safetensors was cut short: Infer, LoadModel and Validate answer INVALID_ARGUMENT /
+        BAD_CHECKPOINT naming the file (they answered INTERNAL)."""
+        dst = tmp_path / "mlx"
+        client.convert(tiny_clip, dst)
+        weights = dst / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:5000])
+        for call in (lambda: client.infer(dst, texts=["a"]), lambda: client.load_model(dst),
+                     lambda: client.validate(dst, tiny_clip)):  # fmt: skip
+            with pytest.raises(MlxdClientError) as err:
+                call()
+            assert (err.value.code, err.value.reason) == ("INVALID_ARGUMENT", "BAD_CHECKPOINT"), err.value.message
+            assert str(weights) in err.value.message
+
+    def test_garbage_calibration_npz(self, client: Client, tiny_clip: Path, tmp_path: Path) -> None:
+        """Calibration data that is no readable .npz (here: not a zip at all): BAD_CALIBRATION_DATA, nothing left."""
+        garbage = tmp_path / "calib.npz"
+        garbage.write_bytes(b"\x93NUMPY garbage")
+        with pytest.raises(MlxdClientError) as err:
+            client.convert(tiny_clip, tmp_path / "out", q_bits=4, q_method="gptq", q_calibration_data=str(garbage))
+        assert (err.value.code, err.value.reason) == ("INVALID_ARGUMENT", "BAD_CALIBRATION_DATA")
+        assert not (tmp_path / "out").exists()
+
+    def test_npy_passed_as_npz(self, client: Client, tiny_clip: Path, tmp_path: Path) -> None:
+        """Validate inputs that are a lone .npy array, not an .npz archive: INVALID_ARGUMENT / BAD_NPZ (was
+        INTERNAL: numpy returns an array, which is no archive)."""
+        dst = tmp_path / "mlx"
+        client.convert(tiny_clip, dst)
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros((1, 7), dtype=np.int64))
+        with pytest.raises(MlxdClientError) as err:
+            client.validate(dst, tiny_clip, inputs_npz=buffer.getvalue())
+        assert (err.value.code, err.value.reason) == ("INVALID_ARGUMENT", "BAD_NPZ")

@@ -8,13 +8,13 @@ import json
 import os
 import resource
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import DaemonProcess
+from helpers import worker_pid
 from mlxd_client import Client
 from mlxd_client.discovery import is_serving
 from mlxd_client.errors import MlxdClientError
@@ -90,23 +90,20 @@ class TestFullDisk:
         assert sorted(p.name for p in (tmpfs / "q").iterdir()) == before  # the old output is intact
         assert leftovers(tmpfs) == [] and not (tmpfs / "q2").exists()
 
-    def test_file_size_limit_mid_write(self, tmp_path: Path) -> None:
-        """A daemon under RLIMIT_FSIZE 1 MB (the fallback that needs no root): the write that hits the limit is
-        RESOURCE_EXHAUSTED / FILE_TOO_LARGE, not a truncated shard; no output, no temp dir; still serving."""
-        src = source(tmp_path / "src", mb=2)
-        with tempfile.TemporaryDirectory(prefix="mlxd-fsize-") as root:
-            daemon = DaemonProcess(Path(root))
-            try:
-                _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-                limit = 1 << 20 if hard == resource.RLIM_INFINITY else min(1 << 20, hard)
-                # The jobs worker starts with the first job and inherits the daemon's limit.
-                resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (limit, hard))
-                with daemon.client() as c, pytest.raises(MlxdClientError) as err:
-                    c.convert(src, tmp_path / "out")
-                assert_refused(c, err, "RESOURCE_EXHAUSTED", "FILE_TOO_LARGE")
-                assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
-            finally:
-                daemon.stop()
+    def test_file_size_limit_mid_write(self, client: Client, daemon: DaemonProcess, tmp_path: Path) -> None:
+        """The jobs worker under RLIMIT_FSIZE 1 MB (the fallback that needs no root): the write that hits the limit
+        is RESOURCE_EXHAUSTED / FILE_TOO_LARGE, not a silently truncated shard; no output, no temp dir."""
+        client.convert(source(tmp_path / "warm", mb=1), tmp_path / "warm-out")  # the jobs worker is running
+        pid = worker_pid(daemon, "jobs")
+        old = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (min(1 << 20, old[1]) if old[1] >= 0 else 1 << 20, old[1]))
+        try:
+            with pytest.raises(MlxdClientError) as err:
+                client.convert(source(tmp_path / "src", mb=2), tmp_path / "out")
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, old)
+        assert_refused(client, err, "RESOURCE_EXHAUSTED", "FILE_TOO_LARGE")
+        assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 class TestUnwritableDestination:

@@ -43,7 +43,12 @@ def read_safetensors(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, st
     weights: dict[str, mx.array] = {}
     layout: dict[str, str] | None = None
     for f in files:
-        arrays, meta = cast("tuple[dict[str, mx.array], dict[str, str]]", mx.load(str(f), return_metadata=True))
+        try:
+            loaded = mx.load(str(f), return_metadata=True)
+        except (RuntimeError, ValueError, OSError) as e:  # MLX reports a truncated or corrupt file this way
+            msg = f"{f} is not a readable safetensors file ({e}): convert the model again"
+            raise InvalidArgument(msg, reason="BAD_CHECKPOINT", path=str(f)) from None
+        arrays, meta = cast("tuple[dict[str, mx.array], dict[str, str]]", loaded)
         weights.update(arrays)
         if LAYOUT_METADATA_KEY in meta:
             layout = {**(layout or {}), **json.loads(meta[LAYOUT_METADATA_KEY])}

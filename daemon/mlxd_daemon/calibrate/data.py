@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mlxd_daemon.errors import InvalidArgument, NotFound
+from mlxd_daemon.npz import read_npz
 
 DEFAULT_TEXTS = 1024  # MiniLM 4-bit g64 GPTQ: 0.9788 min cosine with 256 sentences, 0.9823 with 1024
 DEFAULT_IMAGES = 64
@@ -289,14 +290,16 @@ def load(path: str | Path | None, seed: int, modality: str, words: list[str] | N
         for f in files:
             data = f.read_bytes()
             digest.update(f.name.encode() + b"\0" + hashlib.sha256(data).digest())
-            with Image.open(f) as im:
-                images.append(im.convert("RGB"))
+            try:
+                with Image.open(f) as im:
+                    images.append(im.convert("RGB"))
+            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+                _bad(p, f"{f.name} is not a readable image ({e})")
         return CalibrationSet("images", seed, images=images, path=str(p), sha256=digest.hexdigest())
     data = p.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     if p.suffix == ".npz":
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: np.asarray(z[k]) for k in z.files}
+        arrays = read_npz(p, f"calibration data {p}", "BAD_CALIBRATION_DATA")
         if not ({"input_ids", "pixel_values"} & arrays.keys()):
             _bad(p, f"the .npz needs input_ids or pixel_values, has {sorted(arrays)}")
         return CalibrationSet("npz", seed, arrays=arrays, path=str(p), sha256=sha)
