@@ -21,9 +21,21 @@ export type JobState =
 export interface Capabilities {
   architectures: string[];
   dtypes: Dtype[];
+  /** Only the modes the daemon's MLX backend was probed to run. */
   quantModes: QuantMode[];
   quantBits: number[];
   quantGroupSizes: number[];
+  quantRecipes: string[];
+  quantModeDetails: QuantModeCapability[];
+}
+
+/** What one quantization mode accepts (the daemon's quantize.MODES table). */
+export interface QuantModeCapability {
+  mode: QuantMode;
+  bits: number[];
+  groupSizes: number[];
+  defaultBits: number;
+  defaultGroupSize: number;
 }
 
 export interface InitializeResponse {
