@@ -83,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mlxd-bench-http-") as tmp:
         root = Path(tmp)
         src = model_dir(a.tiny, root)
-        dst = CACHE / "mlx-llama-1b-bf16" if not a.tiny else root / "mlx-tiny-llama"
+        dst = CACHE / "bench-mlx-llama-1b" if not a.tiny else root / "mlx-tiny-llama"  # bench/infer.py writes it too
         address = f"unix://{root}/mlxd.sock"
         proc = subprocess.Popen([sys.executable, "-m", "mlxd_daemon", "--address", address, "--http", "127.0.0.1:0"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
