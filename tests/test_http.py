@@ -71,6 +71,15 @@ def grpc_tokens(grpc: Client, model: Path, prompt: str = "", **options: object) 
     return [e.text for e in events if isinstance(e, pb.GeneratedToken)], events[-1]
 
 
+def mlxctl_generate(served: DaemonProcess, model: Path, *options: str) -> dict[str, object]:
+    """`mlxctl --json generate MODEL PROMPT OPTIONS...` against the served daemon."""
+    env = {**os.environ, "MLXD_ADDRESS": served.address}
+    cmd = [sys.executable, "-m", "mlxd_client.cli", "--json", "generate", str(model), PROMPT, *options]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
 class TestModels:
     def test_lists_converted_and_resident_models_with_alias(
         self, api: openai.OpenAI, grpc: Client, models: dict[str, Path]
@@ -98,12 +107,7 @@ class TestCompletions:
     def test_completion_equals_mlxctl_generate(self, api: openai.OpenAI, served: DaemonProcess,
                                                models: dict[str, Path]) -> None:  # fmt: skip
         """A greedy completion (by alias) has the text and token count `mlxctl generate` prints."""
-        env = {**os.environ, "MLXD_ADDRESS": served.address}
-        cmd = [sys.executable, "-m", "mlxd_client.cli", "--json", "generate", str(models["llama"]), PROMPT,
-               "--max-tokens", "12"]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        expected = json.loads(proc.stdout)
+        expected = mlxctl_generate(served, models["llama"], "--max-tokens", "12")
         got = api.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=12, temperature=0)
         assert got.choices[0].text == expected["text"]
         assert got.choices[0].finish_reason == expected["finish_reason"] == "length"
@@ -150,14 +154,16 @@ class TestCompletions:
             grpc.generate(plain, messages=messages, max_tokens=2)
         assert err.value.reason == "NO_CHAT_TEMPLATE"
 
-    def test_stop_string_ends_text_before_it_over_both_fronts(self, api: openai.OpenAI, grpc: Client,
-                                                              models: dict[str, Path]) -> None:  # fmt: skip
-        """A stop string ends the text just before it (finish "stop"), the same over gRPC and HTTP."""
+    def test_stop_string_ends_text_before_it_over_both_fronts(
+        self, api: openai.OpenAI, grpc: Client, served: DaemonProcess, models: dict[str, Path]
+    ) -> None:
+        """A stop string ends the text just before it (finish "stop"), the same for `mlxctl generate --stop`
+        (gRPC) and HTTP, plain and streamed."""
         full = grpc.generate(models["llama"], PROMPT, max_tokens=24).text
         stop = full[len(full) // 2 : len(full) // 2 + 3]
         cut = full[: full.index(stop)]
-        via_grpc = grpc.generate(models["llama"], PROMPT, max_tokens=24, stop=[stop])
-        assert (via_grpc.text, via_grpc.finish_reason) == (cut, "stop")
+        via_grpc = mlxctl_generate(served, models["llama"], "--max-tokens", "24", "--stop", stop)
+        assert (via_grpc["text"], via_grpc["finish_reason"]) == (cut, "stop")
         via_http = api.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=24, stop=[stop, "\x00"])
         assert (via_http.choices[0].text, via_http.choices[0].finish_reason) == (cut, "stop")
         streamed = api.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=24, stop=stop, stream=True)
