@@ -321,10 +321,13 @@ def cmd_models(client: Client, a: argparse.Namespace) -> Outcome:
     if a.cached:
         return _cached_models(client)
     r = to_dict(client.list_models())
-    lines = [
-        f"{m['id']}  {m['model_type']} {m['dtype']} {m['resident_bytes'] / 1e6:.1f} MB, {m['infer_count']} calls"
-        for m in r["models"]
-    ]
+    lines = []
+    for m in r["models"]:
+        lines.append(f"{m['id']}  {m['model_type']} {m['dtype']} {m['resident_bytes'] / 1e6:.1f} MB, "
+                     f"{m['infer_count']} calls")  # fmt: skip
+        for rank in m.get("ranks", []):  # a tensor-parallel model: one line per rank
+            lines.append(f"  rank {rank.get('rank', 0)} on {rank['host']} pid {rank['pid']} "
+                         f"({m['tensor_parallel_backend']}): {rank['resident_bytes'] / 1e6:.1f} MB")  # fmt: skip
     lines.append(f"resident {r['used_bytes'] / 1e6:.1f} MB of {r['budget_bytes'] / 1e6:.0f} MB budget")
     return r, "\n".join(lines), 0
 
@@ -343,8 +346,10 @@ def _cached_models(client: Client) -> Outcome:
 
 
 def cmd_load(client: Client, a: argparse.Namespace) -> Outcome:
-    r = to_dict(client.load_model(a.model_dir, keep_alive=a.keep_alive))
-    return r, f"loaded {r['model']['id']} ({r['model']['resident_bytes'] / 1e6:.1f} MB)", 0
+    r = to_dict(client.load_model(a.model_dir, keep_alive=a.keep_alive, tensor_parallel=a.tensor_parallel,
+                                  hosts_file=a.hosts))  # fmt: skip
+    ranks = f" over {r['model']['tensor_parallel']} ranks" if r["model"].get("tensor_parallel") else ""
+    return r, f"loaded {r['model']['id']}{ranks} ({r['model']['resident_bytes'] / 1e6:.1f} MB)", 0
 
 
 def cmd_unload(client: Client, a: argparse.Namespace) -> Outcome:
@@ -509,6 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
     ld = add("load", cmd_load, "load a model and keep it resident")
     ld.add_argument("model_dir")
     ld.add_argument("--keep-alive", type=float, default=0.0, help="seconds after last use it may not be evicted")
+    ld.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=0,
+        metavar="N",
+        help="split a decoder over N ranks (mlx-lm's sharding plan, started with mlx.launch)",
+    )
+    ld.add_argument(
+        "--hosts",
+        default="",
+        metavar="HOSTS_JSON",
+        help="mlx.launch hostfile listing the ranks' hosts (default: all ranks on this host)",
+    )
     ul = add("unload", cmd_unload, "unload a resident model")
     ul.add_argument("model_dir")
     d = add("daemon", cmd_daemon, "start, stop or inspect the daemon")

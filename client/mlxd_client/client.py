@@ -356,9 +356,18 @@ class Client:
         """Generate text and return the result (tokens are consumed silently)."""
         return self._drain(self.generate_events(model, prompt, **options), None)
 
-    def load_model(self, path: str | Path, keep_alive: float = 0.0) -> pb.LoadModelResponse:
-        """Load a model and keep it resident; ``keep_alive`` seconds protect it from budget eviction."""
-        request = pb.LoadModelRequest(path=str(Path(path).resolve()), keep_alive_seconds=keep_alive)
+    def load_model(
+        self, path: str | Path, keep_alive: float = 0.0, tensor_parallel: int = 0, hosts_file: str | Path = ""
+    ) -> pb.LoadModelResponse:
+        """Load a model and keep it resident; ``keep_alive`` seconds protect it from budget eviction.
+
+        ``tensor_parallel`` N >= 2 splits a decoder over N rank processes (on the hosts of ``hosts_file``)."""
+        request = pb.LoadModelRequest(
+            path=str(Path(path).resolve()),
+            keep_alive_seconds=keep_alive,
+            tensor_parallel=tensor_parallel,
+            hosts_file=str(Path(hosts_file).resolve()) if hosts_file else "",
+        )
         return self._unary(self._stub.LoadModel, request)
 
     def unload_model(self, model_id: str | Path) -> pb.UnloadModelResponse:

@@ -11,7 +11,8 @@
     ├── PermissionDenied         PERMISSION_DENIED    path outside the allowed roots
     ├── Unauthenticated          UNAUTHENTICATED      TCP client without the daemon's token
     ├── Unavailable              UNAVAILABLE          the Hugging Face Hub cannot be reached
-    └── WorkerCrashed            UNAVAILABLE          the MLX worker process died mid-request
+    ├── WorkerCrashed            UNAVAILABLE          the MLX worker process died mid-request
+    └── RankLost                 UNAVAILABLE          a rank of a tensor-parallel model died or went silent
 
 Every error carries a machine-readable ``reason`` (UPPER_SNAKE, sent as google.rpc.ErrorInfo.reason)
 and ``metadata`` (str -> str) a client can act on. Messages say what to do next.
@@ -102,10 +103,15 @@ class WorkerCrashed(MlxdError):
     default_reason = "WORKER_CRASHED"
 
 
+class RankLost(MlxdError):
+    code = "UNAVAILABLE"
+    default_reason = "RANK_LOST"
+
+
 _BY_NAME = {
     c.__name__: c
     for c in (MlxdError, NotFound, InvalidArgument, FailedPrecondition, Unsupported, ResourceExhausted, Cancelled,
-              Aborted, PermissionDenied, Unauthenticated, Unavailable, WorkerCrashed)
+              Aborted, PermissionDenied, Unauthenticated, Unavailable, WorkerCrashed, RankLost)
 }  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlxd_daemon.errors import InvalidArgument, MlxdError
+from mlxd_daemon.errors import InvalidArgument, MlxdError, RankLost
 from mlxd_daemon.progress import Reporter
 from mlxd_daemon.residency import Residency, configure_mlx_for_inference
 from mlxd_daemon.stop_strings import StopStrings
@@ -154,7 +154,9 @@ def hub_cache(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
 
 
 def load(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
-    resident, evicted = _models().get(args["path"], keep_alive=args.get("keep_alive"))
+    resident, evicted = _models().get(args["path"], keep_alive=args.get("keep_alive"),
+                                      tensor_parallel=args.get("tensor_parallel"),
+                                      hosts_file=args.get("hosts_file", ""))  # fmt: skip
     return {"model": resident.info(), "evicted": evicted}
 
 
@@ -267,8 +269,11 @@ def generate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
             reporter.data({"token_id": event["token_id"], "text": text})
             if stops.stopped:
                 break
+    except RankLost:
+        _models().unload(resident.id, reason="rank_lost")  # its ranks are gone: nothing left to serve with
+        raise
     finally:
-        if hasattr(events, "close"):  # a stop string or a cancel: the decoder stops here
+        if hasattr(events, "close"):  # a stop string or a cancel: the decoder stops here (TP ranks wait on it)
             events.close()
     resident.last_used, resident.infer_count = time.time(), resident.infer_count + 1
     stats, finish = last.get("stats", {}), last.get("finish_reason", "")

@@ -33,6 +33,7 @@ class Resident:
         return now - self.last_used < self.keep_alive
 
     def info(self) -> dict[str, Any]:
+        parallel = self.bundle.info() if hasattr(self.bundle, "ranks") else {}
         return {
             "id": self.id,
             "model_type": self.model_type,
@@ -42,6 +43,9 @@ class Resident:
             "loaded_at_unix": self.loaded_at,
             "last_used_unix": self.last_used,
             "infer_count": self.infer_count,
+            "tensor_parallel": parallel.get("tensor_parallel", 0),
+            "tensor_parallel_backend": parallel.get("backend", ""),
+            "ranks": parallel.get("ranks", []),
         }
 
 
@@ -91,9 +95,21 @@ class Residency:
     def used_bytes(self) -> int:
         return sum(int(r.bundle.nbytes) for r in self.models.values())
 
-    def get(self, path: str, keep_alive: float | None = None) -> tuple[Resident, list[str]]:
-        """The resident model for ``path``, loading it (and evicting others) if needed."""
+    def get(
+        self, path: str, keep_alive: float | None = None, tensor_parallel: int | None = None, hosts_file: str = ""
+    ) -> tuple[Resident, list[str]]:
+        """The resident model for ``path``, loading it (and evicting others) if needed.
+
+        ``tensor_parallel`` (N >= 2, or a ``hosts_file``) loads it split over N ranks; a resident model split
+        another way is reloaded. ``None``: whatever is resident (a plain load otherwise)."""
         model_id = str(Path(path).resolve())
+        resident = self.models.get(model_id)
+        if resident is not None and (tensor_parallel is not None or hosts_file):
+            from mlxd_daemon.tensor_parallel import hostfile_size
+
+            wanted = hostfile_size(hosts_file) if hosts_file else max(tensor_parallel or 1, 1)
+            if wanted != getattr(resident.bundle, "tensor_parallel", 1):
+                self.unload(model_id, reason=f"reloaded with tensor_parallel {wanted}")
         if model_id in self.models:
             self.models.move_to_end(model_id)
             if keep_alive is not None:
@@ -103,12 +119,17 @@ class Residency:
             from mlxd_daemon.pipelines import sd
 
             model_type, bundle = "stable_diffusion", sd.load(Path(model_id))
+        elif (tensor_parallel or 0) > 1 or hosts_file:
+            from mlxd_daemon.tensor_parallel import TensorParallelModel
+
+            model_type = read_model_type(Path(model_id))
+            bundle = TensorParallelModel(Path(model_id), tensor_parallel or 0, hosts_file or None)
         else:
             model_type = read_model_type(Path(model_id))
             bundle = get_arch(model_type).load(Path(model_id))
         need = int(bundle.nbytes)
         if need > self.budget_bytes:
-            del bundle
+            _release(bundle)
             msg = (
                 f"{model_id} needs {need} bytes resident, more than the whole budget of {self.budget_bytes}; "
                 "quantize it or start mlxd with a larger --memory-budget"
@@ -119,8 +140,7 @@ class Residency:
             now = time.time()
             victim = next((m for m, r in self.models.items() if not r.pinned(now)), None)  # least recently used
             if victim is None:
-                del bundle
-                gc.collect()
+                _release(bundle)
                 msg = (f"{model_id} needs {need} bytes but the budget is held by models within their keep-alive; "
                        "unload one or retry later")  # fmt: skip
                 raise ResourceExhausted(msg, reason="BUDGET_PINNED", need=need, budget=self.budget_bytes)
@@ -138,8 +158,8 @@ class Residency:
             msg = f"{model_id} is not loaded; mlxctl models lists what is"
             raise FailedPrecondition(msg, reason="MODEL_NOT_LOADED", model=model_id)
         freed = int(resident.bundle.nbytes)
+        _release(resident.bundle)
         del resident
-        gc.collect()
         import mlx.core as mx
 
         mx.clear_cache()  # return MLX's buffer cache to the system, not just to MLX
@@ -155,6 +175,14 @@ class Residency:
             "recent_evictions": self.evictions,
             "worker_rss_bytes": current_rss_bytes(),
         }
+
+
+def _release(bundle: Any) -> None:
+    """Drop a loaded bundle; a tensor-parallel one also stops its rank processes."""
+    if hasattr(bundle, "close"):
+        bundle.close()
+    del bundle
+    gc.collect()
 
 
 def current_rss_bytes() -> int:

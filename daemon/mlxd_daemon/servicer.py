@@ -382,8 +382,9 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             raise
 
     def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> pb.LoadModelResponse:
-        self._require_paths(context, request.path)
-        args = {"path": request.path, "keep_alive": request.keep_alive_seconds or None}
+        self._require_paths(context, request.path, *([request.hosts_file] if request.hosts_file else []))
+        args = {"path": request.path, "keep_alive": request.keep_alive_seconds or None,
+                "tensor_parallel": request.tensor_parallel, "hosts_file": request.hosts_file}  # fmt: skip
         reply = self._models_call(context, "load", args)
         return pb.LoadModelResponse(model=pb.ModelInfo(**reply["model"]), evicted=reply["evicted"])
 

@@ -633,7 +633,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, token: _Optional[_Union[GeneratedToken, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "model_type", "dtype", "compute_dtype", "resident_bytes", "loaded_at_unix", "last_used_unix", "infer_count")
+    __slots__ = ("id", "model_type", "dtype", "compute_dtype", "resident_bytes", "loaded_at_unix", "last_used_unix", "infer_count", "tensor_parallel", "tensor_parallel_backend", "ranks")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -642,6 +642,9 @@ class ModelInfo(_message.Message):
     LOADED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_UNIX_FIELD_NUMBER: _ClassVar[int]
     INFER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     id: str
     model_type: str
     dtype: str
@@ -650,15 +653,34 @@ class ModelInfo(_message.Message):
     loaded_at_unix: float
     last_used_unix: float
     infer_count: int
-    def __init__(self, id: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., loaded_at_unix: _Optional[float] = ..., last_used_unix: _Optional[float] = ..., infer_count: _Optional[int] = ...) -> None: ...
+    tensor_parallel: int
+    tensor_parallel_backend: str
+    ranks: _containers.RepeatedCompositeFieldContainer[RankInfo]
+    def __init__(self, id: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., loaded_at_unix: _Optional[float] = ..., last_used_unix: _Optional[float] = ..., infer_count: _Optional[int] = ..., tensor_parallel: _Optional[int] = ..., tensor_parallel_backend: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ...) -> None: ...
+
+class RankInfo(_message.Message):
+    __slots__ = ("rank", "host", "pid", "resident_bytes")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    host: str
+    pid: int
+    resident_bytes: int
+    def __init__(self, rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("path", "keep_alive_seconds")
+    __slots__ = ("path", "keep_alive_seconds", "tensor_parallel", "hosts_file")
     PATH_FIELD_NUMBER: _ClassVar[int]
     KEEP_ALIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FILE_FIELD_NUMBER: _ClassVar[int]
     path: str
     keep_alive_seconds: float
-    def __init__(self, path: _Optional[str] = ..., keep_alive_seconds: _Optional[float] = ...) -> None: ...
+    tensor_parallel: int
+    hosts_file: str
+    def __init__(self, path: _Optional[str] = ..., keep_alive_seconds: _Optional[float] = ..., tensor_parallel: _Optional[int] = ..., hosts_file: _Optional[str] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("model", "evicted")
