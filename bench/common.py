@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,20 +38,6 @@ def machine() -> str:
     import os
 
     return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} {platform.release()}"
-
-
-def start_daemon(address: str, *extra: str) -> subprocess.Popen[bytes]:
-    """A daemon on ``address`` (unix socket path), returned once it answers health checks."""
-    from mlxd_client.discovery import is_serving
-
-    proc = subprocess.Popen([sys.executable, "-m", "mlxd_daemon", "--address", address, *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    while not is_serving(address, timeout=0.5):
-        if proc.poll() is not None:
-            msg = f"the daemon exited with code {proc.returncode} before serving (flags {extra})"
-            raise RuntimeError(msg)
-        time.sleep(0.1)
-    return proc
 
 
 def spread(values: list[float]) -> str:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, base_clip, machine, start_daemon, timeit
+from common import CACHE, base_clip, machine, timeit
 
 THREADS = os.cpu_count() or 1
 TEXTS = [f"a photo of object number {i}" for i in range(8)]
@@ -137,6 +137,16 @@ def models_section(skip_llama: bool) -> None:
     print(line(f"Llama-1B shape: prefill {PROMPT_TOKENS} tokens", torch_times["llama_prefill"], stats.prompt_seconds))
     print(line(f"Llama-1B shape: {DECODE_TOKENS} decode steps", torch_times["llama_decode"],
                stats.generation_seconds * DECODE_TOKENS / max(stats.generation_tokens, 1)))  # fmt: skip
+
+
+def start_daemon(address: str, *extra: str) -> subprocess.Popen[bytes]:
+    from mlxd_client.discovery import is_serving
+
+    proc = subprocess.Popen([sys.executable, "-m", "mlxd_daemon", "--address", address, *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    while not is_serving(address, timeout=0.5):
+        time.sleep(0.1)
+    return proc
 
 
 def throughput(address: str, model: Path, clients: int = 16, requests: int = 12) -> float:

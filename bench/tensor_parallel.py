@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, machine, spread, start_daemon
+from common import CACHE, machine, spread
 
 RUNS = 5
 PROMPT = "The history of the city begins with a small settlement on the river, where traders met"
@@ -35,11 +35,12 @@ def model() -> Path:
 def main() -> None:
     from mlxd.v1 import mlxd_pb2 as pb
     from mlxd_client import Client
+    from mlxd_client.discovery import start_daemon
 
     print(f"# tensor parallel through the daemon ({machine()}); decoder {SHAPE}")
     with tempfile.TemporaryDirectory() as tmp:
-        address = str(Path(tmp) / "mlxd.sock")
-        proc = start_daemon(address, "--memory-budget", "0.7")
+        address = f"unix://{tmp}/mlxd.sock"
+        proc = start_daemon(address, log_path=Path(tmp) / "mlxd.log", extra_args=["--memory-budget", "0.7"])
         try:
             with Client(address, autostart=False, timeout=1800) as c:
                 out = Path(tmp) / "mlx"
