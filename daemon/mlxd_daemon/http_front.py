@@ -264,7 +264,9 @@ class HttpServer:
 
     def __init__(self, app: Any, host: str, port: int, grace: int = 5) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto given explicitly: asyncio sets TCP_NODELAY only on IPPROTO_TCP sockets, and without it each
+        # streamed chunk after the first waits for the client's delayed ACK (~40 ms)
+        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.sock.bind((host, port))
