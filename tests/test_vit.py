@@ -13,7 +13,7 @@ import pytest
 from mlxd_client import Client
 from mlxd_client.errors import InvalidArgumentError
 from mlxd_daemon.archs import get_arch, vit
-from mlxd_daemon.archs.vit_processing import ImageConfig, preprocess_images
+from mlxd_daemon.archs.image_processing import VitImageConfig, preprocess_images
 from mlxd_daemon.convert import convert
 from mlxd_daemon.errors import InvalidArgument
 from mlxd_daemon.fixtures import golden_images, make_vit
@@ -72,7 +72,7 @@ class TestProcessor:
     def test_matches_vit_image_processor(self, tiny: Path) -> None:
         """RGB, RGBA, greyscale and odd-sized images give HF's pixels (max abs diff <= 1e-5)."""
         images = golden_images(8, 41)
-        ours = preprocess_images(images, ImageConfig.load(tiny, (32, 32)))
+        ours = preprocess_images(images, VitImageConfig.load(tiny, (32, 32)))
         theirs = hf_pixels(tiny, images)
         assert ours.shape == theirs.shape == (8, 3, 32, 32)
         assert float(np.abs(ours - theirs).max()) <= 1e-5
@@ -87,7 +87,7 @@ class TestProcessor:
         # RGB only: without do_convert_rgb HF fails on RGBA/greyscale; one 24x24 image when nothing resizes.
         images = [im.convert("RGB") for im in golden_images(3, 24 if "do_resize" in extra else 30)]
         images = images[:1] if "do_resize" in extra else images
-        ours = preprocess_images(images, ImageConfig.load(tmp_path, (24, 24)))
+        ours = preprocess_images(images, VitImageConfig.load(tmp_path, (24, 24)))
         assert float(np.abs(ours - hf_pixels(tmp_path, images)).max()) <= 1e-5
 
 

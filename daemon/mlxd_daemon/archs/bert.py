@@ -16,7 +16,7 @@ ignored at load: such models serve embeddings only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mlxd_daemon.archs._activations import ACTIVATIONS
+from mlxd_daemon.archs._config import FromDict
 from mlxd_daemon.archs._loading import (
     fill_model,
     read_json,
@@ -47,7 +48,7 @@ _SEQ_CLS = "BertForSequenceClassification"
 
 
 @dataclass(frozen=True)
-class BertConfig:
+class BertConfig(FromDict):
     vocab_size: int = 30522
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -68,12 +69,6 @@ class BertConfig:
             raise Unsupported(msg, reason="UNSUPPORTED_CONFIG", position_embedding_type=self.position_embedding_type)
         object.__setattr__(self, "architectures", tuple(self.architectures or ()))
         object.__setattr__(self, "id2label", {str(k): str(v) for k, v in (self.id2label or {}).items()})
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
-        """Build from config.json, ignoring keys this dataclass does not know."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
     @property
     def is_classifier(self) -> bool:

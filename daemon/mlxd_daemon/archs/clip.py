@@ -1,7 +1,8 @@
 """CLIP (HF ``model_type: clip``) in MLX: configs, HF-named modules, loading, embedding, validation hooks.
 
 Module and parameter names are exactly Hugging Face's, so weights load by HF name; the one layout change
-is the patch-embedding conv (see ``DISK_LAYOUT``). Inputs come from ``clip_processing`` (= CLIPProcessor).
+is the patch-embedding conv (see ``DISK_LAYOUT``). Inputs come from ``clip_processing`` (text) and
+``image_processing`` (``ClipImageConfig``): together, CLIPProcessor.
 
 Output keys of ``ClipBundle.forward_outputs``, ``run_mlx`` and ``run_reference``:
   ``text_embeds`` [n_texts, P] and ``image_embeds`` [n_images, P]: L2-normalised projections;
@@ -13,7 +14,7 @@ Output keys of ``ClipBundle.forward_outputs``, ``run_mlx`` and ``run_reference``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from mlxd_daemon.archs._activations import ACTIVATIONS
+from mlxd_daemon.archs._config import FromDict
 from mlxd_daemon.archs._loading import (
     LAYOUT_METADATA_KEY as LAYOUT_METADATA_KEY,  # re-exported: clip.LAYOUT_METADATA_KEY stays public
 )
@@ -34,7 +36,8 @@ from mlxd_daemon.archs._loading import (
     require_dir,
     storage_dtype,
 )
-from mlxd_daemon.archs.clip_processing import ImageConfig, load_tokenizer, preprocess_images, tokenize
+from mlxd_daemon.archs.clip_processing import load_tokenizer, tokenize
+from mlxd_daemon.archs.image_processing import ClipImageConfig, preprocess_images
 from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.taps import tap
 
@@ -44,16 +47,8 @@ DISK_LAYOUT: dict[str, str] = {PATCH_WEIGHT: "pytorch_conv2d_OIHW"}
 _TOP_LEVEL = ("text_model.", "vision_model.", "text_projection.", "visual_projection.", "logit_scale")
 
 
-class _FromDict:
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Any:
-        """Build from a config.json dict, ignoring keys this dataclass does not know."""
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
 @dataclass(frozen=True)
-class TextConfig(_FromDict):
+class TextConfig(FromDict):
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
@@ -67,7 +62,7 @@ class TextConfig(_FromDict):
 
 
 @dataclass(frozen=True)
-class VisionConfig(_FromDict):
+class VisionConfig(FromDict):
     hidden_size: int = 768
     intermediate_size: int = 3072
     num_hidden_layers: int = 12
@@ -283,7 +278,7 @@ class ClipBundle:
     model: CLIPModel
     config: ClipConfig
     tokenizer: Tokenizer
-    image_config: ImageConfig
+    image_config: ClipImageConfig
     model_dir: Path
     dtype: str  # storage dtype of the float tensors on disk ("float32", "float16", "bfloat16")
     nbytes: int  # resident bytes of the loaded parameters
@@ -370,7 +365,7 @@ def load(model_dir: Path) -> ClipBundle:
         model=model,
         config=cfg,
         tokenizer=load_tokenizer(model_dir, cfg.text.max_position_embeddings),
-        image_config=ImageConfig.load(model_dir, cfg.vision.image_size),
+        image_config=ClipImageConfig.load(model_dir, cfg.vision.image_size),
         model_dir=model_dir,
         dtype=dtype,
         nbytes=nbytes,
@@ -393,7 +388,7 @@ def golden_inputs(
     texts = list(fixtures.GOLDEN_TEXTS) if texts is None else list(texts)
     images = fixtures.golden_images(4, cfg.vision.image_size + 9) if images is None else list(images)
     ids, mask = tokenize(load_tokenizer(model_dir, cfg.text.max_position_embeddings), texts)
-    pixels = preprocess_images(images, ImageConfig.load(model_dir, cfg.vision.image_size))
+    pixels = preprocess_images(images, ClipImageConfig.load(model_dir, cfg.vision.image_size))
     return {
         "texts": texts,
         "images": images,

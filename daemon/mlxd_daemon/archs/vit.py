@@ -6,7 +6,8 @@ Names on disk are the checkpoints' Hugging Face names with the ``vit.`` prefix s
 output.dense, layernorm_before, layernorm_after}``, ``layernorm``, ``pooler.dense``, ``classifier``.
 transformers >= 5 names the modules ``layers.N.attention.q_proj``/``mlp.fc1``... in memory but still saves the
 names above; ``map_weight`` maps the in-memory spelling (a ``torch.save``'d state dict) back to them. The one
-layout change is the patch-embedding conv (see ``DISK_LAYOUT``). Inputs come from ``vit_processing``.
+layout change is the patch-embedding conv (see ``DISK_LAYOUT``). Inputs come from ``image_processing``
+(``VitImageConfig``).
 
 Per-layer taps use transformers' in-memory module paths without ``vit.`` (``embeddings``, ``layers.N``): the
 PyTorch hooks match a module named ``layers.N`` (``ViTModel``) or ending in ``.layers.N`` (``vit.layers.N``).
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from mlxd_daemon.archs._activations import ACTIVATIONS
+from mlxd_daemon.archs._config import FromDict
 from mlxd_daemon.archs._loading import (
     fill_model,
     read_json,
@@ -39,7 +41,7 @@ from mlxd_daemon.archs._loading import (
     require_dir,
     storage_dtype,
 )
-from mlxd_daemon.archs.vit_processing import ImageConfig, preprocess_images
+from mlxd_daemon.archs.image_processing import VitImageConfig, preprocess_images
 from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.taps import tap
 
@@ -76,7 +78,7 @@ def _pair(value: Any, name: str) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(FromDict):
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
@@ -103,12 +105,6 @@ class ViTConfig:
         object.__setattr__(self, "pooler_output_size", self.pooler_output_size or self.hidden_size)
         object.__setattr__(self, "architectures", tuple(self.architectures or ()))
         object.__setattr__(self, "id2label", {str(k): str(v) for k, v in (self.id2label or {}).items()})
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
-        """Build from config.json, ignoring keys this dataclass does not know."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
     @property
     def num_patches(self) -> int:
@@ -275,7 +271,7 @@ class ViTBundle:
 
     model: ViTModel
     config: ViTConfig
-    image_config: ImageConfig
+    image_config: VitImageConfig
     model_dir: Path
     dtype: str  # storage dtype of the float tensors on disk ("float32", "float16", "bfloat16")
     nbytes: int  # resident bytes of the loaded parameters
@@ -379,7 +375,7 @@ def load(model_dir: Path) -> ViTBundle:
     return ViTBundle(
         model=model,
         config=cfg,
-        image_config=ImageConfig.load(model_dir, cfg.image_size),
+        image_config=VitImageConfig.load(model_dir, cfg.image_size),
         model_dir=model_dir,
         dtype=dtype,
         nbytes=nbytes,
@@ -403,7 +399,7 @@ def golden_inputs(
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     images = fixtures.golden_images(4, min(cfg.image_size) + 9) if images is None else list(images)
-    pixels = preprocess_images(images, ImageConfig.load(model_dir, cfg.image_size))
+    pixels = preprocess_images(images, VitImageConfig.load(model_dir, cfg.image_size))
     return {"texts": [], "images": images, "pixel_values": pixels}
 
 

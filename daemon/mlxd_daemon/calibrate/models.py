@@ -265,10 +265,10 @@ class ClipVisionStream(Stream):
 
     def __init__(self, cfg: Any, weights: Weights, data: CalibrationSet) -> None:
         from mlxd_daemon.archs import clip
-        from mlxd_daemon.archs.clip_processing import ImageConfig, preprocess_images
+        from mlxd_daemon.archs.image_processing import ClipImageConfig, preprocess_images
 
         self.clip, self.cfg, self.weights, self.data = clip, cfg, weights, data
-        image_cfg = ImageConfig.load(weights.ckpt.path, cfg.image_size)
+        image_cfg = ClipImageConfig.load(weights.ckpt.path, cfg.image_size)
         self.preprocess = lambda images: preprocess_images(images, image_cfg)
 
     def start(self) -> list[Batch]:
