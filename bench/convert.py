@@ -27,8 +27,11 @@ MLXD = (
 import json, sys, time
 from pathlib import Path
 from mlxd_daemon.convert import convert
+from mlxd_daemon.quantize import QuantOptions
+opts = json.loads(sys.argv[4])
+q = opts.pop("quantize", None)
 t = time.perf_counter()
-convert(Path(sys.argv[1]), Path(sys.argv[2]), dtype=sys.argv[3], **json.loads(sys.argv[4]))
+convert(Path(sys.argv[1]), Path(sys.argv[2]), dtype=sys.argv[3], quantize=QuantOptions(**q) if q else None, **opts)
 print(json.dumps([time.perf_counter() - t, _peak()]))
 """
 )
@@ -88,7 +91,7 @@ def llama_section() -> None:
         for label, dtype, lm_opts, mlxd_opts in [
             ("float16", "float16", {}, {}),
             ("q4 g64", "bfloat16", {"quantize": True, "q_bits": 4, "q_group_size": 64},
-             {"quantize": True, "q_bits": 4, "q_group_size": 64}),
+             {"quantize": {"bits": 4, "group_size": 64}}),
         ]:  # fmt: skip
             lm = run(MLX_LM, src, Path(tmp) / f"lm-{dtype}-{label}", dtype, lm_opts)
             print(row(f"mlx_lm.convert {label}", *lm, floor))
@@ -105,7 +108,7 @@ def clip_section() -> None:
         print(f"{'plain copy + fsync (floor)':<30} {floor:7.2f} s")
         for label, dtype, opts in [("float32", "float32", {}), ("float16", "float16", {}),
                                    ("bfloat16", "bfloat16", {}),
-                                   ("q4 g64", "float32", {"quantize": True, "q_bits": 4})]:  # fmt: skip
+                                   ("q4 g64", "float32", {"quantize": {"bits": 4}})]:  # fmt: skip
             print(row(f"mlxd convert {label}", *run(MLXD, src, Path(tmp) / label, dtype, opts), floor))
 
 

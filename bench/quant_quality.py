@@ -25,6 +25,7 @@ preload()  # before mlx.core: MLX's own Linux BLAS is ~30x slower
 
 import numpy as np  # noqa: E402
 from mlxd_daemon.convert import convert  # noqa: E402
+from mlxd_daemon.quantize import QuantOptions  # noqa: E402
 
 METHODS = ("rtn", "awq", "gptq")
 SENTENCES = (
@@ -52,7 +53,7 @@ def _bits_per_weight(r: dict[str, Any]) -> float:
 def _quantize(src: Path, out: Path, method: str, bits: int, group: int, skip: list[str]) -> tuple[Path, dict]:
     dst = out / f"{src.name}-{method}-{bits}-{group}"
     shutil.rmtree(dst, ignore_errors=True)
-    r = convert(src, dst, quantize=True, q_bits=bits, q_group_size=group, q_method=method, q_overrides=skip)
+    r = convert(src, dst, quantize=QuantOptions(bits=bits, group_size=group, method=method, overrides=skip))
     return dst, r
 
 

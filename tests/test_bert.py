@@ -19,6 +19,7 @@ from mlxd_daemon.convert import convert
 from mlxd_daemon.errors import InvalidArgument
 from mlxd_daemon.fixtures import make_bert
 from mlxd_daemon.fixtures.bert import GOLDEN_SENTENCES
+from mlxd_daemon.quantize import QuantOptions
 from mlxd_daemon.validate import validate_model
 
 MINILM_SENTENCES = [
@@ -183,7 +184,7 @@ class TestTinyModel:
     @pytest.mark.parametrize(("dtype", "bits"), [("float16", None), ("float32", 8)])
     def test_reduced_precision_validates_in_its_band(self, tiny: Path, tmp_path: Path, dtype: str, bits: int) -> None:
         """float16 storage and 8-bit quantized weights load as float32 and pass their tolerance band."""
-        options = {"quantize": True, "q_bits": bits, "q_group_size": 32} if bits else {}
+        options = {"quantize": QuantOptions(bits=bits, group_size=32)} if bits else {}
         dst = Path(convert(tiny, tmp_path / "mlx", dtype=dtype, **options)["dst"])  # type: ignore[arg-type]
         bundle = bert.load(dst)
         assert bundle.model.encoder.layer[0].attention.self.query.weight.dtype == mx.float32

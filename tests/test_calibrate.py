@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 from mlxd_daemon.calibrate import affine, awq, check_method, data, gptq, models
 from mlxd_daemon.convert import convert
 from mlxd_daemon.errors import InvalidArgument
-from mlxd_daemon.quantize import make_spec
+from mlxd_daemon.quantize import QuantOptions, make_spec
 
 SENTENCES = [
     "A man is playing a guitar on the street.",
@@ -149,7 +149,7 @@ class TestConvert:
         """Same source, method and seed give the same bytes; the method and set go into result and manifest."""
         outs = []
         for name in ("a", "b"):
-            r = convert(tiny_bert, tmp_path / name, quantize=True, q_bits=4, q_group_size=32, q_method="gptq")
+            r = convert(tiny_bert, tmp_path / name, quantize=QuantOptions(bits=4, group_size=32, method="gptq"))
             outs.append(_digest(tmp_path / name))
         assert outs[0] == outs[1]
         manifest = json.loads((tmp_path / "a" / "mlxd_manifest.json").read_text())
@@ -168,8 +168,8 @@ class TestConvert:
 
         skip = ["embeddings.*=skip"]
         ref = bert.load(minilm).embed(SENTENCES, [])["text_embeds"]
-        convert(minilm, tmp_path / "rtn", quantize=True, q_bits=4, q_group_size=64, q_overrides=skip)
-        convert(minilm, tmp_path / "gptq", quantize=True, q_bits=4, q_group_size=64, q_overrides=skip, q_method="gptq")
+        convert(minilm, tmp_path / "rtn", quantize=QuantOptions(bits=4, group_size=64, overrides=skip))
+        convert(minilm, tmp_path / "gptq", quantize=QuantOptions(bits=4, group_size=64, overrides=skip, method="gptq"))
         rtn = _min_cos(ref, bert.load(tmp_path / "rtn").embed(SENTENCES, [])["text_embeds"])
         got = _min_cos(ref, bert.load(tmp_path / "gptq").embed(SENTENCES, [])["text_embeds"])
         assert got >= 0.98 and got > rtn + 0.01, (got, rtn)  # the issue's goal at 4-bit g64

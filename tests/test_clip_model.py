@@ -14,6 +14,7 @@ from mlxd_daemon.archs import clip, get_arch
 from mlxd_daemon.errors import InvalidArgument, NotFound
 from mlxd_daemon.fixtures import clip as fixtures
 from mlxd_daemon.progress import Reporter
+from mlxd_daemon.quantize import QuantOptions
 from mlxd_daemon.validate import validate_model
 
 TEXTS = [*fixtures.GOLDEN_TEXTS, "Héllo wörld ☃ 日本 — don't stop"]
@@ -367,7 +368,7 @@ class TestWithConverter:
             ("bfloat16", "safetensors", {}, "float32"),
             ("float32", "bin", {"dtype": "float16"}, "float16"),
             ("float32", "safetensors", {"max_shard_size": "20KB"}, "float32"),
-            ("float32", "safetensors", {"quantize": True, "q_bits": 4, "q_group_size": 32}, "q4"),
+            ("float32", "safetensors", {"quantize": QuantOptions(bits=4, group_size=32)}, "q4"),
         ],
     )
     def test_converted_model_validates(

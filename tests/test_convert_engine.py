@@ -16,6 +16,7 @@ from mlxd_daemon import archs
 from mlxd_daemon.convert import convert, parse_size
 from mlxd_daemon.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unsupported
 from mlxd_daemon.progress import Reporter
+from mlxd_daemon.quantize import QuantOptions
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -342,12 +343,12 @@ class TestErrors:
         assert e.value.reason == "INDEX_MISMATCH" and "model.fc1.bias" in e.value.message
 
     @pytest.mark.parametrize(
-        ("kw", "reason"), [({"q_bits": 7}, "BAD_QUANT_BITS"), ({"q_group_size": 48}, "BAD_QUANT_GROUP_SIZE")]
+        ("kw", "reason"), [({"bits": 7}, "BAD_QUANT_BITS"), ({"group_size": 48}, "BAD_QUANT_GROUP_SIZE")]
     )
     def test_bad_quantization_flags(self, tmp_path: Path, kw: dict[str, int], reason: str) -> None:
         """Bits outside 2,3,4,5,6,8 and group sizes outside 32/64/128 are rejected."""
         with pytest.raises(InvalidArgument) as e:
-            convert(make_src(tmp_path / "src"), tmp_path / "out", quantize=True, **kw)
+            convert(make_src(tmp_path / "src"), tmp_path / "out", quantize=QuantOptions(**kw))
         assert reason == e.value.reason
 
 
@@ -405,7 +406,9 @@ class TestQuantize:
     def test_quantized_output(self, tmp_path: Path) -> None:
         """Linear/Embedding weights become weight/scales/biases that mx.load reads and dequantize closely."""
         src_t = toy_tensors()
-        result = convert(make_src(tmp_path / "src", src_t), tmp_path / "out", quantize=True, q_bits=8, q_group_size=32)
+        result = convert(
+            make_src(tmp_path / "src", src_t), tmp_path / "out", quantize=QuantOptions(bits=8, group_size=32)
+        )
         q = {"group_size": 32, "bits": 8, "mode": "affine"}
         assert {**q, "overrides": [], "recipe": None} == result["quantization"]
         assert result["quantized_layers"] == ["fc1", "tok_embedding"]  # fc2 has input dim 16
@@ -426,7 +429,7 @@ class TestQuantize:
 
     def test_skipped_layers_have_reasons(self, tmp_path: Path) -> None:
         """Convs, norms, position embeddings and non-divisible layers stay float, each with a reason."""
-        result = convert(make_src(tmp_path / "src"), tmp_path / "out", quantize=True)
+        result = convert(make_src(tmp_path / "src"), tmp_path / "out", quantize=QuantOptions())
         reasons = {s["name"]: s["reason"] for s in result["skipped_layers"]}
         assert reasons["odd"] == "input dim 30 not divisible by group size 64"  # nor by 32: no fallback
         assert reasons["patch"].startswith("convolution")
@@ -439,7 +442,9 @@ class TestQuantize:
     @pytest.mark.parametrize("bits", [3, 4, 6])
     def test_planned_shapes_match_mlx(self, tmp_path: Path, bits: int) -> None:
         """The planned byte counts (used for sharding) equal what mx.quantize produced."""
-        result = convert(make_src(tmp_path / "src"), tmp_path / "out", quantize=True, q_bits=bits, dtype="bfloat16")
+        result = convert(
+            make_src(tmp_path / "src"), tmp_path / "out", quantize=QuantOptions(bits=bits), dtype="bfloat16"
+        )
         out = read_out(tmp_path / "out")
         assert result["total_bytes"] == sum(t.nbytes for t in out.values())
         assert torch.bfloat16 == out["fc1.scales"].dtype
@@ -454,7 +459,7 @@ class TestRealClip:
         from mlxd_daemon.fixtures import make_clip
 
         src = make_clip(tmp_path / "src", dtype="bfloat16", weights_format=fmt)
-        result = convert(src, tmp_path / "out", quantize=True, q_group_size=32, max_shard_size="50KB")
+        result = convert(src, tmp_path / "out", quantize=QuantOptions(group_size=32), max_shard_size="50KB")
         assert (result["model_type"], result["dtype"]) == ("clip", "bfloat16")
         assert len(result["shards"]) > 1
         assert {"text_model.embeddings.token_embedding", "text_projection"} <= set(result["quantized_layers"])

@@ -58,6 +58,7 @@ def test_row_blocks_write_the_same_bytes(tmp_path: Path, monkeypatch: object) ->
     """Casting and quantizing in row blocks gives byte-identical output to whole tensors (groups run along rows)."""
     import mlxd_daemon.writer as writer
     from mlxd_daemon.convert import convert
+    from mlxd_daemon.quantize import QuantOptions
 
     src = tmp_path / "src"
     src.mkdir()
@@ -68,7 +69,7 @@ def test_row_blocks_write_the_same_bytes(tmp_path: Path, monkeypatch: object) ->
     outputs = {}
     for label, chunk in (("whole", 1 << 30), ("blocks", 256 * 256 * 4 // 7)):  # ~43 rows per block
         monkeypatch.setattr(writer, "CHUNK_BYTES", chunk)  # type: ignore[attr-defined]
-        for options in ({"dtype": "bfloat16"}, {"quantize": True, "q_bits": 4, "q_group_size": 64}):
+        for options in ({"dtype": "bfloat16"}, {"quantize": QuantOptions(bits=4, group_size=64)}):
             name = f"{label}-{'q' if 'quantize' in options else 'cast'}"
             result = convert(src, tmp_path / name, **options)  # type: ignore[arg-type]
             outputs[name] = ((tmp_path / name / "model.safetensors").read_bytes(), result)

@@ -21,6 +21,7 @@ from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
 from mlxd_client import Client
 from mlxd_client.discovery import is_serving
 from mlxd_client.errors import CancelledError, FailedPreconditionError, UnavailableError
+from mlxd_daemon.quantize import RECIPES
 
 
 class TestSocketAndHandshake:
@@ -36,6 +37,7 @@ class TestSocketAndHandshake:
         assert "clip" in info.capabilities.architectures
         assert pb.DTYPE_BFLOAT16 in info.capabilities.dtypes
         assert 4 in info.capabilities.quant_bits
+        assert list(RECIPES) == list(info.capabilities.quant_recipes)  # the CLI's --q-recipe names come from here
 
     def test_protocol_mismatch_is_failed_precondition(self, daemon: DaemonProcess) -> None:
         """A client speaking another protocol version gets FAILED_PRECONDITION / PROTOCOL_MISMATCH."""

@@ -15,6 +15,7 @@ from mlxd_daemon.archs.llama_generate import IncrementalDecoder, KVCache
 from mlxd_daemon.convert import convert
 from mlxd_daemon.errors import InvalidArgument
 from mlxd_daemon.fixtures import make_llama
+from mlxd_daemon.quantize import QuantOptions
 from mlxd_daemon.validate import validate_model
 
 LLAMA3_ROPE = {
@@ -203,7 +204,7 @@ class TestGeneration:
 
 
 class TestMlxLmCompat:
-    @pytest.mark.parametrize("options", [{}, {"quantize": True, "q_bits": 8}, {"quantize": True, "q_bits": 4}])
+    @pytest.mark.parametrize("options", [{}, {"quantize": QuantOptions(bits=8)}, {"quantize": QuantOptions(bits=4)}])
     def test_mlx_lm_loads_our_output_and_generates_our_tokens(
         self, tiny_llama: Path, tmp_path: Path, options: dict[str, Any]
     ) -> None:

@@ -17,6 +17,7 @@ from mlxd_daemon.archs import clip
 from mlxd_daemon.archs._quant import dequantize_weights
 from mlxd_daemon.convert import convert, dequantize, quantize
 from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, Unsupported
+from mlxd_daemon.quantize import QuantOptions
 from mlxd_daemon.validate import validate_model
 from safetensors.torch import save_file
 
@@ -71,7 +72,7 @@ class TestAffine:
     def test_every_setting(self, mlx_clip: Path, tmp_path: Path, bits: int, group: int) -> None:
         """Each bits x group quantizes, reports every layer, writes mlx-lm's config and loads back."""
         out = tmp_path / "q"
-        r = quantize(mlx_clip, out, bits=bits, group_size=group)
+        r = quantize(mlx_clip, out, options=QuantOptions(bits=bits, group_size=group))
         assert {"group_size": group, "bits": bits, "mode": "affine", "overrides": [], "recipe": None} == r[
             "quantization"
         ]
@@ -96,7 +97,7 @@ class TestAffine:
     def test_report_numbers(self, mlx_clip: Path, tmp_path: Path) -> None:
         """rel_error is ||W - dequant(q(W))|| / ||W|| of the written layer; bits per weight and bytes add up."""
         out = tmp_path / "q"
-        r = quantize(mlx_clip, out, bits=4, group_size=32)
+        r = quantize(mlx_clip, out, options=QuantOptions(bits=4, group_size=32))
         src, dst = weights(mlx_clip), weights(out)
         name = "text_model.encoder.layers.0.mlp.fc1"
         w = src[f"{name}.weight"]
@@ -115,14 +116,14 @@ class TestAffine:
 
     def test_dry_run_reports_plan(self, mlx_clip: Path, tmp_path: Path) -> None:
         """A dry run reports layers and sizes, with no rel_error yet, and writes nothing."""
-        r = quantize(mlx_clip, tmp_path / "q", bits=4, dry_run=True)
+        r = quantize(mlx_clip, tmp_path / "q", options=QuantOptions(bits=4), dry_run=True)
         assert not (tmp_path / "q").exists()
         assert all(x["rel_error"] is None for x in r["layer_reports"] if x["bits"])
 
     def test_convert_with_quantize_is_the_same_code(self, hf_clip: Path, mlx_clip: Path, tmp_path: Path) -> None:
         """Convert --quantize and Quantize on the converted directory write the same tensors and config."""
-        a = convert(hf_clip, tmp_path / "a", quantize=True, q_bits=6, q_group_size=32)
-        b = quantize(mlx_clip, tmp_path / "b", bits=6, group_size=32)
+        a = convert(hf_clip, tmp_path / "a", quantize=QuantOptions(bits=6, group_size=32))
+        b = quantize(mlx_clip, tmp_path / "b", options=QuantOptions(bits=6, group_size=32))
         assert a["layer_reports"] == b["layer_reports"]
         assert config(tmp_path / "a")["quantization"] == config(tmp_path / "b")["quantization"]
         wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
@@ -134,7 +135,7 @@ class TestMxModes:
     def test_mode(self, mlx_clip: Path, tmp_path: Path, mode: str, bits: int, group: int) -> None:
         """MX modes (defaults picked from the mode) store uint8 scales and no biases, and load back."""
         out = tmp_path / "q"
-        r = quantize(mlx_clip, out, mode=mode)
+        r = quantize(mlx_clip, out, options=QuantOptions(mode=mode))
         assert (bits, group, mode) == (r["quantization"]["bits"], r["quantization"]["group_size"], mode)
         check_mlx_lm_config(out, {"group_size": group, "bits": bits, "mode": mode})
         w = weights(out)
@@ -227,7 +228,7 @@ class TestOverrides:
         """Skipped layers are reported with the override; differing layers get their own config entry."""
         out = tmp_path / "q"
         overrides = ["vision_model.*=skip", "*.v_proj=8:32", "text_projection=6"]
-        r = quantize(mlx_clip, out, bits=4, group_size=64, overrides=overrides)
+        r = quantize(mlx_clip, out, options=QuantOptions(bits=4, group_size=64, overrides=overrides))
         assert overrides == r["quantization"]["overrides"]
         skipped = {s["name"]: s["reason"] for s in r["skipped_layers"]}
         assert skipped["vision_model.encoder.layers.0.mlp.fc1"] == "override 'vision_model.*=skip'"
@@ -285,7 +286,7 @@ class TestRecipes:
         tensors["model.norm.weight"] = torch.ones(64)
         save_file(tensors, str(src / "model.safetensors"), metadata={"format": "mlx"})
         (src / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 8}))
-        r = quantize(src, tmp_path / "q", recipe=recipe)
+        r = quantize(src, tmp_path / "q", options=QuantOptions(recipe=recipe))
         quant = config(tmp_path / "q")["quantization"]
         assert {"group_size": 64, "bits": low, "mode": "affine"} == {
             k: quant[k] for k in ("group_size", "bits", "mode")
@@ -314,7 +315,7 @@ class TestValidate:
     def test_within_band(self, hf_clip: Path, mlx_clip: Path, tmp_path: Path, kw: dict[str, Any], band: str) -> None:
         """The quantized tiny CLIP passes Validate against the transformers reference within its band."""
         out = tmp_path / "q"
-        quantize(mlx_clip, out, **kw)
+        quantize(mlx_clip, out, options=QuantOptions(**kw))
         report = validate_model(hf_clip, out)
         assert band == report["band"]
         assert report["passed"], report["outputs"]
@@ -325,7 +326,7 @@ class TestDequantize:
     def test_round_trip(self, mlx_clip: Path, tmp_path: Path, kw: dict[str, Any]) -> None:
         """Dequantize gives float weights equal to the loader's dequantization, and no quantization keys."""
         qdir, fdir = tmp_path / "q", tmp_path / "f"
-        quantize(mlx_clip, qdir, **kw)
+        quantize(mlx_clip, qdir, options=QuantOptions(**kw))
         r = dequantize(qdir, fdir)
         assert r["dtype"] == "float32" and r["quantization"] is None
         assert set(r["dequantized_layers"]) == {k.removesuffix(".scales") for k in weights(qdir) if ".scales" in k}
@@ -341,7 +342,7 @@ class TestDequantize:
 
     def test_dtype_choice(self, mlx_clip: Path, tmp_path: Path) -> None:
         """dtype float16 writes every float tensor as float16."""
-        quantize(mlx_clip, tmp_path / "q", bits=8)
+        quantize(mlx_clip, tmp_path / "q", options=QuantOptions(bits=8))
         r = dequantize(tmp_path / "q", tmp_path / "f", dtype="float16")
         assert {"float16"} == {str(a.dtype).removeprefix("mlx.core.") for a in weights(tmp_path / "f").values()} - {
             "int64",
@@ -417,7 +418,7 @@ class TestComputePolicy:
         from mlxd_daemon.archs import clip
 
         out = tmp_path / "q8"
-        quantize(mlx_clip, out, bits=8, group_size=32)
+        quantize(mlx_clip, out, options=QuantOptions(bits=8, group_size=32))
         bundle = clip.load(out)
         assert bundle.compute_dtype == "float32 (quantized weights dequantized at load)"
         assert clip.load(mlx_clip).compute_dtype == "float32"
@@ -431,7 +432,7 @@ class TestComputePolicy:
         from mlxd_daemon.fixtures import golden_images
 
         out = tmp_path / "q8"
-        quantize(mlx_clip, out, bits=8, group_size=32)
+        quantize(mlx_clip, out, options=QuantOptions(bits=8, group_size=32))
         texts, images = ["a red circle", "two cats"], golden_images(2, size=40)
         dequantized = clip.load(out)
         monkeypatch.setenv("MLXD_QUANTIZED_COMPUTE", "kernels")

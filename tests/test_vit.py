@@ -17,6 +17,7 @@ from mlxd_daemon.archs.image_processing import VitImageConfig, preprocess_images
 from mlxd_daemon.convert import convert
 from mlxd_daemon.errors import InvalidArgument
 from mlxd_daemon.fixtures import golden_images, make_vit
+from mlxd_daemon.quantize import QuantOptions
 from mlxd_daemon.taps import mlx_taps, torch_taps
 from mlxd_daemon.validate import matching_agreement, validate_model
 
@@ -181,7 +182,7 @@ class TestConvertValidate:
 
     def test_quantized_model_dequantizes_at_load(self, tiny: Path, tmp_path: Path) -> None:
         """An 8-bit conversion loads dequantized to float32 on the CPU and validates in the q8 band."""
-        convert(tiny, tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32)
+        convert(tiny, tmp_path / "q8", quantize=QuantOptions(bits=8, group_size=32))
         bundle = vit.load(tmp_path / "q8")
         assert bundle.compute_dtype == "float32 (quantized weights dequantized at load)"
         assert bundle.quantization is not None and bundle.quantization["bits"] == 8

@@ -394,7 +394,8 @@ def cmd_daemon(a: argparse.Namespace) -> Outcome:
     text = (
         f"mlxd {info.get('daemon_version')} (protocol {info.get('protocol_version')}) pid {info.get('pid')} "
         f"at {address}; BLAS {info.get('blas')}; {len(models['models'])} model(s) resident, "
-        f"{models['used_bytes'] / 1e6:.1f} MB"
+        f"{models['used_bytes'] / 1e6:.1f} MB; quantization recipes: "
+        f"{', '.join((info.get('capabilities') or {}).get('quant_recipes', [])) or 'none'}"
     )
     if info.get("http_address"):
         text += f"; OpenAI-compatible API at http://{info['http_address']}/v1"
@@ -446,7 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="per-layer setting by glob on the module path, e.g. 'lm_head=8', 'vision_model.*=skip', "
             "'*.v_proj=6:32' (repeatable; first match wins)",
         )
-        sp.add_argument("--q-recipe", choices=["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"])
+        # The daemon owns the recipe names (quantize.RECIPES): it lists them in its capabilities and refuses an
+        # unknown one with BAD_RECIPE, so the CLI does not keep a copy.
+        sp.add_argument("--q-recipe", metavar="RECIPE",
+                        help="mixed-precision recipe, e.g. mixed_4_6 (`mlxctl daemon status` lists them)")  # fmt: skip
         sp.add_argument(
             "--q-method", default="rtn", choices=["rtn", "awq", "gptq"], help="rtn (round to nearest), or calibrated"
         )

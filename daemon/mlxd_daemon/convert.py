@@ -26,7 +26,7 @@ from mlxd_daemon.checkpoint import Checkpoint, dominant_float_dtype, open_checkp
 from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, MlxdError
 from mlxd_daemon.malloc import peak_rss_bytes
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
-from mlxd_daemon.quantize import QuantSpec, make_spec
+from mlxd_daemon.quantize import QuantOptions, QuantSpec
 from mlxd_daemon.shards import DTYPE_NAMES, DTYPES, Plan, make_plan, parse_size, plan_dequantize
 from mlxd_daemon.staging import check_destination, needed_bytes, staged
 from mlxd_daemon.writer import MANIFEST, write_config, write_manifest, write_weights
@@ -98,15 +98,7 @@ def convert(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     dry_run: bool = False,
-    quantize: bool = False,
-    q_bits: int = 0,
-    q_group_size: int = 0,
-    q_mode: str = "affine",
-    q_overrides: tuple[str, ...] | list[str] = (),
-    q_recipe: str = "",
-    q_method: str = "rtn",
-    q_calibration_data: str | Path | None = None,
-    q_calibration_seed: int = 0,
+    quantize: QuantOptions | None = None,
     strict: bool = False,
     reporter: Reporter = NULL_REPORTER,
     hub: dict[str, str] | None = None,
@@ -114,11 +106,8 @@ def convert(
     """Convert the HF model directory ``src`` into an MLX model directory ``dst``; return a JSON-able summary.
 
     ``dtype`` is float32, float16, bfloat16 or auto (the checkpoint's own floating dtype, majority by bytes).
-    With ``quantize``: ``q_bits``/``q_group_size`` (0 = the mode's default), ``q_mode`` (affine, mxfp4, mxfp8,
-    nvfp4), ``q_overrides`` (``PATTERN=BITS[:GROUP]|skip``, first match wins) and ``q_recipe`` (mixed_2_6, ...);
-    ``q_method`` rtn (round to nearest), awq or gptq (calibrated on ``q_calibration_data``, a text file, image
-    folder or .npz, else the architecture's built-in set drawn with ``q_calibration_seed``; see ``calibrate``).
-    With ``dry_run`` nothing is written and the returned dict is the plan. ``hub`` (the resolved hub id
+    ``quantize`` (``QuantOptions``: bits, group size, mode, overrides, recipe, rtn/awq/gptq) quantizes while
+    converting. With ``dry_run`` nothing is written and the returned dict is the plan. ``hub`` (the resolved hub id
     ``src`` came from) is recorded in the result and the manifest. Tensors holding NaN/Inf are listed in
     ``non_finite``; with ``strict`` they refuse the conversion (InvalidArgument NON_FINITE_WEIGHTS).
     """
@@ -126,8 +115,8 @@ def convert(
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     target_name = _check_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
-    spec = make_spec(q_bits, q_group_size, q_mode, q_overrides, q_recipe) if quantize else None
-    calib = _Calibration(check_method(q_method, spec), q_calibration_data, q_calibration_seed) if spec else None
+    spec = quantize.spec() if quantize else None
+    calib = _Calibration.of(quantize, spec) if quantize and spec else None
 
     config = read_config(src)
     arch = archs.get_arch(config["model_type"])
@@ -145,14 +134,7 @@ def quantize(
     src: Path,
     dst: Path,
     *,
-    bits: int = 0,
-    group_size: int = 0,
-    mode: str = "affine",
-    overrides: tuple[str, ...] | list[str] = (),
-    recipe: str = "",
-    method: str = "rtn",
-    calibration_data: str | Path | None = None,
-    calibration_seed: int = 0,
+    options: QuantOptions = QuantOptions(),
     overwrite: bool = False,
     dry_run: bool = False,
     max_shard_size: int | str = "5GB",
@@ -160,7 +142,7 @@ def quantize(
     reporter: Reporter = NULL_REPORTER,
     hub: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Quantize the float MLX model directory ``src`` into ``dst`` (same options and result as ``convert``).
+    """Quantize the float MLX model directory ``src`` into ``dst`` (``options`` and the result as ``convert``'s).
 
     Names are already MLX names, so no arch mapping applies and any model_type works; layouts recorded by the
     conversion are kept. FailedPrecondition ALREADY_QUANTIZED when ``src`` is quantized.
@@ -168,8 +150,8 @@ def quantize(
     started = time.monotonic()
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     max_bytes = parse_size(max_shard_size)
-    spec = make_spec(bits, group_size, mode, overrides, recipe)
-    calib = _Calibration(check_method(method, spec), calibration_data, calibration_seed)
+    spec = options.spec()
+    calib = _Calibration.of(options, spec)
     config = read_config(src)
     if "quantization" in config:
         msg = f"{src} is already quantized; quantize its float source instead (or dequantize it first)"
@@ -273,6 +255,11 @@ class _Calibration:
     method: str
     data: str | Path | None
     seed: int
+
+    @classmethod
+    def of(cls, options: QuantOptions, spec: QuantSpec) -> _Calibration:
+        """The method (validated against the spec's mode), data and seed of ``options``."""
+        return cls(check_method(options.method, spec), options.calibration_data, options.calibration_seed)
 
     def describe(self) -> dict[str, Any]:
         """Recorded in ``quantization`` (result and manifest) for calibrated methods."""

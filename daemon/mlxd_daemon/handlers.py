@@ -99,22 +99,8 @@ def quantize(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     if args.get("dequantize"):
         return convert.dequantize(src, dst, dtype=args.get("dtype", "auto"), overwrite=args["overwrite"],
                                   strict=args.get("strict", False), reporter=reporter, hub=hub)  # fmt: skip
-    return convert.quantize(
-        src,
-        dst,
-        bits=args["bits"],
-        group_size=args["group_size"],
-        mode=args["mode"],
-        overrides=args.get("overrides", ()),
-        recipe=args.get("recipe", ""),
-        method=args.get("method", "rtn"),
-        calibration_data=args.get("calibration_data"),
-        calibration_seed=args.get("calibration_seed", 0),
-        overwrite=args["overwrite"],
-        strict=args.get("strict", False),
-        reporter=reporter,
-        hub=hub,
-    )
+    return convert.quantize(src, dst, options=args["quantize"], overwrite=args["overwrite"],
+                            strict=args.get("strict", False), reporter=reporter, hub=hub)  # fmt: skip
 
 
 def validate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:

@@ -68,6 +68,31 @@ class QuantSpec:
         return {**self.default.as_config(), "overrides": [o.text for o in self.overrides], "recipe": self.recipe}
 
 
+@dataclass(frozen=True)
+class QuantOptions:
+    """Quantization as a request asks for it, carried unchanged from the servicer to the writer.
+
+    ``bits``/``group_size`` 0 mean the mode's default; ``overrides`` are ``PATTERN=BITS[:GROUP]|skip`` texts;
+    ``method`` rtn, awq or gptq (calibrated on ``calibration_data``, else the architecture's built-in set drawn
+    with ``calibration_seed``). ``spec()`` validates and resolves it (``make_spec``)."""
+
+    bits: int = 0
+    group_size: int = 0
+    mode: str = "affine"
+    overrides: tuple[str, ...] = ()
+    recipe: str = ""
+    method: str = "rtn"
+    calibration_data: str | None = None
+    calibration_seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "overrides", tuple(self.overrides))  # lists from callers, hashable here
+
+    def spec(self) -> QuantSpec:
+        """The validated plan (InvalidArgument/Unsupported for bad flags, before any weight is read)."""
+        return make_spec(self.bits, self.group_size, self.mode, self.overrides, self.recipe)
+
+
 @functools.cache
 def mode_unsupported(mode: str) -> str | None:
     """Why ``mx.quantize`` cannot run ``mode`` on this MLX build, or None when it can (probed once)."""

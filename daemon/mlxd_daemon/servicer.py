@@ -37,7 +37,7 @@ from mlxd_daemon.messages import (
     tensor,
     validation_report,
 )
-from mlxd_daemon.quantize import MODES, RECIPES
+from mlxd_daemon.quantize import MODES, RECIPES, QuantOptions
 from mlxd_daemon.service import Service, generate_args
 from mlxd_daemon.workers import WorkerProcess
 
@@ -62,6 +62,20 @@ def enum_name(context: grpc.ServicerContext, table: Mapping[Any, str], value: in
         msg = f"{field}={value} is not a known value; this daemon knows {sorted(table)}"
         abort(context, InvalidArgument(msg, reason="BAD_ENUM", field=field, value=value))
     return table[value]
+
+
+def quant_options(context: grpc.ServicerContext, spec: pb.QuantizationSpec, field: str) -> QuantOptions:
+    """A request's QuantizationSpec as the one value the worker's convert/quantize take (0 = the mode's default)."""
+    return QuantOptions(
+        bits=spec.bits,
+        group_size=spec.group_size,
+        mode=enum_name(context, QUANT_MODE_NAMES, spec.mode, f"{field}.mode"),
+        overrides=tuple(spec.overrides),
+        recipe=spec.recipe,
+        method=spec.method or "rtn",
+        calibration_data=spec.calibration_data or None,
+        calibration_seed=spec.calibration_seed,
+    )
 
 
 class MlxdServicer(pb_grpc.MlxdServicer):
@@ -177,17 +191,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         if request.max_shard_size:
             args["max_shard_size"] = request.max_shard_size
         if request.HasField("quantize"):
-            args.update(
-                quantize=True,
-                q_bits=request.quantize.bits,
-                q_group_size=request.quantize.group_size,
-                q_mode=enum_name(context, QUANT_MODE_NAMES, request.quantize.mode, "quantize.mode"),
-                q_overrides=list(request.quantize.overrides),
-                q_recipe=request.quantize.recipe,
-                q_method=request.quantize.method or "rtn",
-                q_calibration_data=request.quantize.calibration_data or None,
-                q_calibration_seed=request.quantize.calibration_seed,
-            )
+            args["quantize"] = quant_options(context, request.quantize, "quantize")
         self._require_paths(context, *([] if args["hub"] else [request.src]), request.dst)
         for kind, value in self._run_job("convert", args, context):
             yield pb.ConvertResponse(**{kind: value if kind == "progress" else convert_result(value)})
@@ -197,14 +201,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             "src": request.src,
             "dst": request.dst,
             "overwrite": request.overwrite,
-            "bits": request.spec.bits,  # 0: the mode's default
-            "group_size": request.spec.group_size,
-            "mode": enum_name(context, QUANT_MODE_NAMES, request.spec.mode, "spec.mode"),
-            "overrides": list(request.spec.overrides),
-            "recipe": request.spec.recipe,
-            "method": request.spec.method or "rtn",
-            "calibration_data": request.spec.calibration_data or None,
-            "calibration_seed": request.spec.calibration_seed,
+            "quantize": quant_options(context, request.spec, "spec"),
             "dequantize": request.dequantize,
             "dtype": enum_name(context, DTYPE_NAMES, request.dtype, "dtype"),
             "hub": self._hub_args(context, request.src, request.revision),

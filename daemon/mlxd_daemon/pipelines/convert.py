@@ -30,7 +30,7 @@ from mlxd_daemon.convert import _check_dtype, _finish, _summary, check_tokenizer
 from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.malloc import peak_rss_bytes
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
-from mlxd_daemon.quantize import QuantSpec, make_spec
+from mlxd_daemon.quantize import QuantOptions, QuantSpec, make_spec
 from mlxd_daemon.shards import DTYPE_NAMES, DTYPES, Plan, make_plan, parse_size
 from mlxd_daemon.staging import check_destination, needed_bytes, staged
 from mlxd_daemon.writer import MANIFEST, write_config, write_manifest, write_weights
@@ -135,23 +135,23 @@ def _check_structure(name: str, config: dict[str, Any], ckpt: Checkpoint, plan: 
                           component=name)  # fmt: skip
 
 
-def _spec(name: str, quantize: bool, q: dict[str, Any]) -> QuantSpec | None:
-    """The component's quantization: UNet 8 / text encoder 4 bits unless q_bits says; overrides by prefix."""
+def _spec(name: str, quantize: QuantOptions | None) -> QuantSpec | None:
+    """The component's quantization: UNet 8 / text encoder 4 bits unless bits says; overrides by prefix."""
     if not quantize or name not in DEFAULT_BITS:
         return None
     overrides = []
-    for text in q["overrides"]:
+    for text in quantize.overrides:
         head, dot, rest = text.partition(".")
         if head in WEIGHTED and dot:
             if head == name:
                 overrides.append(rest)
         else:
             overrides.append(text)
-    bits = q["bits"] or DEFAULT_BITS[name]
-    return make_spec(bits, q["group_size"], q["mode"], overrides, q["recipe"])
+    bits = quantize.bits or DEFAULT_BITS[name]
+    return make_spec(bits, quantize.group_size, quantize.mode, overrides, quantize.recipe)
 
 
-def plan_pipeline(src: Path, target_name: str, max_bytes: int, quantize: bool, q: dict[str, Any]) -> list[Component]:
+def plan_pipeline(src: Path, target_name: str, max_bytes: int, quantize: QuantOptions | None) -> list[Component]:
     """Every component mapped, planned and structure-checked; nothing written."""
     from mlxd_daemon.pipelines.sd import parse_component_config
 
@@ -165,7 +165,7 @@ def plan_pipeline(src: Path, target_name: str, max_bytes: int, quantize: bool, q
         if name == "vae" and target == torch.float16 and config.get("force_upcast", True):
             # SD's VAE decoder activations overflow float16 (black/NaN images): diffusers upcasts it too.
             target, note = torch.float32, "kept float32: the VAE's activations overflow float16 (force_upcast)"
-        spec = _spec(name, quantize, q)
+        spec = _spec(name, quantize)
         plan = make_plan(ckpt, _mapper(name, ckpt), target, max_bytes, spec)  # type: ignore[arg-type]
         _check_structure(name, config, ckpt, plan)
         components.append(Component(name, ckpt, config, plan, target, spec, note))
@@ -180,32 +180,25 @@ def convert_pipeline(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     dry_run: bool = False,
-    quantize: bool = False,
-    q_bits: int = 0,
-    q_group_size: int = 0,
-    q_mode: str = "affine",
-    q_overrides: tuple[str, ...] | list[str] = (),
-    q_recipe: str = "",
+    quantize: QuantOptions | None = None,
     reporter: Reporter = NULL_REPORTER,
     **unused: Any,
 ) -> dict[str, Any]:
     """Convert the diffusers pipeline ``src`` into the MLX pipeline ``dst``; a JSON-able summary like ``convert``'s.
 
-    ``quantize``: the UNet at ``q_bits`` (default 8) and the text encoder at ``q_bits`` (default 4); overrides
+    ``quantize``: the UNet at ``bits`` (default 8) and the text encoder at ``bits`` (default 4); overrides
     prefixed ``unet.`` / ``text_encoder.`` apply to that component only. The VAE is never quantized. With
     ``dtype`` float16 the VAE stays float32 when its config says ``force_upcast`` (every SD VAE does).
     """
     started = time.monotonic()
-    if unused.get("q_method", "rtn") != "rtn":
+    if quantize and quantize.method != "rtn":
         msg = "calibrated quantization (awq/gptq) is not available for diffusion pipelines: use rtn"
         raise InvalidArgument(msg, reason="BAD_QUANT_METHOD")
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     target_name = _check_dtype(dtype)
     index = read_model_index(src)
     component_config(src, "scheduler", "scheduler_config.json")
-    q = {"bits": q_bits, "group_size": q_group_size, "mode": q_mode, "overrides": list(q_overrides),
-         "recipe": q_recipe}  # fmt: skip
-    components = plan_pipeline(src, target_name, parse_size(max_shard_size), quantize, q)
+    components = plan_pipeline(src, target_name, parse_size(max_shard_size), quantize)
     check_destination(src, dst, overwrite)
     summaries = {c.name: _summary(c.ckpt, c.plan, dst / c.name, c.dtype, c.spec, dry_run) for c in components}
     result = _merge(components, summaries, dst, target_name, dry_run)
