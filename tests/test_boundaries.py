@@ -23,3 +23,17 @@ class TestFrontEndImports:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == "[]"
+
+
+class TestDaemonDoesNotImportTheClient:
+    def test_daemon_modules_import_no_mlxd_client(self) -> None:
+        """The daemon's front end loads nothing from mlxd_client: shared facts live in mlxd_common."""
+        daemon_modules = tuple(m for m in FRONT_END if m.startswith("mlxd_daemon"))
+        code = (
+            "import importlib, sys\n"
+            f"for name in {daemon_modules!r}: importlib.import_module(name)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlxd_client'))\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "[]"

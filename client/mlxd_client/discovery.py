@@ -5,68 +5,35 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mlxd_common.endpoint import (  # re-exported: clients and tests use them from here
+    CHANNEL_OPTIONS,
+    ENV_ADDRESS,
+    ENV_IDLE_TIMEOUT,
+    ENV_TLS_CA,
+    ENV_TOKEN,
+    MAX_MESSAGE_BYTES,
+    default_address,
+    is_serving,
+    open_channel,
+    runtime_dir,
+    tls_ca,
+)
 
-ENV_ADDRESS = "MLXD_ADDRESS"
-ENV_TOKEN = "MLXD_TOKEN"  # sent as "authorization: Bearer <token>" (required by TCP listeners)
-ENV_TLS_CA = "MLXD_TLS_CA"  # PEM file: connect with TLS, trusting this CA (or the daemon's self-signed cert)
-ENV_IDLE_TIMEOUT = "MLXD_IDLE_TIMEOUT"  # seconds an auto-started daemon waits unused before exiting
-# Raw images and embeddings exceed gRPC's 4 MiB default; both sides use this limit.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
-
-
-def runtime_dir() -> Path:
-    """$XDG_RUNTIME_DIR/mlxd, else a private (0700) per-user directory under the temp dir."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "mlxd" if base else Path(tempfile.gettempdir()) / f"mlxd-{os.getuid()}"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
-
-
-def default_address() -> str:
-    """MLXD_ADDRESS if set, else the per-user unix socket."""
-    return os.environ.get(ENV_ADDRESS) or f"unix://{runtime_dir() / 'mlxd.sock'}"
-
-
-def tls_ca() -> bytes | None:
-    """The CA certificate from $MLXD_TLS_CA, if set."""
-    path = os.environ.get(ENV_TLS_CA)
-    return Path(path).read_bytes() if path else None
+__all__ = [
+    "CHANNEL_OPTIONS", "ENV_ADDRESS", "ENV_IDLE_TIMEOUT", "ENV_TLS_CA", "ENV_TOKEN", "MAX_MESSAGE_BYTES",
+    "call_metadata", "default_address", "ensure_daemon", "is_serving", "open_channel", "runtime_dir",
+    "start_daemon", "tls_ca",
+]  # fmt: skip
 
 
 def call_metadata() -> tuple[tuple[str, str], ...]:
     """Per-call metadata: the token when MLXD_TOKEN is set."""
     token = os.environ.get(ENV_TOKEN)
     return (("authorization", f"Bearer {token}"),) if token else ()
-
-
-def open_channel(address: str, ca: bytes | None = None) -> grpc.Channel:
-    """A channel to ``address``: TLS when a CA is given (or $MLXD_TLS_CA is set), else plaintext."""
-    ca = ca or tls_ca()
-    if ca is not None:
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca), options=CHANNEL_OPTIONS)
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-
-
-def is_serving(address: str, timeout: float = 1.0) -> bool:
-    """True when a daemon at ``address`` answers the standard health check with SERVING."""
-    try:
-        with open_channel(address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-    except grpc.RpcError:
-        return False
 
 
 def start_daemon(

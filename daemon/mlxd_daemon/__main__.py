@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from mlxd_client.discovery import ENV_TOKEN, default_address, runtime_dir
+from mlxd_common.endpoint import ENV_TOKEN, default_address, runtime_dir
 
 from mlxd_daemon import logs
 

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from mlxd.v1 import mlxd_pb2 as pb
 from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
-from mlxd_client.discovery import CHANNEL_OPTIONS, is_serving
+from mlxd_common.endpoint import CHANNEL_OPTIONS, is_serving
 
 from mlxd_daemon import PROTOCOL_VERSION, __version__
 from mlxd_daemon.batching import InferBatcher
