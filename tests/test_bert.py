@@ -18,7 +18,7 @@ from mlxd_daemon.archs.bert_processing import Pooling, tokenize
 from mlxd_daemon.convert import convert
 from mlxd_daemon.errors import InvalidArgument
 from mlxd_daemon.fixtures import make_bert
-from mlxd_daemon.fixtures.bert import GOLDEN_SENTENCES
+from mlxd_daemon.golden import GOLDEN_SENTENCES
 from mlxd_daemon.quantize import QuantOptions
 from mlxd_daemon.validate import validate_model
 

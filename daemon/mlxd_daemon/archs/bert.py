@@ -327,7 +327,7 @@ def golden_inputs(
     model_dir: Path, *, texts: list[str] | None = None, images: list[Any] | None = None
 ) -> dict[str, Any]:
     """Deterministic sentences (or the caller's), tokenized with ``model_dir``'s tokenizer and limits."""
-    from mlxd_daemon.fixtures.bert import GOLDEN_SENTENCES
+    from mlxd_daemon.golden import GOLDEN_SENTENCES
 
     if images:
         msg = f"BERT is a text model: {len(images)} image(s) given, validate with texts only"

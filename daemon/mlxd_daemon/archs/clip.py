@@ -381,12 +381,12 @@ def golden_inputs(
     model_dir: Path, *, texts: list[str] | None = None, images: list[Image.Image] | None = None
 ) -> dict[str, Any]:
     """Deterministic texts/images (or the caller's), preprocessed with ``model_dir``'s processor settings."""
-    from mlxd_daemon import fixtures
+    from mlxd_daemon import golden
 
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
-    texts = list(fixtures.GOLDEN_TEXTS) if texts is None else list(texts)
-    images = fixtures.golden_images(4, cfg.vision.image_size + 9) if images is None else list(images)
+    texts = list(golden.GOLDEN_TEXTS) if texts is None else list(texts)
+    images = golden.golden_images(4, cfg.vision.image_size + 9) if images is None else list(images)
     ids, mask = tokenize(load_tokenizer(model_dir, cfg.text.max_position_embeddings), texts)
     pixels = preprocess_images(images, ClipImageConfig.load(model_dir, cfg.vision.image_size))
     return {

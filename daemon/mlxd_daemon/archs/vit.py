@@ -391,14 +391,14 @@ def golden_inputs(
     model_dir: Path, *, texts: list[str] | None = None, images: list[Image.Image] | None = None
 ) -> dict[str, Any]:
     """Deterministic images (or the caller's), preprocessed with ``model_dir``'s processor settings."""
-    from mlxd_daemon import fixtures
+    from mlxd_daemon.golden import golden_images
 
     if texts:
         msg = f"ViT is an image model: {len(texts)} text(s) given, validate with images only"
         raise InvalidArgument(msg, reason="TEXTS_NOT_SUPPORTED", texts=len(texts))
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
-    images = fixtures.golden_images(4, min(cfg.image_size) + 9) if images is None else list(images)
+    images = golden_images(4, min(cfg.image_size) + 9) if images is None else list(images)
     pixels = preprocess_images(images, VitImageConfig.load(model_dir, cfg.image_size))
     return {"texts": [], "images": images, "pixel_values": pixels}
 

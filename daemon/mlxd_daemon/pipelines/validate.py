@@ -82,12 +82,12 @@ def golden_inputs(bundle: Any) -> dict[str, np.ndarray]:
 def _run_mlx(bundle: Any, x: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     import mlx.core as mx
 
-    from mlxd_daemon import fixtures
+    from mlxd_daemon import golden
 
     outs: dict[str, np.ndarray] = {}
     layers: dict[str, np.ndarray] = {}
     with mlx_taps() as tapped:
-        hidden, _ = bundle.encode_text(list(fixtures.GOLDEN_TEXTS[:3]))
+        hidden, _ = bundle.encode_text(list(golden.GOLDEN_TEXTS[:3]))
         outs["text_encoder.last_hidden_state"] = np.array(hidden.astype(mx.float32))
     layers.update(_nhwc_to_nchw(tapped, "text_encoder."))
     with mlx_taps() as tapped:
@@ -108,7 +108,7 @@ def _run_mlx(bundle: Any, x: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarra
 def _run_reference(pipe: Any, x: dict[str, np.ndarray], names: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     import torch
 
-    from mlxd_daemon import fixtures
+    from mlxd_daemon import golden
 
     captured: dict[str, np.ndarray] = {}
     handles = []
@@ -123,7 +123,7 @@ def _run_reference(pipe: Any, x: dict[str, np.ndarray], names: list[str]) -> tup
     outs = {}
     try:
         with torch.no_grad():
-            ids = pipe.tokenizer(list(fixtures.GOLDEN_TEXTS[:3]), padding="max_length", truncation=True,
+            ids = pipe.tokenizer(list(golden.GOLDEN_TEXTS[:3]), padding="max_length", truncation=True,
                                  max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
             outs["text_encoder.last_hidden_state"] = pipe.text_encoder(ids)[0].numpy()
             outs["unet.noise_pred"] = pipe.unet(torch.from_numpy(x["unet_sample"]), TIMESTEP,
