@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -12,28 +13,26 @@ FRONT_END = (
 )  # fmt: skip
 
 
+def loaded_packages(modules: tuple[str, ...], packages: tuple[str, ...]) -> list[str]:
+    """Modules of ``packages`` in ``sys.modules`` after importing ``modules`` in a fresh interpreter."""
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {packages!r})))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return list(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
 class TestFrontEndImports:
     def test_front_end_modules_import_neither_mlx_nor_torch(self) -> None:
         """Importing every front-end module (gRPC and HTTP) in a fresh interpreter loads no mlx and no torch."""
-        code = (
-            "import importlib, sys\n"
-            f"for name in {FRONT_END!r}: importlib.import_module(name)\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'torch')))\n"
-        )
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip() == "[]"
+        assert loaded_packages(FRONT_END, ("mlx", "torch")) == []
 
 
 class TestDaemonDoesNotImportTheClient:
     def test_daemon_modules_import_no_mlxd_client(self) -> None:
         """The daemon's front end loads nothing from mlxd_client: shared facts live in mlxd_common."""
         daemon_modules = tuple(m for m in FRONT_END if m.startswith("mlxd_daemon"))
-        code = (
-            "import importlib, sys\n"
-            f"for name in {daemon_modules!r}: importlib.import_module(name)\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlxd_client'))\n"
-        )
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip() == "[]"
+        assert loaded_packages(daemon_modules, ("mlxd_client",)) == []
