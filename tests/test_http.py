@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -303,3 +304,24 @@ class TestHttpStatus:
         assert crashed.status_code == 503
         body = json.loads(bytes(crashed.body))["error"]
         assert (body["code"], body["mlxd"]["metadata"]["exit_code"]) == ("WORKER_CRASHED", "-9")
+
+
+class TestHttpServer:
+    def test_connections_send_small_chunks_at_once(self) -> None:
+        """Accepted connections have TCP_NODELAY: a streamed chunk is not held back for the client's delayed ACK."""
+        from mlxd_daemon.http_front import HttpServer
+        from starlette.applications import Starlette
+
+        server = HttpServer(Starlette(), "127.0.0.1", 0)
+        server.start()
+        try:
+            host, port = server.address.rsplit(":", 1)
+            with socket.create_connection((host, int(port))) as client:
+                client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert client.recv(65536).startswith(b"HTTP/1.1 404")  # the connection stays open (keep-alive)
+                (connection,) = server.server.server_state.connections
+                accepted = connection.transport.get_extra_info("socket")
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        finally:
+            server.stop()
+        assert not server.thread.is_alive()
