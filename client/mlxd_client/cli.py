@@ -317,6 +317,50 @@ def cmd_generate(client: Client, a: argparse.Namespace) -> Outcome:
     return r, text, 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    """``WxH`` -> (width, height), for --size."""
+    w, sep, h = text.lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit():
+        msg = f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 512x512"
+        raise argparse.ArgumentTypeError(msg)
+    return int(w), int(h)
+
+
+def cmd_txt2img(client: Client, a: argparse.Namespace) -> Outcome:
+    """Stable Diffusion: step progress on stderr, images written as PNG (``OUT``, or ``OUT-i`` for several)."""
+    import numpy as np
+
+    width, height = a.size or (0, 0)
+    latents = np.load(a.latents) if a.latents else None
+    events = client.generate_image_events(
+        a.model_dir, a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance, seed=a.seed,
+        width=width, height=height, num_images=a.num_images, latents=latents, scheduler=a.scheduler or "",
+        image=a.image, strength=a.strength,
+    )  # fmt: skip
+    out, files, result = Path(a.out), [], None
+    show = not a.json and sys.stderr.isatty()
+    for event in events:
+        if isinstance(event, pb.ImageStep) and show:
+            sys.stderr.write(f"\rstep {event.step}/{event.total} ({event.seconds:.1f} s)")
+            sys.stderr.flush()
+        elif isinstance(event, pb.GeneratedImage):
+            path = out if a.num_images == 1 else out.with_name(f"{out.stem}-{event.index}{out.suffix}")
+            path.write_bytes(event.png)
+            files.append(str(path))
+        elif isinstance(event, pb.GenerateImageResult):
+            result = event
+    if show:
+        sys.stderr.write("\n")
+    r = {**(to_dict(result) if result is not None else {}), "files": files}
+    text = (
+        f"wrote {', '.join(files)}: {r.get('width')}x{r.get('height')}, {r.get('steps')} steps of "
+        f"{r.get('scheduler')} in {r.get('seconds', 0):.2f} s ({r.get('seconds_per_step', 0):.3f} s/step)"
+    )
+    if r.get("truncated"):
+        text += f"\nprompt truncated at the tokenizer's limit; dropped: {r.get('truncated_text')!r}"
+    return r, text, 0
+
+
 def cmd_models(client: Client, a: argparse.Namespace) -> Outcome:
     if a.cached:
         return _cached_models(client)
@@ -507,6 +551,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", help="end the text just before this string (repeatable)")
+    t = add("txt2img", cmd_txt2img, "generate images with a converted Stable Diffusion pipeline")
+    t.add_argument("model_dir")
+    t.add_argument("prompt")
+    t.add_argument("--negative-prompt", default="")
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    t.add_argument("--seed", type=int, default=0, help="the same seed gives diffusers' image (torch.Generator)")
+    t.add_argument("--size", type=_size, metavar="WxH", help="image size (default: the pipeline's)")
+    t.add_argument("--num-images", type=int, default=1)
+    t.add_argument("--latents", metavar="NPY", help="initial latents, NCHW float32 (as diffusers' latents=)")
+    t.add_argument(
+        "--scheduler", help="euler, euler_ancestral, ddim, pndm, dpmsolver_multistep (default: the pipeline's)"
+    )
+    t.add_argument("--image", help="img2img: the init image file")
+    t.add_argument("--strength", type=float, default=0.8, help="img2img: fraction of the schedule to run, (0, 1]")
+    t.add_argument("--out", required=True, help="output PNG (OUT-0.png, OUT-1.png, ... for several images)")
     add("jobs", cmd_jobs, "list jobs (running and finished, also across daemon restarts)")
     jb = add("job", cmd_job, "show one job and its result")
     jb.add_argument("job_id")

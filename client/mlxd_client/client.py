@@ -356,6 +356,49 @@ class Client:
         """Generate text and return the result (tokens are consumed silently)."""
         return self._drain(self.generate_events(model, prompt, **options), None)
 
+    def generate_image_events(
+        self,
+        model: str | Path,
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        steps: int = 20,
+        guidance: float = 7.5,
+        seed: int = 0,
+        width: int = 0,
+        height: int = 0,
+        num_images: int = 1,
+        latents: np.ndarray | None = None,
+        scheduler: str = "",
+        image: bytes | str | Path | None = None,
+        strength: float = 0.8,
+    ) -> Iterator[pb.ImageStep | pb.GeneratedImage | pb.GenerateImageResult]:
+        """Stream Stable Diffusion: an ImageStep per denoising step, one GeneratedImage (PNG) per image, then the
+        GenerateImageResult. ``latents``: initial latents NCHW float32 (diffusers' ``latents=``); ``image`` (+
+        ``strength``) makes it img2img. Closing the iterator early cancels between steps."""
+        request = pb.GenerateImageRequest(
+            model=str(Path(model).resolve()), prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+            guidance=guidance, seed=seed, width=width, height=height, num_images=num_images, scheduler=scheduler,
+            strength=strength, image=_image_bytes(image) if image is not None else b"",
+        )  # fmt: skip
+        if latents is not None:
+            request.latents.CopyFrom(numpy_to_tensor(np.asarray(latents, dtype=np.float32)))
+        return self._stream(self._stub.GenerateImage, request)
+
+    def generate_image(
+        self, model: str | Path, prompt: str, **options: Any
+    ) -> tuple[list[bytes], pb.GenerateImageResult]:
+        """Generate images; returns the PNG bytes of each image and the result."""
+        images: list[bytes] = []
+        result = None
+        for event in self.generate_image_events(model, prompt, **options):
+            if isinstance(event, pb.GeneratedImage):
+                images.append(event.png)
+            elif isinstance(event, pb.GenerateImageResult):
+                result = event
+        assert result is not None, "the stream ended without a result"
+        return images, result
+
     def load_model(
         self, path: str | Path, keep_alive: float = 0.0, tensor_parallel: int = 0, hosts_file: str | Path = ""
     ) -> pb.LoadModelResponse:

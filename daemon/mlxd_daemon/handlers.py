@@ -277,6 +277,42 @@ def generate(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def generate_image(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    """Stable Diffusion txt2img / img2img: a ``data`` event per step (a cancel stops between steps), then the
+    images encoded as PNG."""
+    from PIL import Image
+
+    from mlxd_daemon.pipelines.sd import Request
+
+    resident, _ = _models().get(args["model"])
+    bundle = resident.bundle
+    if not hasattr(bundle, "generate_image"):
+        msg = f"{resident.model_type} is not a diffusion pipeline: convert a diffusers pipeline directory"
+        raise InvalidArgument(msg, reason="NOT_A_PIPELINE", model_type=resident.model_type)
+    image = decode_images([args["image"]])[0] if args.get("image") else None
+    fields = ("prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height", "num_images",
+              "latents", "scheduler", "strength")  # fmt: skip
+    start = time.perf_counter()
+
+    def on_step(done: int, total: int) -> None:
+        reporter.data({"step": done, "total": total, "seconds": time.perf_counter() - start})
+
+    out = bundle.generate_image(Request(image=image, **{k: args[k] for k in fields}), on_step=on_step)
+    pngs = []
+    for pixels in out["images"]:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    resident.last_used, resident.infer_count = time.time(), resident.infer_count + 1
+    return {
+        "model": resident.id, "images": pngs, "num_images": len(pngs), "width": out["width"],
+        "height": out["height"], "steps": out["steps"], "scheduler": out["scheduler"], "seed": args["seed"],
+        "seconds": time.perf_counter() - start, "seconds_per_step": out["loop_seconds"] / max(out["steps"], 1),
+        "truncated": bool(out["truncated"]), "truncated_text": out["truncated"],
+        "negative_truncated": bool(out["truncated_negative"]),
+    }  # fmt: skip
+
+
 def _models() -> Residency:
     assert _residency is not None, "models handlers run only in the models worker"
     return _residency
@@ -298,6 +334,7 @@ def handlers(role: str, options: dict[str, Any]) -> dict[str, Handler]:
         "generate": generate,
         "hub_cache": hub_cache,
         "capabilities": capabilities,
+        "generate_image": generate_image,
     }
 
 

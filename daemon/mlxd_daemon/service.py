@@ -102,18 +102,28 @@ class Service:
 
     def generate(self, args: dict[str, Any], sink: Sink) -> Generation:
         """Start a generation (args from ``generate_args``); its events go to ``sink`` (see ``Generation``)."""
-        self.check_paths(args["model"])
+        self._admit(args["model"])
+        return Generation(self.models_worker, args, sink, on_end=self._ended)
+
+    def _admit(self, model: str) -> None:
+        """Count a streamed generation (text or image) against --max-generations; QUEUE_FULL beyond it."""
+        self.check_paths(model)
         with self._lock:
             if self._generations >= self.max_generations:
                 msg = (f"{self._generations} generations are already running or waiting (limit "
                        f"{self.max_generations}, --max-generations); retry shortly")  # fmt: skip
                 raise ResourceExhausted(msg, reason="QUEUE_FULL", queued=self._generations, retry_after_s=1)
             self._generations += 1
-        return Generation(self.models_worker, args, sink, on_end=self._ended)
 
     def _ended(self) -> None:
         with self._lock:
             self._generations -= 1
+
+    def generate_image(self, args: dict[str, Any], sink: Sink) -> Generation:
+        """Start a Stable Diffusion run; ("step", {"step", "total", "seconds"}) events, then the result with the
+        PNG bytes of each image (see ``handlers.generate_image``)."""
+        self._admit(args["model"])
+        return Generation(self.models_worker, args, sink, on_end=self._ended, op="generate_image", event="step")
 
     def converted_models(self) -> list[str]:
         """Output directories of this daemon's finished convert/quantize jobs that still hold a model."""
@@ -145,21 +155,29 @@ def generate_args(
 
 
 class Generation:
-    """One Generate running on its own thread. ``sink(kind, value)`` receives ("token", {"token_id", "text"})
-    events, then exactly one ("result", dict) or ("error", MlxdError). ``cancel`` stops it between tokens."""
+    """One streamed models-worker call (``op``: generate, generate_image) on its own thread. ``sink(kind, value)``
+    receives (``event``, data) events ("token": {"token_id", "text"}; "step": {"step", "total", "seconds"}), then
+    exactly one ("result", dict) or ("error", MlxdError). ``cancel`` stops it between tokens or steps."""
 
     def __init__(
-        self, worker: WorkerProcess, args: dict[str, Any], sink: Sink, on_end: Callable[[], None] = lambda: None
+        self,
+        worker: WorkerProcess,
+        args: dict[str, Any],
+        sink: Sink,
+        on_end: Callable[[], None] = lambda: None,
+        op: str = "generate",
+        event: str = "token",
     ) -> None:
         self.worker, self.args, self.sink, self.on_end = worker, args, sink, on_end
+        self.op, self.event = op, event
         self.running = False  # the worker is on this request now (so a cancel targets it)
         self.stopped = False
-        self.tokens = 0
-        threading.Thread(target=self._run, name="generate", daemon=True).start()
+        self.tokens = 0  # events so far (tokens, or steps), for the cancel log line
+        threading.Thread(target=self._run, name=op, daemon=True).start()
 
     def _token(self, event: dict[str, Any]) -> None:
         self.tokens += 1
-        self.sink("token", event)
+        self.sink(self.event, event)
 
     def _started(self) -> None:
         self.running = True
@@ -174,10 +192,11 @@ class Generation:
 
     def _call(self) -> tuple[str, Any]:
         try:
-            return "result", self.worker.call("generate", self.args, on_event=self._token,
+            return "result", self.worker.call(self.op, self.args, on_event=self._token,
                                               is_cancelled=lambda: self.stopped, on_start=self._started)  # fmt: skip
         except Cancelled as e:
-            log.info("generate_cancelled", model=self.args["model"], tokens=self.tokens)
+            counted = {"tokens" if self.event == "token" else "steps": self.tokens}
+            log.info(f"{self.op}_cancelled", model=self.args["model"], **counted)
             return "error", e
         except MlxdError as e:
             return "error", e

@@ -354,9 +354,39 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, seed=request.seed,
             stop=list(request.stop),
         )  # fmt: skip
+        for kind, value in self._stream(self.service.generate, args, context):
+            if kind == "token":
+                yield pb.GenerateResponse(token=pb.GeneratedToken(token_id=value["token_id"], text=value["text"]))
+            else:
+                yield pb.GenerateResponse(result=pb.GenerateResult(**value))
+
+    def GenerateImage(
+        self, request: pb.GenerateImageRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateImageResponse]:
+        args = {
+            "model": request.model, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+            "steps": request.steps or 20, "guidance": request.guidance if request.HasField("guidance") else 7.5,
+            "seed": request.seed, "width": request.width, "height": request.height,
+            "num_images": request.num_images or 1, "scheduler": request.scheduler,
+            "latents": numpy_of(context, "latents", request.latents) if request.HasField("latents") else None,
+            "image": request.image or None, "strength": request.strength or 0.8,
+        }  # fmt: skip
+        for kind, value in self._stream(self.service.generate_image, args, context):
+            if kind == "step":
+                step = pb.ImageStep(step=value["step"], total=value["total"], seconds=value["seconds"])
+                yield pb.GenerateImageResponse(step=step)
+                continue
+            for i, png in enumerate(value.pop("images")):
+                image = pb.GeneratedImage(index=i, png=png, width=value["width"], height=value["height"])
+                yield pb.GenerateImageResponse(image=image)
+            yield pb.GenerateImageResponse(result=pb.GenerateImageResult(**value))
+
+    def _stream(self, start: Callable[..., Any], args: dict[str, Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        """(kind, value) events of a streamed worker call ``start(args, sink)`` up to and including ("result", r);
+        an error aborts the RPC, a client that goes away cancels the call between its steps."""
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         try:
-            generation = self.service.generate(args, lambda kind, value: events.put((kind, value)))
+            generation = start(args, lambda kind, value: events.put((kind, value)))
         except MlxdError as e:
             abort(context, e)
         try:
@@ -367,13 +397,11 @@ class MlxdServicer(pb_grpc.MlxdServicer):
                     if not context.is_active():
                         raise GeneratorExit from None
                     continue
-                if kind == "token":
-                    yield pb.GenerateResponse(token=pb.GeneratedToken(token_id=value["token_id"], text=value["text"]))
-                elif kind == "result":
-                    yield pb.GenerateResponse(result=pb.GenerateResult(**value))
-                    return
-                else:
+                if kind == "error":
                     abort(context, value)
+                yield kind, value
+                if kind == "result":
+                    return
         except GeneratorExit:  # the client went away: stop generating for nobody
             generation.cancel()
             raise

@@ -771,3 +771,93 @@ class ShutdownRequest(_message.Message):
 class ShutdownResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GenerateImageRequest(_message.Message):
+    __slots__ = ("model", "prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height", "num_images", "latents", "scheduler", "image", "strength")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: float
+    seed: int
+    width: int
+    height: int
+    num_images: int
+    latents: Tensor
+    scheduler: str
+    image: bytes
+    strength: float
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., scheduler: _Optional[str] = ..., image: _Optional[bytes] = ..., strength: _Optional[float] = ...) -> None: ...
+
+class ImageStep(_message.Message):
+    __slots__ = ("step", "total", "seconds")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total: int
+    seconds: float
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class GeneratedImage(_message.Message):
+    __slots__ = ("index", "png", "width", "height")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    png: bytes
+    width: int
+    height: int
+    def __init__(self, index: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class GenerateImageResult(_message.Message):
+    __slots__ = ("model", "num_images", "width", "height", "steps", "scheduler", "seed", "seconds", "seconds_per_step", "truncated", "truncated_text", "negative_truncated")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_TEXT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    num_images: int
+    width: int
+    height: int
+    steps: int
+    scheduler: str
+    seed: int
+    seconds: float
+    seconds_per_step: float
+    truncated: bool
+    truncated_text: str
+    negative_truncated: bool
+    def __init__(self, model: _Optional[str] = ..., num_images: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., scheduler: _Optional[str] = ..., seed: _Optional[int] = ..., seconds: _Optional[float] = ..., seconds_per_step: _Optional[float] = ..., truncated: _Optional[bool] = ..., truncated_text: _Optional[str] = ..., negative_truncated: _Optional[bool] = ...) -> None: ...
+
+class GenerateImageResponse(_message.Message):
+    __slots__ = ("step", "image", "result")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    step: ImageStep
+    image: GeneratedImage
+    result: GenerateImageResult
+    def __init__(self, step: _Optional[_Union[ImageStep, _Mapping]] = ..., image: _Optional[_Union[GeneratedImage, _Mapping]] = ..., result: _Optional[_Union[GenerateImageResult, _Mapping]] = ...) -> None: ...

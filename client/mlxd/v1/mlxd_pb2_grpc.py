@@ -84,6 +84,11 @@ class MlxdStub:
                 request_serializer=mlxd_dot_v1_dot_mlxd__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=mlxd_dot_v1_dot_mlxd__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateImage = channel.unary_stream(
+                '/mlxd.v1.Mlxd/GenerateImage',
+                request_serializer=mlxd_dot_v1_dot_mlxd__pb2.GenerateImageRequest.SerializeToString,
+                response_deserializer=mlxd_dot_v1_dot_mlxd__pb2.GenerateImageResponse.FromString,
+                _registered_method=True)
         self.LoadModel = channel.unary_unary(
                 '/mlxd.v1.Mlxd/LoadModel',
                 request_serializer=mlxd_dot_v1_dot_mlxd__pb2.LoadModelRequest.SerializeToString,
@@ -179,6 +184,14 @@ class MlxdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateImage(self, request, context):
+        """Stable Diffusion txt2img / img2img on a converted pipeline: per-step progress, then the images as PNG.
+        Closing the stream cancels between steps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LoadModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -263,6 +276,11 @@ def add_MlxdServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=mlxd_dot_v1_dot_mlxd__pb2.GenerateRequest.FromString,
                     response_serializer=mlxd_dot_v1_dot_mlxd__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateImage': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateImage,
+                    request_deserializer=mlxd_dot_v1_dot_mlxd__pb2.GenerateImageRequest.FromString,
+                    response_serializer=mlxd_dot_v1_dot_mlxd__pb2.GenerateImageResponse.SerializeToString,
             ),
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
@@ -560,6 +578,33 @@ class Mlxd:
             '/mlxd.v1.Mlxd/Generate',
             mlxd_dot_v1_dot_mlxd__pb2.GenerateRequest.SerializeToString,
             mlxd_dot_v1_dot_mlxd__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlxd.v1.Mlxd/GenerateImage',
+            mlxd_dot_v1_dot_mlxd__pb2.GenerateImageRequest.SerializeToString,
+            mlxd_dot_v1_dot_mlxd__pb2.GenerateImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,10 +9,15 @@
 import * as grpc from "@grpc/grpc-js";
 import { fromServiceError, MlxdError, ProtocolMismatchError } from "./errors.js";
 import { loadMlxdService } from "./proto.js";
-import { decodeTensor, type Tensor } from "./tensor.js";
+import { decodeTensor, encodeTensor, type Tensor } from "./tensor.js";
 import type {
   ConvertOptions,
   ConvertResult,
+  GeneratedImage,
+  GenerateImageOptions,
+  GenerateImageResult,
+  ImageEvent,
+  ImageStep,
   GetJobResponse,
   InferResponseMessage,
   InitializeResponse,
@@ -219,6 +224,68 @@ export class MlxdClient {
       logits: decodeTensor(res.logits),
       labels: res.labels,
     };
+  }
+
+  /**
+   * Stable Diffusion on a converted pipeline: a `step` event per denoising step, an `image` (PNG) per image, then
+   * the `result`. Stopping the iteration early, or aborting `signal`, cancels the run between steps.
+   */
+  async *generateImageEvents(
+    model: string,
+    prompt: string,
+    opts: GenerateImageOptions = {},
+    signal?: AbortSignal,
+  ): AsyncGenerator<ImageEvent> {
+    signal?.throwIfAborted();
+    const request = {
+      model,
+      prompt,
+      negativePrompt: opts.negativePrompt ?? "",
+      steps: opts.steps ?? 20,
+      guidance: opts.guidance ?? 7.5,
+      seed: opts.seed ?? 0,
+      width: opts.width ?? 0,
+      height: opts.height ?? 0,
+      numImages: opts.numImages ?? 1,
+      latents: opts.latents ? encodeTensor(opts.latents.shape, opts.latents.data) : null,
+      scheduler: opts.scheduler ?? "",
+      image: opts.image ? toBuffer(opts.image) : Buffer.alloc(0),
+      strength: opts.strength ?? 0.8,
+    };
+    const fn = this.stub.GenerateImage as unknown as StreamMethod;
+    const call = fn.call(this.stub, request, this.metadata(), {});
+    const onAbort = () => call.cancel();
+    signal?.addEventListener("abort", onAbort, { once: true });
+    try {
+      for await (const message of call as AsyncIterable<Record<string, unknown>>) {
+        if (message.step) yield { step: message.step as ImageStep };
+        else if (message.image) yield { image: message.image as GeneratedImage };
+        else if (message.result) yield { result: message.result as GenerateImageResult };
+      }
+    } catch (err) {
+      throw fromServiceError(err);
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+      call.cancel(); // the daemon sees the stream close and stops between steps
+    }
+  }
+
+  /** Generate images; resolves with the PNG bytes of each and the result. `onStep` sees each step. */
+  async generateImage(
+    model: string,
+    prompt: string,
+    opts: GenerateImageOptions = {},
+    onStep?: (step: { step: number; total: number; seconds: number }) => void,
+  ): Promise<{ images: Buffer[]; result: GenerateImageResult }> {
+    const images: Buffer[] = [];
+    let result: GenerateImageResult | undefined;
+    for await (const event of this.generateImageEvents(model, prompt, opts)) {
+      if ("step" in event) onStep?.(event.step);
+      else if ("image" in event) images.push(event.image.png);
+      else result = event.result;
+    }
+    if (!result) throw new MlxdError(grpc.status.UNKNOWN, "the stream ended without a result", "NO_RESULT");
+    return { images, result };
   }
 
   loadModel(path: string, keepAliveSeconds = 0): Promise<LoadModelResponse> {

@@ -28,3 +28,12 @@ export function row(t: Tensor, i: number): Float32Array {
   const width = t.shape[t.shape.length - 1] ?? 0;
   return t.data.subarray(i * width, (i + 1) * width);
 }
+
+/** Encode float32 values of `shape` as a wire Tensor (dense, little-endian). */
+export function encodeTensor(shape: number[], data: Float32Array): TensorMessage {
+  const count = shape.reduce((a, b) => a * b, 1);
+  if (data.length !== count) throw new Error(`${data.length} values do not make shape [${shape}]`);
+  const buffer = Buffer.alloc(count * 4);
+  for (let i = 0; i < count; i++) buffer.writeFloatLE(data[i] ?? 0, i * 4);
+  return { shape, dtype: "float32", data: buffer };
+}

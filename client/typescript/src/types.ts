@@ -275,5 +275,54 @@ export interface LoadModelResponse {
   evicted: string[];
 }
 
+/** Options of GenerateImage (Stable Diffusion); defaults as the daemon's (20 steps, guidance 7.5, one image). */
+export interface GenerateImageOptions {
+  negativePrompt?: string;
+  steps?: number;
+  guidance?: number;
+  seed?: number;
+  width?: number;
+  height?: number;
+  numImages?: number;
+  /** Initial latents, NCHW float32 (diffusers' `latents=`). */
+  latents?: { shape: number[]; data: Float32Array };
+  /** "" = the pipeline's own; euler, euler_ancestral, ddim, pndm, dpmsolver_multistep. */
+  scheduler?: string;
+  /** img2img: the encoded init image, and the fraction of the schedule to run. */
+  image?: Uint8Array;
+  strength?: number;
+}
+
+export interface ImageStep {
+  step: number;
+  total: number;
+  seconds: number;
+}
+
+export interface GeneratedImage {
+  index: number;
+  png: Buffer;
+  width: number;
+  height: number;
+}
+
+export interface GenerateImageResult {
+  model: string;
+  numImages: number;
+  width: number;
+  height: number;
+  steps: number;
+  scheduler: string;
+  seed: number;
+  seconds: number;
+  secondsPerStep: number;
+  truncated: boolean;
+  truncatedText: string;
+  negativeTruncated: boolean;
+}
+
+/** One event of a GenerateImage stream. */
+export type ImageEvent = { step: ImageStep } | { image: GeneratedImage } | { result: GenerateImageResult };
+
 /** One event of a job stream: a progress report, or the job's single result. */
 export type JobEvent<R> = { progress: Progress; result?: undefined } | { progress?: undefined; result: R };

@@ -130,8 +130,10 @@ class StableDiffusion:
         encs = self.tokenizer.encode_batch(texts)
         cut = []
         for enc in encs:
-            over = enc.overflowing[0].ids if enc.overflowing else []
-            cut.append(self.tokenizer.decode(over, skip_special_tokens=True) if over else "")
+            over = [i for chunk in enc.overflowing for i in chunk.ids]
+            text = self.tokenizer.decode(over, skip_special_tokens=True) if over else ""
+            # CLIP BPE marks word ends with </w>; a tokenizer.json with a byte-level decoder leaves them in.
+            cut.append(" ".join(text.replace("</w>", " ").split()))
         ids = np.array([e.ids for e in encs], dtype=np.int64)
         return self.text_encoder(ids), cut
 
