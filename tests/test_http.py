@@ -123,6 +123,16 @@ class TestCompletions:
         assert "".join(c.choices[0].text for c in chunks) == result.text == "".join(pieces)
         assert chunks[-1].choices[0].finish_reason == "length"
 
+    def test_sampling_settings_give_the_same_tokens_as_grpc(self, api: openai.OpenAI, grpc: Client,
+                                                            models: dict[str, Path]) -> None:  # fmt: skip
+        """temperature, top_p and seed reach the same sampler: equal settings, equal text on both fronts."""
+        options = {"max_tokens": 12, "temperature": 0.9, "top_p": 0.8, "seed": 7}
+        expected = grpc.generate(models["llama"], PROMPT, **options).text
+        got = api.completions.create(model="tiny-llama", prompt=PROMPT, **options)  # type: ignore[call-overload]
+        assert got.choices[0].text == expected
+        other_seed = api.completions.create(model="tiny-llama", prompt=PROMPT, **{**options, "seed": 8})  # type: ignore[call-overload]
+        assert other_seed.choices[0].text != expected
+
     def test_chat_plain_and_streamed_use_the_chat_template(self, api: openai.OpenAI, grpc: Client,
                                                            models: dict[str, Path]) -> None:  # fmt: skip
         """Chat (plain and streamed, with usage) equals gRPC Generate with the same messages."""
