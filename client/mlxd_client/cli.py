@@ -136,9 +136,10 @@ def _convert_text(r: dict[str, Any]) -> str:
         )
         lines += [f"  override: {o}" for o in q.get("overrides", [])]
         reports = [x for x in r.get("layer_reports", []) if x["bits"]]
-        if reports and not r["dry_run"]:
-            worst = max(reports, key=lambda x: x["rel_error"])
-            mean = sum(x["rel_error"] for x in reports) / len(reports)
+        measured = [x for x in reports if x["rel_error"] is not None]  # None: a dry run, or NaN/Inf weights
+        if measured:
+            worst = max(measured, key=lambda x: x["rel_error"])
+            mean = sum(x["rel_error"] for x in measured) / len(measured)
             lines.append(f"  rel_error mean {mean:.4g}, max {worst['rel_error']:.4g} ({worst['name']})")
         mixed = sorted({(x["bits"], x["group_size"], x["mode"]) for x in reports})
         if len(mixed) > 1:

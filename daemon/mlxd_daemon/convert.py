@@ -9,6 +9,7 @@ On any failure, including ``Cancelled``, the temp dir is removed and ``dst`` is 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -238,7 +239,8 @@ def _execute(
             errors = write_weights(ckpt, plan, tmp, reporter, stage, calibrated.tensors if calibrated else None,
                                    strict=strict, non_finite=result["non_finite"])  # fmt: skip
             for report in result["layer_reports"]:
-                report["rel_error"] = errors.get(report["name"], 0.0)
+                error = errors.get(report["name"], 0.0)
+                report["rel_error"] = error if math.isfinite(error) else None  # NaN/Inf weights: not measurable
             write_config(config, spec, plan, tmp)
             for name in result["copied_files"]:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
@@ -325,7 +327,7 @@ def _summary(
 def _layer_reports(plan: Plan) -> dict[str, Any]:
     """Per candidate layer: bits (0 = float), group, mode, bytes before/after, reason; overall bits per weight.
 
-    ``rel_error`` is filled in by the writer (None in a dry run).
+    ``rel_error`` is filled in by the writer (None in a dry run, or for a weight holding NaN/Inf).
     """
     reports: list[dict[str, Any]] = []
     for u in plan.units:

@@ -111,7 +111,7 @@ def convert_result(r: dict[str, Any]) -> pb.ConvertResult:
                 bits=x["bits"],
                 group_size=x["group_size"],
                 mode=modes.get(x["mode"], pb.QUANT_MODE_UNSPECIFIED),
-                rel_error=_number(x["rel_error"], 0.0),  # None in a dry run: nothing was quantized yet
+                rel_error=x["rel_error"],  # None (unset): a dry run, or a weight holding NaN/Inf
                 bytes_before=x["bytes_before"],
                 bytes_after=x["bytes_after"],
                 note=x.get("reason") or "",

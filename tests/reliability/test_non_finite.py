@@ -53,6 +53,9 @@ class TestNonFiniteWeights:
         [bad] = result.non_finite
         assert (bad.name, bad.nan_count, bad.inf_count, list(bad.first_index)) == (POISONED, 0, 2, [2, 7])
         assert "group 0 of row 2" in bad.note
+        [layer] = [x for x in result.layer_reports if x.name == POISONED.removesuffix(".weight")]
+        assert layer.bits == 4 and not layer.HasField("rel_error")  # not measurable, so not claimed
+        assert all(x.HasField("rel_error") for x in result.layer_reports if x.bits and x.name != layer.name)
 
     def test_quantize_rpc_lists_them_too(self, client: Client, nan_clip: Path, tmp_path: Path) -> None:
         """Quantize of an MLX directory whose weights hold NaN: the same report."""

@@ -89,7 +89,8 @@ export interface LayerQuantReport {
   bits: number;
   groupSize: number;
   mode: QuantMode;
-  relError: number;
+  /** Absent where not measured: a dry run, or a weight holding NaN/Inf. */
+  relError?: number;
   bytesBefore: number;
   bytesAfter: number;
   note: string;
