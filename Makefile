@@ -93,6 +93,7 @@ bench: $(STAMP)
 	$(PY) bench/convert.py
 	$(PY) bench/infer.py
 	$(PY) bench/http_vs_grpc.py
+	$(PY) bench/sd.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .demo $(TS)/node_modules $(TS)/dist

@@ -129,3 +129,20 @@ class TestValidate:
         assert all(layer.note == "" for layer in report.layers)
         e2e = json.loads((sd_mlx / "validation.json").read_text())["end_to_end"]
         assert e2e["passed"] and (e2e["psnr_db"] is None or e2e["psnr_db"] >= 40.0)
+
+
+class TestSD2Shape:
+    def test_linear_projections_per_block_heads_and_v_prediction_match_diffusers(self, tmp_path: Path) -> None:
+        """An SD-2.x-shaped pipeline (linear proj_in/out, heads per block, GELU, v-prediction) equals diffusers."""
+        import numpy as np
+        from mlxd_daemon.fixtures.sd import make_sd
+        from mlxd_daemon.pipelines import sd
+        from mlxd_daemon.pipelines.convert import convert_pipeline
+        from mlxd_daemon.pipelines.validate import load_reference, psnr, reference_images
+
+        src = make_sd(tmp_path / "sd2", size="tiny_sd2", scheduler="ddim", schedule={"prediction_type": "v_prediction"})
+        convert_pipeline(src, tmp_path / "mlx")
+        latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+        got = sd.load(tmp_path / "mlx").generate_image(sd.Request("a photo of a dog", steps=4, latents=latents))
+        want = reference_images(load_reference(src), latents, prompt="a photo of a dog")
+        assert psnr(want, got["images"]) >= 40.0
