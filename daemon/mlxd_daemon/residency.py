@@ -28,6 +28,7 @@ class Resident:
     last_used: float = field(default_factory=time.time)
     infer_count: int = 0
     keep_alive: float = 0.0  # seconds after last use during which the budget may not evict it
+    warmup_seconds: float = 0.0  # compiling the served graphs at load
 
     def pinned(self, now: float) -> bool:
         return now - self.last_used < self.keep_alive
@@ -43,6 +44,7 @@ class Resident:
             "loaded_at_unix": self.loaded_at,
             "last_used_unix": self.last_used,
             "infer_count": self.infer_count,
+            "warmup_seconds": self.warmup_seconds,
             "tensor_parallel": parallel.get("tensor_parallel", 0),
             "tensor_parallel_backend": parallel.get("backend", ""),
             "ranks": parallel.get("ranks", []),
@@ -146,8 +148,11 @@ class Residency:
                 raise ResourceExhausted(msg, reason="BUDGET_PINNED", need=need, budget=self.budget_bytes)
             self.unload(victim, reason="memory_budget")
             evicted.append(victim)
-        self.models[model_id] = Resident(model_id, model_type, bundle, keep_alive=keep_alive or 0.0)
-        log.info("model_loaded", model=model_id, bytes=need, evicted=evicted)
+        warm_up = getattr(bundle, "warm_up", None)  # the first request should not pay for tracing and compiling
+        warmup = float(warm_up()) if warm_up is not None else 0.0
+        self.models[model_id] = Resident(model_id, model_type, bundle, keep_alive=keep_alive or 0.0,
+                                         warmup_seconds=warmup)  # fmt: skip
+        log.info("model_loaded", model=model_id, bytes=need, evicted=evicted, warmup_seconds=round(warmup, 3))
         return self.models[model_id], evicted
 
     def unload(self, model_id: str, reason: str = "requested") -> int:

@@ -633,7 +633,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, token: _Optional[_Union[GeneratedToken, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "model_type", "dtype", "compute_dtype", "resident_bytes", "loaded_at_unix", "last_used_unix", "infer_count", "tensor_parallel", "tensor_parallel_backend", "ranks")
+    __slots__ = ("id", "model_type", "dtype", "compute_dtype", "resident_bytes", "loaded_at_unix", "last_used_unix", "infer_count", "tensor_parallel", "tensor_parallel_backend", "ranks", "warmup_seconds")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -645,6 +645,7 @@ class ModelInfo(_message.Message):
     TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_BACKEND_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     model_type: str
     dtype: str
@@ -656,7 +657,8 @@ class ModelInfo(_message.Message):
     tensor_parallel: int
     tensor_parallel_backend: str
     ranks: _containers.RepeatedCompositeFieldContainer[RankInfo]
-    def __init__(self, id: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., loaded_at_unix: _Optional[float] = ..., last_used_unix: _Optional[float] = ..., infer_count: _Optional[int] = ..., tensor_parallel: _Optional[int] = ..., tensor_parallel_backend: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ...) -> None: ...
+    warmup_seconds: float
+    def __init__(self, id: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., loaded_at_unix: _Optional[float] = ..., last_used_unix: _Optional[float] = ..., infer_count: _Optional[int] = ..., tensor_parallel: _Optional[int] = ..., tensor_parallel_backend: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., warmup_seconds: _Optional[float] = ...) -> None: ...
 
 class RankInfo(_message.Message):
     __slots__ = ("rank", "host", "pid", "resident_bytes")

@@ -15,6 +15,7 @@ Output keys of ``ClipBundle.forward_outputs``, ``run_mlx`` and ``run_reference``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from mlxd_daemon.archs._loading import (
     storage_dtype,
 )
 from mlxd_daemon.archs.clip_processing import load_tokenizer, tokenize
+from mlxd_daemon.archs.clip_served import ClipServed
 from mlxd_daemon.archs.image_processing import ClipImageConfig, preprocess_images
 from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.taps import tap
@@ -187,23 +189,31 @@ class CLIPTextTransformer(nn.Module):
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[mx.array, mx.array]:
         """(pooled [B, D], last_hidden_state [B, L, D]); pooling at EOS exactly as transformers does."""
-        b, n = input_ids.shape
+        n = input_ids.shape[1]
         if n > self.cfg.max_position_embeddings:
             msg = f"text is {n} tokens, the model takes at most {self.cfg.max_position_embeddings}: truncate it"
             raise InvalidArgument(msg, reason="TEXT_TOO_LONG")
+        ids, keep, eos = self.prepare(input_ids, attention_mask)
+        return self.encode(mx.array(ids), mx.array(keep), mx.array(eos))
+
+    def prepare(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, ...]:
+        """int32 ids, the boolean attention mask [B, 1, L, L] and each row's EOS position."""
+        n = input_ids.shape[1]
         # Boolean mask (True = attend): causal, and padded keys hidden, like HF's create_causal_mask.
-        causal = np.tril(np.ones((n, n), dtype=bool))
-        mask = mx.array(causal[None, None] & attention_mask.astype(bool)[:, None, None, :])
-        x = tap("text_model.embeddings", self.embeddings(mx.array(input_ids.astype(np.int32))))
-        x = self.final_layer_norm(self.encoder(x, mask))
+        keep = np.tril(np.ones((n, n), dtype=bool))[None, None] & attention_mask.astype(bool)[:, None, None, :]
         if self.cfg.eos_token_id == 2:
             # Legacy configs (before transformers PR #24773): EOS is the largest id in each row.
             eos_pos = input_ids.argmax(axis=-1)
         else:
             # First EOS; np.argmax returns the first maximum, and pad may equal EOS.
             eos_pos = (input_ids == self.cfg.eos_token_id).astype(np.int32).argmax(axis=-1)
-        pooled = x[mx.arange(b), mx.array(eos_pos.astype(np.int32))]
-        return pooled, x
+        return input_ids.astype(np.int32), keep, eos_pos.astype(np.int32)
+
+    def encode(self, ids: mx.array, keep: mx.array, eos_pos: mx.array) -> tuple[mx.array, mx.array]:
+        """The tower on prepared inputs (pure MLX, so the served path can compile it)."""
+        x = tap("text_model.embeddings", self.embeddings(ids))
+        x = self.final_layer_norm(self.encoder(x, keep))
+        return x[mx.arange(x.shape[0]), eos_pos], x
 
 
 class CLIPPatchEmbedding(nn.Module):
@@ -246,13 +256,18 @@ class CLIPVisionTransformer(nn.Module):
 
     def __call__(self, pixel_values: np.ndarray) -> tuple[mx.array, mx.array]:
         """(pooled [B, D], last_hidden_state [B, 1 + patches, D]) from NCHW pixels."""
+        self.check(pixel_values)
+        return self.encode(mx.array(pixel_values.astype(np.float32)).transpose(0, 2, 3, 1))
+
+    def check(self, pixel_values: np.ndarray) -> None:
         size = self.cfg.image_size
         if tuple(pixel_values.shape[1:]) != (self.cfg.num_channels, size, size):
             msg = f"pixel_values {tuple(pixel_values.shape)} do not match the model's [N, 3, {size}, {size}]"
             raise InvalidArgument(msg, reason="BAD_IMAGE_SIZE")
-        x = tap(
-            "vision_model.embeddings", self.embeddings(mx.array(pixel_values.astype(np.float32)).transpose(0, 2, 3, 1))
-        )
+
+    def encode(self, pixels_nhwc: mx.array) -> tuple[mx.array, mx.array]:
+        """The tower on NHWC pixels (pure MLX, so the served path can compile it)."""
+        x = tap("vision_model.embeddings", self.embeddings(pixels_nhwc))
         x = self.encoder(self.pre_layrnorm(x))
         return self.post_layernorm(x[:, 0]), x
 
@@ -318,9 +333,17 @@ class ClipBundle:
         return {k: np.array(v) for k, v in out.items()}
 
     def embed(self, texts: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
-        """``text_embeds``, ``image_embeds`` (L2-normalised) and ``logits_per_image`` [n_images, n_texts]."""
-        outs = self.forward_outputs(**self.preprocess(texts, images))
-        return {k: outs[k] for k in ("text_embeds", "image_embeds", "logits_per_image")}
+        """``text_embeds``, ``image_embeds`` (L2-normalised) and ``logits_per_image`` [n_images, n_texts]:
+        the served path (compiled towers over shape buckets, ``clip_served``)."""
+        return self.served.embed(texts, images)
+
+    @cached_property
+    def served(self) -> ClipServed:
+        return ClipServed(self)
+
+    def warm_up(self) -> float:
+        """Compile the common graphs now (called at load), so the first request does not pay for it."""
+        return self.served.warm_up()
 
 
 def map_weight(name: str) -> str | None:

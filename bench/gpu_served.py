@@ -1,0 +1,159 @@
+"""The served path on a GPU: what Infer runs, beside torch eager and torch.compile on the same inputs (issue 20).
+
+A ViT-B/32-shaped CLIP (seeded random weights, ``fixtures.make_clip``) is converted by mlxd to fp16 and measured
+at batch 1 / 8 / 64 (N texts of up to 77 tokens + N 224x224 images -> embeddings + similarities), medians with
+p10/p90 over interleaved rounds:
+
+  torch eager     transformers CLIPModel fp16 on CUDA, preprocessed tensors already on the device
+  torch.compile   the same module under torch.compile (default mode)
+  mlxd forward    ``ClipBundle.served`` on preprocessed inputs: the compiled towers Infer runs
+  mlxd embed      ``ClipBundle.embed(texts, images)``: the in-process call Infer makes (tokenizing and image
+                  preprocessing on the host included)
+  gRPC Infer      the daemon over a unix socket (PNG bytes in, embeddings out)
+
+Also: the first request after LoadModel vs steady state (the warm-up is paid at load). Run where MLX sees a GPU:
+``PYTHONPATH=<site>:client:daemon python3 bench/gpu_served.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCHES = (1, 8, 64)
+ROUNDS, ITERS = 5, 5
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "big",
+    "red",
+    "house",
+    "by",
+    "the",
+    "river",
+    "with",
+    "two",
+    "dogs",
+    "and",
+    "a",
+    "cat",
+    "in",
+    "the",
+    "snow",
+    "at",
+    "night",
+]
+
+
+def spread(ms: list[float]) -> str:
+    qs = statistics.quantiles(ms, n=10) if len(ms) > 1 else [ms[0]] * 9
+    return f"{statistics.median(ms):7.2f} ({qs[0]:.2f}-{qs[-1]:.2f})"
+
+
+def texts(n: int) -> list[str]:
+    return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(90)) for i in range(n)]  # > 77 tokens: truncated
+
+
+def main() -> None:
+    import mlx.core as mx
+    import torch
+    from mlxd_client import Client
+    from mlxd_client.discovery import start_daemon
+    from mlxd_daemon.archs import clip
+    from mlxd_daemon.convert import convert
+    from mlxd_daemon.fixtures import golden_images, make_clip
+    from transformers import CLIPModel
+
+    print(f"MLX {mx.__version__} on {mx.default_device()}, torch {torch.__version__} on "
+          f"{torch.cuda.get_device_name(0)}", flush=True)  # fmt: skip
+    root = Path(tempfile.mkdtemp(prefix="mlxd-served-"))
+    src = make_clip(root / "hf", size="base", seed=0)
+    convert(src, root / "mlx", dtype="float16")
+    bundle = clip.load(root / "mlx")
+    first = bundle.warm_up()
+    tm = CLIPModel.from_pretrained(src, torch_dtype=torch.float16).cuda().eval()
+    tc = torch.compile(tm)
+    images = golden_images(max(BATCHES), size=224)
+    pngs = []
+    for im in images:
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+
+    def torch_fn(model: Any, inputs: dict[str, Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.inference_mode():
+                t = model.get_text_features(input_ids=inputs["ids"], attention_mask=inputs["mask"])
+                i = model.get_image_features(pixel_values=inputs["px"])
+                t, i = t / t.norm(dim=-1, keepdim=True), i / i.norm(dim=-1, keepdim=True)
+                out = i @ t.T
+            torch.cuda.synchronize()
+            return out
+
+        return run
+
+    address = f"unix://{root}/mlxd.sock"
+    proc = start_daemon(address, log_path=root / "mlxd.log")
+    try:
+        with Client(address, autostart=False, timeout=600) as c:
+            start = time.perf_counter()
+            loaded = c.load_model(root / "mlx").model
+            load_s = time.perf_counter() - start
+            start = time.perf_counter()
+            c.infer(root / "mlx", texts=texts(1), images=pngs[:1])
+            first_ms = (time.perf_counter() - start) * 1e3
+            print(f"LoadModel {load_s:.1f} s (warm-up {loaded.warmup_seconds:.1f} s in it; in-process warm-up "
+                  f"{first:.1f} s); first Infer after load {first_ms:.1f} ms", flush=True)  # fmt: skip
+            print("batch | torch eager | torch.compile | mlxd forward | mlxd embed | gRPC Infer (ms, median (p10-p90))")
+            for n in BATCHES:
+                pre = bundle.preprocess(texts(n), images[:n])
+                tin = {"ids": torch.from_numpy(pre["input_ids"]).cuda(),
+                       "mask": torch.from_numpy(pre["attention_mask"]).cuda(),
+                       "px": torch.from_numpy(pre["pixel_values"]).half().cuda()}  # fmt: skip
+                ts, ims = texts(n), images[:n]
+                fns = {
+                    "torch": torch_fn(tm, tin),
+                    "compile": torch_fn(tc, tin),
+                    "forward": lambda pre=pre: bundle.served.forward(pre),
+                    "embed": lambda ts=ts, ims=ims: bundle.embed(ts, ims),
+                    "grpc": lambda n=n: c.infer(root / "mlx", texts=texts(n), images=pngs[:n]),
+                }
+                times: dict[str, list[float]] = {k: [] for k in fns}
+                for fn in fns.values():
+                    fn()
+                    fn()  # warm: compile / autotune
+                for _ in range(ROUNDS):
+                    for k, fn in fns.items():
+                        for _ in range(ITERS):
+                            t0 = time.perf_counter()
+                            fn()
+                            times[k].append((time.perf_counter() - t0) * 1e3)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                ratios = (f"gRPC/torch {med['grpc'] / med['torch']:.2f}, "
+                          f"forward/torch {med['forward'] / med['torch']:.2f}, "
+                          f"gRPC/compile {med['grpc'] / med['compile']:.2f}")  # fmt: skip
+                print(f"{n:5d} | " + " | ".join(spread(times[k]) for k in fns) + "   " + ratios, flush=True)
+            steady = []
+            for _ in range(10):
+                t0 = time.perf_counter()
+                c.infer(root / "mlx", texts=texts(1), images=pngs[:1])
+                steady.append((time.perf_counter() - t0) * 1e3)
+            ratio = first_ms / statistics.median(steady)
+            print(f"first Infer after load / steady state (batch 1): {ratio:.2f}x ({first_ms:.1f} ms first)")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "daemon"))
+    main()
