@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from mlxd_daemon import golden
 from mlxd_daemon.archs import clip, get_arch
 from mlxd_daemon.errors import InvalidArgument, NotFound
 from mlxd_daemon.fixtures import clip as fixtures
@@ -125,7 +126,7 @@ class TestFixtures:
 
     def test_golden_images_are_deterministic_and_varied(self) -> None:
         """golden_images repeats exactly and mixes sizes, aspect ratios and modes."""
-        a, b = fixtures.golden_images(5, 40), fixtures.golden_images(5, 40)
+        a, b = golden.golden_images(5, 40), golden.golden_images(5, 40)
         assert [np.asarray(x).tolist() for x in a] == [np.asarray(x).tolist() for x in b]
         assert len({im.size for im in a}) == 5
         assert {"RGB", "RGBA", "L"} <= {im.mode for im in a}
@@ -155,7 +156,7 @@ class TestProcessor:
 
     def test_pixels_match_clip_processor(self, tiny_mlx: Path, processor) -> None:
         """pixel_values equal CLIPProcessor's bit for bit (resize, crop, pad-if-small, RGBA/L -> RGB)."""
-        images = fixtures.golden_images(8, 37)
+        images = golden.golden_images(8, 37)
         ours = clip.load(tiny_mlx).preprocess([], images)["pixel_values"]
         hf = processor(images=images, return_tensors="np")["pixel_values"]
         assert hf.shape == ours.shape == (8, 3, 30, 30)
@@ -221,7 +222,7 @@ class TestClipModel:
     def test_embed(self, tiny_mlx: Path) -> None:
         """embed gives unit-norm embeddings and [n_images, n_texts] logits; either list may be empty."""
         bundle = clip.load(tiny_mlx)
-        out = bundle.embed(["a cat", "a dog", "a bird"], fixtures.golden_images(2, 40))
+        out = bundle.embed(["a cat", "a dog", "a bird"], golden.golden_images(2, 40))
         assert out["logits_per_image"].shape == (2, 3)
         np.testing.assert_allclose(np.linalg.norm(out["text_embeds"], axis=1), 1.0, atol=1e-5)
         scale = float(np.exp(np.array(bundle.model.logit_scale)))
@@ -230,7 +231,7 @@ class TestClipModel:
         )
         only_text = bundle.embed(["a cat"], [])
         assert only_text["image_embeds"].shape == (0, 16) and only_text["logits_per_image"].shape == (0, 1)
-        only_images = bundle.embed([], fixtures.golden_images(1, 40))
+        only_images = bundle.embed([], golden.golden_images(1, 40))
         assert only_images["text_embeds"].shape == (0, 16) and only_images["logits_per_image"].shape == (1, 0)
 
     def test_one_sided_reference(self, tiny: Path, tiny_mlx: Path) -> None:
@@ -350,7 +351,7 @@ class TestValidateModel:
 
     def test_user_inputs(self, tiny: Path, tiny_mlx: Path) -> None:
         """Caller texts and images replace the golden ones."""
-        result = validate_model(tiny, tiny_mlx, texts=["one", "two", "three"], images=fixtures.golden_images(2, 50))
+        result = validate_model(tiny, tiny_mlx, texts=["one", "two", "three"], images=golden.golden_images(2, 50))
         assert (result["num_texts"], result["num_images"], result["passed"]) == (3, 2, True)
 
     def test_fp16_conversion_of_fp32_source(self, tiny: Path, tmp_path: Path) -> None:
@@ -389,5 +390,5 @@ class TestBaseSize:
         """The ViT-B/32-shaped model runs and matches transformers within the float32 tolerances."""
         src = fixtures.make_clip(tmp_path / "base", size="base")
         dst = convert(src, tmp_path / "mlx")
-        inputs = clip.golden_inputs(dst, texts=list(fixtures.GOLDEN_TEXTS[:2]), images=fixtures.golden_images(2))
+        inputs = clip.golden_inputs(dst, texts=list(fixtures.GOLDEN_TEXTS[:2]), images=golden.golden_images(2))
         _assert_match(clip.run_reference(src, inputs), clip.run_mlx(clip.load(dst), inputs), atol=1e-4)
