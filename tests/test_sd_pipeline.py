@@ -122,7 +122,13 @@ class TestValidate:
         assert report.passed, report
         assert report.model_type == "stable_diffusion" and report.band == "float32"
         names = {o.name for o in report.outputs}
-        assert {"text_encoder.last_hidden_state", "unet.noise_pred", "vae.decoded", "vae.latent_mean"} <= names
+        assert {
+            "text_encoder.last_hidden_state",
+            "unet.noise_pred",
+            "vae.decoded",
+            "vae.latent_mean",
+            "pipeline.image",
+        } <= names
         layers = {layer.name for layer in report.layers}
         assert {"unet.mid_block", "unet.up_blocks.1", "vae.decoder.mid_block.attentions.0",
                 "text_encoder.text_model.encoder.layers.2"} <= layers  # fmt: skip

@@ -251,8 +251,9 @@ def _summarise_in_manifest(mlx_dir: Path, result: dict[str, Any]) -> None:
         return
     manifest = json.loads(path.read_text(encoding="utf-8"))
     # Metrics of non-finite outputs are None: such an output is the worst, and has no cosine to take the min of.
-    worst = max(result["outputs"], key=lambda o: math.inf if o["max_abs"] is None else o["max_abs"] / o["atol"],
-                default=None)  # fmt: skip
+    # atol 0: an output judged otherwise (a pipeline's image, by PSNR), not by an elementwise bound.
+    worst = max(result["outputs"], key=lambda o: math.inf if o["max_abs"] is None else
+                o["max_abs"] / o["atol"] if o["atol"] else 0.0, default=None)  # fmt: skip
     cosines = [o["cosine"] for o in result["outputs"] if o["cosine"] is not None]
     manifest["validation"] = {
         "passed": result["passed"], "band": result["band"], "first_divergent_layer": result["first_divergent_layer"],

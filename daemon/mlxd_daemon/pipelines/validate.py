@@ -25,10 +25,12 @@ from mlxd_daemon.taps import hook_modules, mlx_taps
 from mlxd_daemon.validate import (
     LAYER_REL_TOL,
     TOLERANCES,
+    OutputReport,
     _summarise_in_manifest,
     band_name,
     compare,
     compare_layers,
+    metrics,
     tolerance_for,
 )
 
@@ -219,6 +221,12 @@ def validate_pipeline(src: Path, mlx_dir: Path, *, reporter: Reporter = NULL_REP
     e2e = {"psnr_db": db if math.isfinite(db) else None, "min_psnr_db": floor, "steps": E2E_STEPS,
            "guidance": E2E_GUIDANCE, "scheduler": type(pipe.scheduler).__name__,
            "passed": floor is None or db >= floor, "finite": bool(np.isfinite(got).all())}  # fmt: skip
+    shown = "identical pixels" if not math.isfinite(db) else f"PSNR {db:.1f} dB"
+    gate = f" (>= {floor:g} required)" if floor is not None else " (reported, not gated in this band)"
+    note = f"{shown}{gate}, {E2E_STEPS} steps of {e2e['scheduler']}"
+    image = OutputReport("pipeline.image", **metrics(want, got), atol=0.0, rtol=0.0, min_cosine=0.0,
+                         passed=e2e["passed"], note=note)  # fmt: skip
+    reports.append(image.to_dict())
     reporter.report(1)
     reporter.end()
     first_bad = next((layer["name"] for layer in layers if not layer["passed"]), "")
