@@ -93,7 +93,7 @@ class TestImg2Img:
         """An init image with strength 0.5 over 4 steps equals StableDiffusionImg2ImgPipeline's result."""
         import diffusers
         import torch
-        from mlxd_daemon.fixtures import golden_images
+        from mlxd_daemon.golden import golden_images
 
         init = golden_images(1, size=32)[0].convert("RGB").resize((32, 32))
         buffer = io.BytesIO()
