@@ -110,6 +110,7 @@ def cmd_convert(client: Client, a: argparse.Namespace) -> Outcome:
         q_calibration_seed=a.calibration_seed,
         revision=a.revision or "",
         strict=a.strict,
+        input_spec=a.input_spec or "",
     )
     r = to_dict(_run_job(client, events, ProgressBar(not a.json)))
     return r, _convert_text(r), 0
@@ -517,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     c.add_argument("--quantize", action="store_true")
     c.add_argument("--strict", action="store_true", help="refuse weights holding NaN/Inf instead of listing them")
+    c.add_argument("--input-spec", metavar="JSON", help='exported programs: example inputs by name, e.g. '
+                   '\'[{"name": "input_values", "shape": [1, 16000], "dtype": "float32"}]\'')  # fmt: skip
     quant_flags(c, 0)
     q = add("quantize", cmd_quantize, "quantize an MLX model directory")
     q.add_argument("src", help=hub_help)

@@ -174,6 +174,7 @@ class Client:
         q_calibration_seed: int = 0,
         revision: str = "",
         strict: bool = False,
+        input_spec: str = "",
     ) -> Iterator[pb.Progress | pb.ConvertResult]:
         """Stream Convert: Progress events, then one ConvertResult.
 
@@ -181,7 +182,9 @@ class Client:
         that the daemon resolves from its cache, or downloads when it may.
 
         ``q_bits`` > 0 (or a non-affine ``q_mode``, or a ``q_recipe``) quantizes; a 0 bits/group size means the
-        mode's default. ``q_overrides``: ``PATTERN=BITS[:GROUP]`` or ``PATTERN=skip`` on module paths.
+        mode's default. ``input_spec`` (exported programs): JSON list of example inputs by name that replace or
+        add to the ones derived from the model. ``q_overrides``: ``PATTERN=BITS[:GROUP]`` or ``PATTERN=skip`` on
+        module paths.
         ``q_method``: rtn (default), awq or gptq, calibrated on ``q_calibration_data`` (text file, image folder or
         .npz; default: the architecture's built-in set drawn with ``q_calibration_seed``). Source tensors holding
         NaN/Inf are listed in the result's ``non_finite``; with ``strict`` they refuse the conversion
@@ -196,6 +199,7 @@ class Client:
             overwrite=overwrite,
             dry_run=dry_run,
             strict=strict,
+            input_spec=input_spec,
         )
         if q_bits or q_mode != "affine" or q_recipe:
             calibration = (q_method, q_calibration_data, q_calibration_seed)

@@ -162,6 +162,7 @@ def validation_report(r: dict[str, Any], model_dir: str) -> pb.ValidationReport:
         first_divergent_layer=r.get("first_divergent_layer", ""),
         band=r.get("band", ""),
         reference_hub=pb.HubSource(**r["reference_hub"]) if r.get("reference_hub") else None,
+        inputs_note=r.get("inputs_note", ""),
     )
 
 

@@ -190,6 +190,8 @@ class MlxdServicer(pb_grpc.MlxdServicer):
         }
         if request.max_shard_size:
             args["max_shard_size"] = request.max_shard_size
+        if request.input_spec:
+            args["input_spec"] = request.input_spec
         if request.HasField("quantize"):
             args["quantize"] = quant_options(context, request.quantize, "quantize")
         self._require_paths(context, *([] if args["hub"] else [request.src]), request.dst)

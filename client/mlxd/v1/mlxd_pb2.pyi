@@ -199,7 +199,7 @@ class SkippedLayer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ConvertRequest(_message.Message):
-    __slots__ = ("src", "dst", "dtype", "max_shard_size", "overwrite", "dry_run", "quantize", "revision", "strict")
+    __slots__ = ("src", "dst", "dtype", "max_shard_size", "overwrite", "dry_run", "quantize", "revision", "strict", "input_spec")
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class ConvertRequest(_message.Message):
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     STRICT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SPEC_FIELD_NUMBER: _ClassVar[int]
     src: str
     dst: str
     dtype: Dtype
@@ -218,7 +219,8 @@ class ConvertRequest(_message.Message):
     quantize: QuantizationSpec
     revision: str
     strict: bool
-    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_shard_size: _Optional[str] = ..., overwrite: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., quantize: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., revision: _Optional[str] = ..., strict: _Optional[bool] = ...) -> None: ...
+    input_spec: str
+    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_shard_size: _Optional[str] = ..., overwrite: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., quantize: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., revision: _Optional[str] = ..., strict: _Optional[bool] = ..., input_spec: _Optional[str] = ...) -> None: ...
 
 class NonFiniteTensor(_message.Message):
     __slots__ = ("name", "nan_count", "inf_count", "first_index", "note")
@@ -385,7 +387,7 @@ class OutputReport(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_abs: _Optional[float] = ..., max_rel: _Optional[float] = ..., cosine: _Optional[float] = ..., nmse: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ..., passed: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
 
 class ValidationReport(_message.Message):
-    __slots__ = ("job_id", "passed", "model_type", "dtype", "outputs", "matching_agreement", "num_texts", "num_images", "seconds", "report_path", "layers", "first_divergent_layer", "band", "reference_hub")
+    __slots__ = ("job_id", "passed", "model_type", "dtype", "outputs", "matching_agreement", "num_texts", "num_images", "seconds", "report_path", "layers", "first_divergent_layer", "band", "reference_hub", "inputs_note")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -400,6 +402,7 @@ class ValidationReport(_message.Message):
     FIRST_DIVERGENT_LAYER_FIELD_NUMBER: _ClassVar[int]
     BAND_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_HUB_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_NOTE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     passed: bool
     model_type: str
@@ -414,7 +417,8 @@ class ValidationReport(_message.Message):
     first_divergent_layer: str
     band: str
     reference_hub: HubSource
-    def __init__(self, job_id: _Optional[str] = ..., passed: _Optional[bool] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputReport, _Mapping]]] = ..., matching_agreement: _Optional[float] = ..., num_texts: _Optional[int] = ..., num_images: _Optional[int] = ..., seconds: _Optional[float] = ..., report_path: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerReport, _Mapping]]] = ..., first_divergent_layer: _Optional[str] = ..., band: _Optional[str] = ..., reference_hub: _Optional[_Union[HubSource, _Mapping]] = ...) -> None: ...
+    inputs_note: str
+    def __init__(self, job_id: _Optional[str] = ..., passed: _Optional[bool] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputReport, _Mapping]]] = ..., matching_agreement: _Optional[float] = ..., num_texts: _Optional[int] = ..., num_images: _Optional[int] = ..., seconds: _Optional[float] = ..., report_path: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerReport, _Mapping]]] = ..., first_divergent_layer: _Optional[str] = ..., band: _Optional[str] = ..., reference_hub: _Optional[_Union[HubSource, _Mapping]] = ..., inputs_note: _Optional[str] = ...) -> None: ...
 
 class ValidateResponse(_message.Message):
     __slots__ = ("progress", "result")

@@ -15,14 +15,16 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mlxd_daemon.archs._loading import read_json
 from mlxd_daemon.errors import InvalidArgument, NotFound
+from mlxd_daemon.export.generate import Seq2SeqBundle
 from mlxd_daemon.export.program import (
     EXAMPLES_FILE,
     MX_DTYPES,
     PROGRAM_FILE,
     SOURCE_PT2,
     Program,
-    load_program,
+    load_graphs,
     read_program,
 )
 
@@ -52,24 +54,20 @@ class ProgramBundle:
         return self.program.inputs
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Named inputs (the captured shapes; dtypes are cast to the spec's) -> named outputs."""
-        arrays = []
+        """Named inputs (static axes as captured, symbolic ones within their dims; dtypes are cast to the spec's)
+        -> named outputs."""
+        unknown = sorted(set(inputs) - {s["name"] for s in self.program.inputs})
+        if unknown:
+            msg = f"unknown input(s) {', '.join(unknown)}; the program takes {_describe(self.program.inputs)}"
+            raise InvalidArgument(msg, reason="UNKNOWN_INPUT", inputs=",".join(unknown))
+        arrays, bound = [], {}
         for spec in self.program.inputs:
             if spec["name"] not in inputs:
                 msg = f"missing input {spec['name']!r}; the program takes {_describe(self.program.inputs)}"
                 raise InvalidArgument(msg, reason="MISSING_INPUT", input=spec["name"])
             x = np.asarray(inputs[spec["name"]])
-            if list(x.shape) != list(spec["shape"]):
-                msg = (
-                    f"input {spec['name']!r} has shape {list(x.shape)}; the program was captured for "
-                    f"{spec['shape']} (static shapes): re-export with that shape"
-                )
-                raise InvalidArgument(msg, reason="BAD_INPUT_SHAPE", input=spec["name"])
+            check_shape(spec, x.shape, self.program.spec.get("dims", {}), bound)
             arrays.append(mx.array(x).astype(MX_DTYPES[spec["dtype"]]))
-        unknown = sorted(set(inputs) - {s["name"] for s in self.program.inputs})
-        if unknown:
-            msg = f"unknown input(s) {', '.join(unknown)}; the program takes {_describe(self.program.inputs)}"
-            raise InvalidArgument(msg, reason="UNKNOWN_INPUT", inputs=",".join(unknown))
         outs = self.program(arrays)
         mx.eval(outs)
         return {o["name"]: np.array(v) for o, v in zip(self.program.outputs, outs, strict=True)}
@@ -80,18 +78,44 @@ class ProgramBundle:
         raise InvalidArgument(msg, reason="USE_RUN", model=str(self.model_dir))
 
 
+def check_shape(spec: dict[str, Any], shape: tuple[int, ...], dims: dict[str, Any], bound: dict[str, int]) -> None:
+    """BAD_INPUT_SHAPE unless ``shape`` fits ``spec``: static axes equal, each named axis within its range and
+    equal to that dim's value in the inputs before (``bound`` collects them)."""
+    want = spec["shape"]
+    problem = "" if len(shape) == len(want) else f"{len(shape)} axes, not {len(want)}"
+    for axis, (got, dim) in enumerate(zip(shape, want, strict=False)):
+        if problem:
+            break
+        if isinstance(dim, int):
+            problem = "" if got == dim else f"axis {axis} is {got}; the program was captured for {dim} (static)"
+            continue
+        lo, hi = dims.get(dim, {}).get("min") or 1, dims.get(dim, {}).get("max")
+        if got < lo or (hi is not None and got > hi):
+            problem = f"{dim} (axis {axis}) is {got}; the program takes {lo}..{hi if hi is not None else 'any'}"
+        elif bound.setdefault(dim, got) != got:
+            problem = f"{dim} (axis {axis}) is {got} but {bound[dim]} in an earlier input"
+    if problem:
+        msg = f"input {spec['name']!r} has shape {list(shape)}: {problem}"
+        raise InvalidArgument(msg, reason="BAD_INPUT_SHAPE", input=spec["name"])
+
+
 def _describe(specs: list[dict[str, Any]]) -> str:
     return ", ".join(f"{s['name']} {s['dtype']}{s['shape']}" for s in specs)
 
 
-def load(model_dir: Path) -> ProgramBundle:
-    """Load a program directory for float32 inference."""
+def load(model_dir: Path) -> ProgramBundle | Seq2SeqBundle:
+    """Load a program directory for float32 inference (an encoder-decoder as a ``Seq2SeqBundle``)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         msg = f"model directory {model_dir} does not exist"
         raise NotFound(msg, reason="MODEL_NOT_FOUND", path=str(model_dir))
-    program, dtype, nbytes = load_program(model_dir)
-    return ProgramBundle(program=program, model_dir=model_dir, dtype=dtype, nbytes=nbytes)
+    graphs, dtype, nbytes = load_graphs(model_dir)
+    quantization = read_json(model_dir / "config.json", "program").get("quantization")  # validation's band
+    if "" in graphs:
+        return ProgramBundle(graphs[""], model_dir, dtype, nbytes, quantization=quantization)
+    spec = read_program(model_dir)
+    return Seq2SeqBundle(graphs["encoder"], graphs["decoder"], spec, model_dir, dtype, nbytes,
+                         quantization=quantization)  # fmt: skip
 
 
 # ---- validation hooks -------------------------------------------------------------------------------------
@@ -109,21 +133,42 @@ def golden_inputs(
     model_dir = Path(model_dir)
     spec = read_program(model_dir)
     example = load_file(str(model_dir / EXAMPLES_FILE))
-    rng = np.random.default_rng(0)
+    return {"program_dir": str(model_dir), "sets": {"": example, RANDOM_SUFFIX: fresh_inputs(spec, example)}}
+
+
+def fresh_inputs(spec: dict[str, Any], example: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the program's spec; a symbolic axis takes another size than the example's (validation
+    then covers two shapes): integers uniform in their range, floats N(0, 1), masks all ones."""
+    rng = np.random.default_rng(seed)
+    sizes: dict[str, int] = {}
+    for name, info in spec.get("dims", {}).items():
+        captured = _captured_size(spec, example, name)
+        hi = info.get("max") or captured + 5
+        sizes[name] = captured + 3 if captured + 3 <= hi else max(info.get("min") or 1, captured - 1)
     fresh: dict[str, np.ndarray] = {}
     for s in spec["inputs"]:
         x = example[s["name"]]
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in s["shape"])
         if np.issubdtype(x.dtype, np.floating):
-            fresh[s["name"]] = rng.standard_normal(x.shape).astype(x.dtype)
-        elif x.dtype == np.bool_ or "range" not in s:
-            fresh[s["name"]] = x.copy()  # masks and flags: keep the captured pattern
+            fresh[s["name"]] = rng.standard_normal(shape).astype(x.dtype)
+        elif x.dtype == np.bool_ or "range" not in s:  # masks and flags: the captured value where it fits
+            fresh[s["name"]] = x.copy() if shape == x.shape else np.full(shape, x.flat[0] if x.size else 1, x.dtype)
         else:
             lo, hi = s["range"]
-            fresh[s["name"]] = rng.integers(lo, hi, size=x.shape).astype(x.dtype)
-    return {"program_dir": str(model_dir), "sets": {"": example, RANDOM_SUFFIX: fresh}}
+            fresh[s["name"]] = rng.integers(lo, hi, size=shape).astype(x.dtype)
+            if s["name"] == "decoder_input_ids":
+                fresh[s["name"]][:, 0] = x[0, 0]  # the decoder start token, as generation feeds it
+    return fresh
 
 
-def run_mlx(bundle: ProgramBundle, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+def _captured_size(spec: dict[str, Any], example: dict[str, np.ndarray], dim: str) -> int:
+    for s in spec["inputs"]:
+        if dim in s["shape"]:
+            return int(example[s["name"]].shape[s["shape"].index(dim)])
+    return 1
+
+
+def run_mlx(bundle: ProgramBundle | Seq2SeqBundle, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
     """The MLX program on every input set; output names carry the set's suffix."""
     out: dict[str, np.ndarray] = {}
     for suffix, arrays in inputs["sets"].items():
@@ -140,14 +185,19 @@ def run_reference(src: Path, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
 
     program_dir = Path(inputs["program_dir"])
     spec = read_program(program_dir)
-    names = [o["name"] for o in spec["outputs"]]
+    seq2seq = spec.get("kind") == "seq2seq"
+    names = ["logits", "encoder_last_hidden_state"] if seq2seq else [o["name"] for o in spec["outputs"]]
     src = Path(src)
     if (src / PROGRAM_FILE).is_file():
         recorded = spec["source"]
         src = program_dir / recorded["pt2"] if "pt2" in recorded else Path(recorded["path"])
     if src.is_dir():
-        model = load_hf(src)
-        call = lambda arrays: _flat(model(**{k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}))  # noqa: E731
+        model, constants = load_hf(src), spec["source"].get("constants", {})
+
+        def call(arrays: dict[str, Any]) -> list[Any]:
+            out = model(**{k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}, **constants)
+            return [out.logits, out.encoder_last_hidden_state] if seq2seq else _flat(out)
+
     elif src.suffix == ".pt2" or src.name == SOURCE_PT2:
         ep = load_pt2(src)
         call = lambda arrays: call_exported(ep, {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})  # noqa: E731

@@ -8,6 +8,7 @@ place. On any failure the temp dir is removed and ``dst`` is left as it was (the
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -23,6 +24,7 @@ from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.export import program as fmt
 from mlxd_daemon.export.capture import Captured, capture
 from mlxd_daemon.export.lower import Lowered, dtype_name, lower
+from mlxd_daemon.export.seq2seq import capture_seq2seq, generation_config, is_seq2seq_dir
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
 from mlxd_daemon.shards import DTYPES
 from mlxd_daemon.staging import check_destination, needed_bytes, staged
@@ -52,32 +54,39 @@ def export_program(
         msg = f"bad dtype {dtype!r}: choose auto, {', '.join(DTYPES)}"
         raise InvalidArgument(msg, reason="BAD_DTYPE", dtype=dtype)
     reporter.begin("capture", total_items=1, message=f"torch.export of {_describe(source)}")
-    captured = capture(source, example_inputs=example_inputs, input_spec=input_spec)
+    parts, record, example = _capture(source, example_inputs, input_spec)
+    ops = sum((c.ops for c in parts.values()), Counter())
     reporter.report(1)
-    reporter.end(f"{sum(captured.ops.values())} nodes, {len(captured.ops)} distinct ops, all mapped")
+    reporter.end(f"{sum(ops.values())} nodes, {len(ops)} distinct ops, all mapped")
     src = Path(source).expanduser() if isinstance(source, (str, Path)) else None
     check_destination(src if src is not None and src.exists() else None, dst, overwrite)
-    lowered = lower(captured.decomposed)
-    target = _target_dtype(dtype, lowered.weights)
+    lowered = {name: lower(c.decomposed, c.source.get("dim_names"), c.source.get("max_lengths"))
+               for name, c in parts.items()}  # fmt: skip
+    weights = {k: v for low in lowered.values() for k, v in low.weights.items()}  # shared by name across graphs
+    target = _target_dtype(dtype, weights)
 
-    weights = sum(t.numel() * target.itemsize if t.is_floating_point() else t.nbytes for t in lowered.weights.values())
-    examples = sum(t.nbytes for t in captured.example.values())
-    with staged(dst, needed_bytes(weights + examples), overwrite) as tmp:
-        summary = _write(tmp, captured, lowered, target, reporter)
-    coverage = dict(sorted(captured.ops.items()))
+    size = sum(t.numel() * target.itemsize if t.is_floating_point() else t.nbytes for t in weights.values())
+    examples = sum(t.nbytes for t in example.values())
+    with staged(dst, needed_bytes(size + examples), overwrite) as tmp:
+        summary = _write(tmp, parts, lowered, weights, example, record, target, reporter)
+        summary["copied_files"] = _copy_side_files(source, tmp)
+    coverage = dict(sorted(ops.items()))
+    first = next(iter(lowered.values()))
     return {
         "dst": str(dst),
         "model_type": fmt.MODEL_TYPE,
-        "source_format": captured.source["kind"],
+        "source_format": record["kind"],
+        "program_kind": "seq2seq" if "encoder" in parts else "single",
         "dtype": dtype_name(target),
         **summary,
         "ops_seen": len(coverage),
-        "ops_mapped": len(coverage) - len(captured.missing),
+        "ops_mapped": len(coverage),
         "op_coverage": coverage,
-        "missing_ops": captured.missing,
-        "inputs": lowered.inputs,
-        "outputs": [{k: v for k, v in o.items() if k != "ref"} for o in lowered.outputs],
-        "copied_files": [],
+        "missing_ops": [],
+        "inputs": [i for low in lowered.values() for i in low.inputs],
+        "dims": {k: v for low in lowered.values() for k, v in low.dims.items()},
+        "static_reason": "; ".join(r for c in parts.values() if (r := c.source.get("static_reason", ""))),
+        "outputs": [{k: v for k, v in o.items() if k != "ref"} for o in first.outputs],
         "dropped_tensors": [],
         "quantization": None,
         "dry_run": False,
@@ -116,10 +125,56 @@ def convert_via_export(args: dict[str, Any], reporter: Reporter) -> dict[str, An
     return export_program(
         args["src"],
         Path(args["dst"]),
+        input_spec=parse_input_spec(args.get("input_spec") or ""),
         dtype=args.get("dtype", "auto"),
         overwrite=bool(args.get("overwrite", False)),
         reporter=reporter,
     )
+
+
+def parse_input_spec(text: str) -> list[dict[str, Any]] | None:
+    """``--input-spec`` JSON -> a list of input entries; BAD_INPUT_SPEC when it is not a list of objects."""
+    if not text:
+        return None
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        msg = f'--input-spec is not valid JSON ({e}): want [{{"name": ..., "shape": [...], "dtype": ...}}]'
+        raise InvalidArgument(msg, reason="BAD_INPUT_SPEC") from None
+    if not isinstance(spec, list) or not all(isinstance(s, dict) for s in spec):
+        msg = '--input-spec must be a JSON list of objects like {"name": "x", "shape": [1, 3]}'
+        raise InvalidArgument(msg, reason="BAD_INPUT_SPEC")
+    return spec
+
+
+def _capture(
+    source: Any, example_inputs: Any, input_spec: list[dict[str, Any]] | None
+) -> tuple[dict[str, Captured], dict[str, Any], dict[str, torch.Tensor]]:
+    """({graph name: Captured}, source record, example inputs of the whole model). One graph named "" for most
+    models; "encoder" and "decoder" for a generating encoder-decoder directory."""
+    if isinstance(source, (str, Path)) and is_seq2seq_dir(Path(source).expanduser()):
+        model_dir = Path(source).expanduser().resolve()
+        parts, record, example = capture_seq2seq(model_dir, input_spec)
+        record["generation"] = generation_config(model_dir)
+        return parts, record, example
+    captured = capture(source, example_inputs=example_inputs, input_spec=input_spec)
+    return {"": captured}, captured.source, captured.example
+
+
+# Files a program keeps from its Hugging Face source: tokenizer and generation settings, for Generate.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+              "preprocessor_config.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model")  # fmt: skip
+
+
+def _copy_side_files(source: Any, out: Path) -> list[str]:
+    if not isinstance(source, (str, Path)) or not Path(source).expanduser().is_dir():
+        return []
+    copied = []
+    for name in SIDE_FILES:
+        if (Path(source).expanduser() / name).is_file():
+            shutil.copy2(Path(source).expanduser() / name, out / name)
+            copied.append(name)
+    return copied
 
 
 def _describe(source: Any) -> str:
@@ -146,33 +201,52 @@ def _cast(name: str, t: torch.Tensor, target: torch.dtype) -> torch.Tensor:
     return t.contiguous().clone()  # own the memory: safetensors refuses views of shared storage
 
 
-def _write(out: Path, captured: Captured, lowered: Lowered, target: torch.dtype, reporter: Reporter) -> dict[str, Any]:
-    """Weights, example inputs, (source.pt2), program.json, config.json, manifest; returns the size summary."""
-    reporter.begin("write", total_items=len(lowered.weights))
-    tensors: dict[str, torch.Tensor] = {}
-    for i, (name, t) in enumerate(lowered.weights.items()):
-        tensors[name] = _cast(name, t, target)
-        reporter.report(i + 1, message=name)
-    metadata = {"format": "mlx", "mlxd.layout": json.dumps(lowered.layouts, sort_keys=True)}
-    save_file(tensors, str(out / fmt.WEIGHTS_FILE), metadata=metadata)
-    save_file({k: v.contiguous() for k, v in captured.example.items()}, str(out / fmt.EXAMPLES_FILE))
-    source = dict(captured.source)
-    if source["kind"] in ("module", "factory"):
-        # A module built in-process (random init, local code) cannot be rebuilt later: keep what was captured.
-        torch.export.save(captured.exported, str(out / fmt.SOURCE_PT2))
-        source["pt2"] = fmt.SOURCE_PT2
+def _graph_spec(captured: Captured, lowered: Lowered) -> dict[str, Any]:
     inputs = [dict(i, **({"range": captured.ranges[i["name"]]} if i["name"] in captured.ranges else {}))
               for i in lowered.inputs]  # fmt: skip
+    return {"inputs": inputs, "dims": lowered.dims, "outputs": lowered.outputs, "nodes": lowered.nodes,
+            "params": lowered.params, "layouts": lowered.layouts}  # fmt: skip
+
+
+def _write(
+    out: Path,
+    parts: dict[str, Captured],
+    lowered: dict[str, Lowered],
+    weights: dict[str, torch.Tensor],
+    example: dict[str, torch.Tensor],
+    record: dict[str, Any],
+    target: torch.dtype,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """Weights, example inputs, (source.pt2), program.json, config.json, manifest; returns the size summary."""
+    reporter.begin("write", total_items=len(weights))
+    tensors: dict[str, torch.Tensor] = {}
+    for i, (name, t) in enumerate(weights.items()):
+        tensors[name] = _cast(name, t, target)
+        reporter.report(i + 1, message=name)
+    layouts = {k: v for low in lowered.values() for k, v in low.layouts.items()}
+    metadata = {"format": "mlx", "mlxd.layout": json.dumps(layouts, sort_keys=True)}
+    save_file(tensors, str(out / fmt.WEIGHTS_FILE), metadata=metadata)
+    save_file({k: v.contiguous() for k, v in example.items()}, str(out / fmt.EXAMPLES_FILE))
+    source = dict(record)
+    if source["kind"] in ("module", "factory"):
+        # A module built in-process (random init, local code) cannot be rebuilt later: keep what was captured.
+        torch.export.save(parts[""].exported, str(out / fmt.SOURCE_PT2))
+        source["pt2"] = fmt.SOURCE_PT2
+    graphs = {name: _graph_spec(parts[name], low) for name, low in lowered.items()}
+    if "" in graphs:
+        body: dict[str, Any] = graphs[""]
+    else:  # the whole model's inputs (validation feeds them through encoder then decoder) and both graphs
+        specs = {i["name"]: i for g in graphs.values() for i in g["inputs"]}
+        whole = [dict(specs[n], **({"range": record["ranges"][n]} if n in record["ranges"] else {})) for n in example]
+        dims = {k: v for g in graphs.values() for k, v in g["dims"].items()}
+        body = {"kind": "seq2seq", "inputs": whole, "dims": dims, "graphs": graphs}
     spec = {
         "format": fmt.FORMAT,
         "version": fmt.VERSION,
-        "inputs": inputs,
-        "outputs": lowered.outputs,
-        "nodes": lowered.nodes,
-        "params": lowered.params,
-        "layouts": lowered.layouts,
+        **body,
         "source": source,
-        "op_coverage": dict(sorted(captured.ops.items())),
+        "op_coverage": dict(sorted(sum((c.ops for c in parts.values()), Counter()).items())),
         "torch_version": torch.__version__,
     }
     (out / fmt.PROGRAM_FILE).write_text(json.dumps(spec, indent=1) + "\n")
@@ -186,7 +260,7 @@ def _write(out: Path, captured: Captured, lowered: Lowered, target: torch.dtype,
         "model_type": fmt.MODEL_TYPE,
         "format": {"name": fmt.FORMAT, "version": fmt.VERSION},
         "dtype": dtype_name(target),
-        "layouts": lowered.layouts,
+        "layouts": layouts,
         "dropped_tensors": [],
         "quantization": None,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import importlib
-import inspect
 import json
 import operator
 from dataclasses import dataclass, field
@@ -19,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.export import ExportedProgram
+from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
 from mlxd_daemon.errors import InvalidArgument, NotFound, Unsupported
+from mlxd_daemon.export.inputs import ExampleInputs, derive_inputs
 from mlxd_daemon.export.ops import supported
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -31,9 +31,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
     "bool": torch.bool,
 }  # fmt: skip
-# Inputs a transformers model can be exported with, derived from its config (see ``hf_example_inputs``).
-HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
-EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
 
 
 @dataclass
@@ -57,7 +54,13 @@ def op_name(node: torch.fx.Node) -> str:
     """The table key of a graph node: ``getitem`` or the ATen overload name (``aten.addmm.default``)."""
     if node.target is operator.getitem:
         return "getitem"
-    return str(node.target) if node.op == "call_function" else f"{node.op}:{node.target}"
+    if node.op != "call_function":
+        return f"{node.op}:{node.target}"
+    if isinstance(node.target, torch._ops.OpOverload):
+        return str(node.target)
+    # Python arithmetic on symbolic sizes (dynamic shapes): operator.mul, torch.sym_max, math.ceil, ...
+    module = getattr(node.target, "__module__", None) or "builtins"
+    return f"{module.removeprefix('_')}.{getattr(node.target, '__name__', node.target)}"
 
 
 def list_ops(ep: ExportedProgram) -> collections.Counter[str]:
@@ -87,7 +90,8 @@ def capture(
             raise NotFound(msg, reason="SOURCE_NOT_FOUND", path=path)
         exported, record = load_pt2(path), {"kind": "pt2", "path": str(path)}
     elif Path(str(source)).expanduser().is_dir():
-        exported, record = _capture_hf(Path(str(source)).expanduser().resolve())
+        exported, decomposed, record = _capture_hf(Path(str(source)).expanduser().resolve(), input_spec)
+        return _decompose(exported, record, None, decomposed)
     elif isinstance(source, str) and ":" in source:
         module = load_factory(source)()
         if not isinstance(module, torch.nn.Module):
@@ -102,8 +106,13 @@ def capture(
     return _decompose(exported, record, input_spec)
 
 
-def _decompose(exported: ExportedProgram, record: dict[str, Any], input_spec: list[dict[str, Any]] | None) -> Captured:
-    decomposed = exported.run_decompositions()
+def _decompose(
+    exported: ExportedProgram,
+    record: dict[str, Any],
+    input_spec: list[dict[str, Any]] | None,
+    decomposed: ExportedProgram | None = None,
+) -> Captured:
+    decomposed = decomposed or exported.run_decompositions()
     example = example_tensors(exported)
     known: dict[str, list[int]] = record.pop("ranges", {})
     ranges = {}
@@ -266,46 +275,42 @@ def load_hf(model_dir: Path) -> torch.nn.Module:
         raise InvalidArgument(msg, reason="BAD_CHECKPOINT", path=str(model_dir)) from e
 
 
-def hf_example_inputs(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-    """Example keyword inputs from a transformers model's config and forward signature, and integer ranges."""
-    config = model.config
-    params = inspect.signature(model.forward).parameters
-    text: Any = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vision: Any = getattr(config, "vision_config", None) or config
-    gen = torch.Generator().manual_seed(0)
-    seq = min(EXAMPLE_SEQ, int(getattr(text, "max_position_embeddings", EXAMPLE_SEQ) or EXAMPLE_SEQ))
-    shape = (EXAMPLE_BATCH, seq)
-    inputs: dict[str, torch.Tensor] = {}
-    ranges: dict[str, list[int]] = {}
-    if "input_ids" in params and getattr(text, "vocab_size", None):
-        ranges["input_ids"] = [0, int(text.vocab_size)]
-        inputs["input_ids"] = torch.randint(0, int(text.vocab_size), shape, generator=gen)
-        if "attention_mask" in params:
-            inputs["attention_mask"] = torch.ones(shape, dtype=torch.long)
-        if "token_type_ids" in params and getattr(text, "type_vocab_size", None):
-            inputs["token_type_ids"] = torch.zeros(shape, dtype=torch.long)
-    if "pixel_values" in params and getattr(vision, "image_size", None):
-        size = vision.image_size
-        h, w = (size, size) if isinstance(size, int) else size
-        channels = int(getattr(vision, "num_channels", 3))
-        inputs["pixel_values"] = torch.randn((EXAMPLE_BATCH, channels, h, w), generator=gen)
-    if not inputs:
-        msg = (
-            f"{type(model).__name__} takes none of {', '.join(HF_INPUTS)} (or its config lacks vocab_size/"
-            "image_size): export it from a module:factory entry point with an input spec"
-        )
-        raise InvalidArgument(msg, reason="NO_EXAMPLE_INPUTS", model=type(model).__name__)
-    return inputs, ranges
-
-
-def _capture_hf(model_dir: Path) -> tuple[ExportedProgram, dict[str, Any]]:
+def _capture_hf(
+    model_dir: Path, input_spec: list[dict[str, Any]] | None
+) -> tuple[ExportedProgram, ExportedProgram, dict[str, Any]]:
     if not (model_dir / "config.json").is_file():
         msg = f"{model_dir} has no config.json: is it a Hugging Face model directory?"
         raise InvalidArgument(msg, reason="NO_CONFIG", path=model_dir)
     model = load_hf(model_dir)
-    inputs, ranges = hf_example_inputs(model)
-    record = {"kind": "hf", "path": str(model_dir), "class": type(model).__name__, "ranges": ranges}
-    return _export(model, (), inputs), record
+    if input_spec:
+        _check_spec(input_spec, str(model_dir))
+    example = derive_inputs(model, model_dir, input_spec)
+    record: dict[str, Any] = {"kind": "hf", "path": str(model_dir), "class": type(model).__name__,
+                              "ranges": example.ranges, "constants": example.constants}  # fmt: skip
+    return (*export_dynamic(model, example, record), record)
+
+
+def export_dynamic(
+    model: torch.nn.Module, example: ExampleInputs, record: dict[str, Any]
+) -> tuple[ExportedProgram, ExportedProgram]:
+    """(exported, decomposed) with the example's variable axes symbolic (``Dim.AUTO``: torch keeps static what
+    the model fixes); a model that cannot be captured or decomposed dynamically is captured at the example's
+    shapes (the reason in ``record["static_reason"]``)."""
+    kwargs = {**example.tensors, **example.constants}
+    shapes: dict[str, Any] = {name: None for name in kwargs}
+    for name, axes in example.dynamic.items():
+        shapes[name] = {axis: Dim.AUTO(min=1, max=example.max_lengths.get(dim)) for axis, dim in axes.items()}
+    record["dim_names"] = {name: {str(a): d for a, d in axes.items()} for name, axes in example.dynamic.items()}
+    record["max_lengths"] = example.max_lengths
+    if any(v is not None for v in shapes.values()):
+        try:
+            with torch.no_grad():
+                exported = torch.export.export(model, (), kwargs, dynamic_shapes=shapes)
+            return exported, exported.run_decompositions()
+        except Exception as e:  # any capture failure: fall back to the static shapes below
+            record["static_reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    exported = _export(model, (), kwargs)
+    return exported, exported.run_decompositions()
 
 
 # Output classes a saved program's pytree specs may name, whose modules must be imported before loading it.

@@ -7,7 +7,8 @@ layout (PyTorch conv2d is [O, I, kH, kW], MLX is [O, kH, kW, I]) and the layout 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,12 +26,57 @@ _STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR
 
 @dataclass
 class Lowered:
-    inputs: list[dict[str, Any]]  # [{name, shape, dtype}]
+    inputs: list[dict[str, Any]]  # [{name, shape, dtype}]; a symbolic axis is its dim name (a string)
     outputs: list[dict[str, Any]]  # [{name, ref, shape, dtype}]
     nodes: list[dict[str, Any]]
     params: dict[str, str]  # graph input name -> safetensors tensor name
     weights: dict[str, torch.Tensor]  # safetensors tensor name -> tensor (already in its disk layout)
     layouts: dict[str, str]  # safetensors tensor name -> layout, for tensors not in PyTorch's
+    dims: dict[str, dict[str, int | None]] = field(default_factory=dict)  # dim name -> {min, max}
+
+
+class _Dims:
+    """Names for the program's symbolic sizes: the capture's names (batch, seq) where given, else torch's."""
+
+    def __init__(self, ep: ExportedProgram, names: dict[str, dict[str, str]], max_lengths: dict[str, int]) -> None:
+        self.ep, self.names, self.max_lengths = ep, names, max_lengths
+        self.by_symbol: dict[str, str] = {}
+        self.ranges: dict[str, dict[str, int | None]] = {}
+
+    def input_shape(self, name: str, val: torch.Tensor) -> list[int | str]:
+        shape: list[int | str] = []
+        for axis, d in enumerate(val.shape):
+            if isinstance(d, int) or not isinstance(d, torch.SymInt) or d.node.expr.is_number:
+                shape.append(int(d))
+                continue
+            symbol = str(d.node.expr)
+            dim = self.by_symbol.setdefault(symbol, self.names.get(name, {}).get(str(axis), symbol))
+            shape.append(dim)
+            if dim not in self.ranges:
+                bounds = self.ep.range_constraints.get(d.node.expr)
+                lo, hi = (_finite(bounds.lower), _finite(bounds.upper)) if bounds is not None else (None, None)
+                lo = 1 if lo is None else lo
+                cap = self.max_lengths.get(dim)
+                hi = cap if hi is None or (cap is not None and cap < hi) else hi
+                self.ranges[dim] = {"min": 1 if lo == 2 else lo, "max": hi}  # 2: torch's 0/1 specialisation
+        return shape
+
+    def output_shape(self, val: torch.Tensor) -> list[int | str]:
+        out: list[int | str] = []
+        for d in val.shape:
+            if isinstance(d, int) or not isinstance(d, torch.SymInt) or d.node.expr.is_number:
+                out.append(int(d))
+            else:
+                text = str(d.node.expr)
+                for symbol, dim in sorted(self.by_symbol.items(), key=lambda kv: -len(kv[0])):
+                    text = re.sub(rf"\b{symbol}\b", dim, text)
+                out.append(text)
+        return out
+
+
+def _finite(bound: Any) -> int | None:
+    """A range bound as an int; None for torch's infinities (``int_oo``, ``oo``)."""
+    return None if "oo" in str(bound) else int(bound)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -76,8 +122,14 @@ def _mlx_weight_layout(w: torch.Tensor, transposed: bool) -> tuple[torch.Tensor,
     return w.permute(0, *range(2, w.ndim), 1), f"mlx_conv{nd}d_O{_KERNEL_AXES[nd]}I"
 
 
-def lower(ep: ExportedProgram) -> Lowered:
-    """The graph as program nodes plus its weights (conv weights pre-transposed; see the module docstring)."""
+def lower(
+    ep: ExportedProgram, dim_names: dict[str, dict[str, str]] | None = None, max_lengths: dict[str, int] | None = None
+) -> Lowered:
+    """The graph as program nodes plus its weights (conv weights pre-transposed; see the module docstring).
+
+    ``dim_names``: {input: {axis: name}} for symbolic axes (dynamic shapes); ``max_lengths``: {name: the model's
+    maximum}, e.g. its position embeddings, recorded with each dim's range."""
+    dims = _Dims(ep, dim_names or {}, max_lengths or {})
     params: dict[str, str] = {}
     weights: dict[str, torch.Tensor] = {}
     inputs: list[dict[str, Any]] = []
@@ -91,7 +143,7 @@ def lower(ep: ExportedProgram) -> Lowered:
             weights[spec.target] = _state_tensor(ep, spec.target)
         elif spec.kind == InputKind.USER_INPUT:
             val = placeholders[name].meta["val"]
-            inputs.append({"name": name, "shape": [int(d) for d in val.shape], "dtype": dtype_name(val.dtype)})
+            inputs.append({"name": name, "shape": dims.input_shape(name, val), "dtype": dtype_name(val.dtype)})
         else:
             msg = f"graph input {name} of kind {spec.kind.name} is not supported (a training-mode graph?)"
             raise Unsupported(msg, reason="UNSUPPORTED_INPUT_KIND", kind=spec.kind.name)
@@ -116,9 +168,9 @@ def lower(ep: ExportedProgram) -> Lowered:
         val = out_nodes[ref].meta.get("val") if ref in out_nodes else None
         entry: dict[str, Any] = {"name": name, "ref": ref}
         if isinstance(val, torch.Tensor):
-            entry.update(shape=[int(d) for d in val.shape], dtype=dtype_name(val.dtype))
+            entry.update(shape=dims.output_shape(val), dtype=dtype_name(val.dtype))
         outputs.append(entry)
-    return Lowered(inputs, outputs, nodes, params, weights, layouts)
+    return Lowered(inputs, outputs, nodes, params, weights, layouts, dims.ranges)
 
 
 def _pretranspose(ep: ExportedProgram, params: dict[str, str], weights: dict[str, torch.Tensor]) -> dict[str, str]:

@@ -10,11 +10,14 @@ NCHW (the interpreter in ``program.py`` transposes at that boundary only).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlxd_daemon.errors import InvalidArgument
 
 Op = Callable[..., Any]
 _INT64_MAX = 2**63 - 1
@@ -369,6 +372,26 @@ def spatial_reduction(dims: Any, ndim: int) -> bool:
     return ndim == 4 and sorted(_axes(dims, 4)) == [2, 3]
 
 
+def _vector_norm(
+    x: mx.array, ord: float = 2.0, dim: Any = None, keepdim: bool = False, *, dtype: mx.Dtype | None = None
+) -> mx.array:
+    x, axes = _cast(x, dtype), _axes(dim, x.ndim)
+    if ord == 2:
+        return mx.sqrt(mx.sum(x * x, axis=axes, keepdims=keepdim))
+    if ord == math.inf:
+        return mx.max(mx.abs(x), axis=axes, keepdims=keepdim)
+    if ord == 1:
+        return mx.sum(mx.abs(x), axis=axes, keepdims=keepdim)
+    return mx.power(mx.sum(mx.power(mx.abs(x), ord), axis=axes, keepdims=keepdim), 1.0 / ord)
+
+
+def _assert_scalar(condition: Any, message: str = "") -> None:
+    # Guards torch.export recorded on symbolic sizes: under mx.compile they are plain Python values.
+    if not condition:
+        msg = f"the input shapes break a condition of the exported program: {message}"
+        raise InvalidArgument(msg, reason="BAD_INPUT_SHAPE")
+
+
 def _identity(x: Any, *args: Any, **kwargs: Any) -> Any:
     return x
 
@@ -518,7 +541,22 @@ OPS: dict[str, Op] = {
     "aten.avg_pool2d.default": _avg_pool_nhwc,
     "aten._adaptive_avg_pool2d.default": _adaptive_avg_pool_nhwc,
     "aten.adaptive_avg_pool2d.default": _adaptive_avg_pool_nhwc,
-}
+    "aten.linalg_vector_norm.default": _vector_norm,
+    # symbolic sizes (dynamic shapes): the graph computes them from its inputs' shapes with Python arithmetic
+    "aten.sym_size.int": lambda x, dim: x.shape[dim],
+    "aten.sym_numel.default": lambda x: x.size,
+    "aten._assert_scalar.default": _assert_scalar,
+    "aten.sym_constrain_range_for_size.default": _noop,
+    "aten.sym_constrain_range.default": _noop,
+    "operator.add": operator.add, "operator.sub": operator.sub, "operator.mul": operator.mul,
+    "operator.floordiv": operator.floordiv, "operator.truediv": operator.truediv, "operator.mod": operator.mod,
+    "operator.pow": operator.pow, "operator.neg": operator.neg, "operator.eq": operator.eq,
+    "operator.ne": operator.ne, "operator.lt": operator.lt, "operator.le": operator.le, "operator.gt": operator.gt,
+    "operator.ge": operator.ge, "operator.and_": operator.and_, "operator.or_": operator.or_,
+    "torch.sym_max": max, "torch.sym_min": min, "torch.sym_float": float, "torch.sym_int": int,
+    "torch.sym_not": operator.not_, "torch.sym_sqrt": math.sqrt, "math.ceil": math.ceil, "math.floor": math.floor,
+    "math.sqrt": math.sqrt, "torch.sym_ite": lambda c, a, b: a if c else b,
+}  # fmt: skip
 
 # Ops whose ``OPS`` implementation takes its first argument channels-last and returns channels-last: the
 # interpreter moves an NCHW input's channels last once, and keeps the result channels-last.

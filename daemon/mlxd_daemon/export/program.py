@@ -2,7 +2,8 @@
 
 Directory layout::
 
-    program.json               {"format": "mlxd.program", "version": 1, "inputs": [{name, shape, dtype, range?}],
+    program.json               {"format": "mlxd.program", "version": 2, "inputs": [{name, shape, dtype, range?}],
+                                "dims": {dim name: {min, max}},
                                 "outputs": [{name, ref, shape, dtype}], "nodes": [{op, args, kwargs, out}],
                                 "params": {graph input name: tensor name}, "layouts": {tensor name: layout},
                                 "source": {kind, ...}, "op_coverage": {op: count}}
@@ -14,8 +15,10 @@ Directory layout::
 
 Node arguments: ``{"ref": name}`` is an earlier node's (or an input's, or a param's) value, ``{"dtype": "int64"}``
 a dtype, ``{"float": "-inf"}`` a non-finite float; lists nest; everything else is a literal. Ops are core ATen
-overload names (``aten.addmm.default``) or ``getitem``; ``ops.OPS`` maps each to MLX. The graph is static:
-it runs on the captured shapes only.
+overload names (``aten.addmm.default``), ``getitem``, or Python arithmetic on sizes (``operator.mul``);
+``ops.OPS`` maps each to MLX. A shape entry that is a string is a symbolic axis (version 2): the dim of that
+name (``batch``, ``seq``) takes any value in its ``dims`` range, the same in every input that names it.
+``mx.compile`` traces the graph once per distinct input shape and keeps each trace.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from mlxd_daemon.errors import InvalidArgument
 from mlxd_daemon.export import ops
 
 FORMAT = "mlxd.program"
-VERSION = 1
+VERSION = 2  # 2: symbolic axes (dims)
 MODEL_TYPE = "mlxd_program"
 PROGRAM_FILE = "program.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -193,19 +196,26 @@ def read_program(model_dir: Path) -> dict[str, Any]:
 
 def load_program(model_dir: Path) -> tuple[Program, str, int]:
     """(program, storage dtype, resident bytes); float weights compute in float32 (the fast CPU dtype)."""
+    graphs, dtype, nbytes = load_graphs(model_dir)
+    return graphs[""], dtype, nbytes
+
+
+def load_graphs(model_dir: Path) -> tuple[dict[str, Program], str, int]:
+    """({graph name: Program}, storage dtype, resident bytes): one graph named "" for most programs, "encoder"
+    and "decoder" (sharing their weights) for an encoder-decoder."""
     model_dir = Path(model_dir)
     spec = read_program(model_dir)
     raw, _ = read_safetensors(model_dir)
     config = read_json(model_dir / "config.json", "program")
     dtype = storage_dtype(raw)
     dequantize_weights(raw, config.get("quantization"))  # a quantized program: dequantize once at load
-    missing = sorted(t for t in spec["params"].values() if t not in raw)
+    graphs = spec["graphs"] if spec.get("kind") == "seq2seq" else {"": spec}
+    used = {t for g in graphs.values() for t in g["params"].values()}
+    missing = sorted(t for t in used if t not in raw)
     if missing:
         msg = f"{model_dir} lacks {len(missing)} tensor(s) the program reads: {', '.join(missing[:5])}"
         raise InvalidArgument(msg, reason="WEIGHTS_MISMATCH", missing=len(missing))
-    params = {}
-    for graph_name, tensor in spec["params"].items():
-        a = raw[tensor]
-        params[graph_name] = a.astype(mx.float32) if a.dtype in _FLOATS else a
-    mx.eval(list(params.values()))
-    return Program(spec, params), dtype, sum(a.nbytes for a in params.values())
+    tensors = {t: raw[t].astype(mx.float32) if raw[t].dtype in _FLOATS else raw[t] for t in used}
+    mx.eval(list(tensors.values()))
+    programs = {name: Program(g, {p: tensors[t] for p, t in g["params"].items()}) for name, g in graphs.items()}
+    return programs, dtype, sum(a.nbytes for a in tensors.values())
