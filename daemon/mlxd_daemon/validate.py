@@ -364,6 +364,7 @@ def validate_model(
         "num_texts": len(inputs["input_ids"]) if "input_ids" in inputs else len(inputs.get("texts", [])),
         "num_images": len(inputs["pixel_values"]) if "pixel_values" in inputs else len(inputs.get("images", [])),
         "seconds": round(time.perf_counter() - start, 3),
+        "inputs_note": inputs.get("inputs_note", ""),
     }
     (mlx_dir / "validation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     _summarise_in_manifest(mlx_dir, result)

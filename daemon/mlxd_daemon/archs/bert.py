@@ -34,6 +34,7 @@ from mlxd_daemon.archs._loading import (
     require_dir,
     storage_dtype,
 )
+from mlxd_daemon.archs._tokenless import has_tokenizer, vocabulary_ids
 from mlxd_daemon.archs.bert_processing import Pooling, load_tokenizer, max_length, pool, pool_torch, tokenize
 from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.taps import tap
@@ -218,7 +219,7 @@ class BertBundle:
 
     model: BertModel
     config: BertConfig
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None: the directory has no tokenizer files (embedding texts then fails)
     pooling: Pooling
     model_dir: Path
     dtype: str  # storage dtype of the float tensors on disk
@@ -260,7 +261,8 @@ class BertBundle:
         if images:
             msg = f"BERT is a text model: {len(images)} image(s) given, send texts only"
             raise InvalidArgument(msg, reason="IMAGES_NOT_SUPPORTED", images=len(images))
-        outs = self.forward_outputs(**tokenize(self.tokenizer, list(texts)))
+        tok = self.tokenizer or load_tokenizer(self.model_dir, 0)  # no tokenizer: TOKENIZER_NOT_FOUND
+        outs = self.forward_outputs(**tokenize(tok, list(texts)))
         result: dict[str, Any] = {"text_embeds": outs["text_embeds"]}
         if self.is_classifier:
             result["logits"] = outs["logits"]
@@ -310,7 +312,9 @@ def load(model_dir: Path) -> BertBundle:
     return BertBundle(
         model=model,
         config=cfg,
-        tokenizer=load_tokenizer(model_dir, max_length(model_dir, cfg.max_position_embeddings, pooling)),
+        tokenizer=load_tokenizer(model_dir, max_length(model_dir, cfg.max_position_embeddings, pooling))
+        if has_tokenizer(model_dir)
+        else None,
         pooling=pooling,
         model_dir=model_dir,
         dtype=dtype,
@@ -335,6 +339,10 @@ def golden_inputs(
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     pooling = Pooling.load(model_dir)
+    if texts is None and not has_tokenizer(model_dir):
+        ids, mask, note = vocabulary_ids(cfg.vocab_size, max_length(model_dir, cfg.max_position_embeddings, pooling))
+        return {"texts": [], "images": [], "input_ids": ids, "attention_mask": mask,
+                "token_type_ids": np.zeros_like(ids), "inputs_note": note}  # fmt: skip
     texts = list(GOLDEN_SENTENCES) if texts is None else list(texts)
     tok = load_tokenizer(model_dir, max_length(model_dir, cfg.max_position_embeddings, pooling))
     return {"texts": texts, "images": [], **tokenize(tok, texts)}

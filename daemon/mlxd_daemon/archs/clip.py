@@ -37,6 +37,7 @@ from mlxd_daemon.archs._loading import (
     require_dir,
     storage_dtype,
 )
+from mlxd_daemon.archs._tokenless import has_tokenizer, vocabulary_ids
 from mlxd_daemon.archs.clip_processing import load_tokenizer, tokenize
 from mlxd_daemon.archs.clip_served import ClipServed
 from mlxd_daemon.archs.image_processing import ClipImageConfig, preprocess_images
@@ -292,7 +293,7 @@ class ClipBundle:
 
     model: CLIPModel
     config: ClipConfig
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None: the directory has no tokenizer files (embedding texts then fails)
     image_config: ClipImageConfig
     model_dir: Path
     dtype: str  # storage dtype of the float tensors on disk ("float32", "float16", "bfloat16")
@@ -302,7 +303,8 @@ class ClipBundle:
 
     def preprocess(self, texts: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
         """``input_ids``, ``attention_mask``, ``pixel_values`` as CLIPProcessor(padding=True) gives them."""
-        ids, mask = tokenize(self.tokenizer, list(texts))
+        tok = self.tokenizer or load_tokenizer(self.model_dir, 0)  # no tokenizer: TOKENIZER_NOT_FOUND
+        ids, mask = tokenize(tok, list(texts))
         return {
             "input_ids": ids,
             "attention_mask": mask,
@@ -387,7 +389,7 @@ def load(model_dir: Path) -> ClipBundle:
     return ClipBundle(
         model=model,
         config=cfg,
-        tokenizer=load_tokenizer(model_dir, cfg.text.max_position_embeddings),
+        tokenizer=load_tokenizer(model_dir, cfg.text.max_position_embeddings) if has_tokenizer(model_dir) else None,
         image_config=ClipImageConfig.load(model_dir, cfg.vision.image_size),
         model_dir=model_dir,
         dtype=dtype,
@@ -408,11 +410,17 @@ def golden_inputs(
 
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
-    texts = list(golden.GOLDEN_TEXTS) if texts is None else list(texts)
     images = golden.golden_images(4, cfg.vision.image_size + 9) if images is None else list(images)
-    ids, mask = tokenize(load_tokenizer(model_dir, cfg.text.max_position_embeddings), texts)
+    note = ""
+    if texts is None and not has_tokenizer(model_dir):
+        ids, mask, note = vocabulary_ids(cfg.text.vocab_size, cfg.text.max_position_embeddings)
+        texts = []
+    else:
+        texts = list(golden.GOLDEN_TEXTS) if texts is None else list(texts)
+        ids, mask = tokenize(load_tokenizer(model_dir, cfg.text.max_position_embeddings), texts)
     pixels = preprocess_images(images, ClipImageConfig.load(model_dir, cfg.vision.image_size))
     return {
+        "inputs_note": note,
         "texts": texts,
         "images": images,
         "input_ids": ids,
