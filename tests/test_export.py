@@ -176,7 +176,7 @@ class TestFormat:
         dst = tmp_path / "cnn"
         export_program(cnn_pt2, dst)
         spec = json.loads((dst / "program.json").read_text())
-        assert (spec["format"], spec["version"]) == ("mlxd.program", 1)
+        assert (spec["format"], spec["version"]) == ("mlxd.program", 2)
         assert spec["inputs"] == [{"name": "x", "shape": [2, 1, 28, 28], "dtype": "float32"}]
         assert spec["source"] == {"kind": "pt2", "path": str(cnn_pt2.resolve())}
         assert json.loads((dst / "config.json").read_text())["model_type"] == "mlxd_program"

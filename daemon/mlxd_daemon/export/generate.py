@@ -129,6 +129,10 @@ class Seq2SeqBundle:
             self._tokenizer = Tokenizer.from_file(str(path))
         return self._tokenizer
 
+    def encode(self, text: str) -> list[int]:
+        """A prompt's token ids (with the specials the tokenizer's post-processor adds, e.g. ``</s>``)."""
+        return list(self.tokenizer.encode(text).ids)
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Encoder-decoders have no chat template."""
         msg = f"{self.model_dir} is an encoder-decoder without a chat template: pass a plain prompt"
@@ -144,7 +148,7 @@ class Seq2SeqBundle:
         if "input_ids" not in {s["name"] for s in self.encoder.inputs}:
             msg = f"{self.model_dir} takes audio features, not a text prompt: use Run with input_features"
             raise InvalidArgument(msg, reason="USE_RUN")
-        ids = list(self.tokenizer.encode(prompt).ids) if isinstance(prompt, str) else [int(t) for t in prompt]
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         vocab = int(self.decoder.outputs[0]["shape"][-1])
         if not ids or max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or not all(0 <= t < vocab for t in ids):
             msg = (f"bad generation request: {len(ids)} prompt tokens (ids in [0, {vocab})), max_tokens={max_tokens},"
@@ -174,7 +178,7 @@ class Seq2SeqBundle:
         stats = {"prompt_tokens": len(ids), "generation_tokens": max(n - 1, 0),
                  "prompt_tps": len(ids) / max(first_at - start, 1e-9),
                  "generation_tps": max(n - 1, 0) / max(end - first_at, 1e-9)}  # fmt: skip
-        last = event if n else {"token_id": -1, "text": ""}
+        last = event if n else {"token_id": 0, "text": ""}  # the decoder's position limit left no room
         yield {**last, "finish_reason": finish, "stats": stats}
 
     def decode_steps(
