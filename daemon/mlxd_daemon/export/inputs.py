@@ -121,7 +121,8 @@ def derive_inputs(model: Any, model_dir: Path | None = None, spec: list[dict[str
     if "input_values" in params:  # raw audio (wav2vec2, HuBERT, WavLM): 16 kHz float samples
         out.tensors["input_values"] = torch.randn((EXAMPLE_BATCH, AUDIO_SAMPLES), generator=gen)
         out.dynamic["input_values"] = {0: "batch", 1: "samples"}
-    if "input_features" in params:
+    given = {entry.get("name") for entry in spec or []}
+    if "input_features" in params and "input_features" not in given:
         out.tensors["input_features"] = _log_mel(config, gen)
         out.dynamic["input_features"] = {0: "batch"}  # Whisper's encoder wants exactly its window of frames
     _apply_spec(out, spec or [])
