@@ -10,15 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Tiny everywhere: the zoo runs on 2 CPU cores in a few minutes.
-TEXT = {"vocab_size": 99, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+# Tiny everywhere: the zoo runs on 2 CPU cores in a few minutes. One layer: capture time grows with the graph, and
+# a second identical layer adds no op or shape the first does not have (hand-written archs test depth themselves).
+LAYERS = 1
+TEXT = {"vocab_size": 99, "hidden_size": 32, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
         "intermediate_size": 37, "max_position_embeddings": 128}  # fmt: skip
-VISION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37,
+VISION = {"hidden_size": 32, "num_hidden_layers": LAYERS, "num_attention_heads": 4, "intermediate_size": 37,
           "image_size": 32, "patch_size": 8}  # fmt: skip
-SEQ2SEQ = {"vocab_size": 99, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
-           "decoder_attention_heads": 4, "encoder_ffn_dim": 37, "decoder_ffn_dim": 37, "max_position_embeddings": 128,
+SEQ2SEQ = {"vocab_size": 99, "d_model": 32, "encoder_layers": LAYERS, "decoder_layers": LAYERS,
+           "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 37, "decoder_ffn_dim": 37,
+           "max_position_embeddings": 128,
            "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 2}  # fmt: skip
-DECODER = {"vocab_size": 99, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+DECODER = {"vocab_size": 99, "hidden_size": 32, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
            "num_key_value_heads": 2, "intermediate_size": 37, "max_position_embeddings": 128}  # fmt: skip
 
 
@@ -52,7 +55,7 @@ ZOO: tuple[Entry, ...] = (
         "text",
         "DistilBertModel",
         "DistilBertConfig",
-        {"vocab_size": 99, "dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 37},
+        {"vocab_size": 99, "dim": 32, "n_layers": LAYERS, "n_heads": 4, "hidden_dim": 37},
     ),
     Entry(
         "deberta-v2",
@@ -85,7 +88,7 @@ ZOO: tuple[Entry, ...] = (
             "d_model": 32,
             "d_kv": 8,
             "d_ff": 37,
-            "num_layers": 2,
+            "num_layers": LAYERS,
             "num_heads": 4,
             "decoder_start_token_id": 0,
             "pad_token_id": 0,
@@ -110,8 +113,8 @@ ZOO: tuple[Entry, ...] = (
         {
             "vocab_size": 99,
             "d_model": 32,
-            "encoder_layers": 2,
-            "decoder_layers": 2,
+            "encoder_layers": LAYERS,
+            "decoder_layers": LAYERS,
             "encoder_attention_heads": 4,
             "decoder_attention_heads": 4,
             "encoder_ffn_dim": 37,
@@ -177,7 +180,7 @@ ZOO: tuple[Entry, ...] = (
         "vision",
         "EfficientNetModel",
         "EfficientNetConfig",
-        {"image_size": 32, "width_coefficient": 0.25, "depth_coefficient": 0.25, "hidden_dim": 64},
+        {"image_size": 32, "width_coefficient": 0.25, "depth_coefficient": 0.25, "hidden_dim": 320},
     ),
     Entry(
         "poolformer",
@@ -272,7 +275,7 @@ ZOO: tuple[Entry, ...] = (
         "decoder",
         "GPT2LMHeadModel",
         "GPT2Config",
-        {"vocab_size": 99, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128},
+        {"vocab_size": 99, "n_embd": 32, "n_layer": LAYERS, "n_head": 4, "n_positions": 128},
     ),
     Entry("llama", "decoder", "LlamaForCausalLM", "LlamaConfig", dict(DECODER)),
     Entry("qwen2", "decoder", "Qwen2ForCausalLM", "Qwen2Config", dict(DECODER)),
@@ -284,7 +287,7 @@ ZOO: tuple[Entry, ...] = (
         {
             "vocab_size": 99,
             "hidden_size": 32,
-            "num_hidden_layers": 2,
+            "num_hidden_layers": LAYERS,
             "num_attention_heads": 4,
             "ffn_dim": 37,
             "max_position_embeddings": 128,

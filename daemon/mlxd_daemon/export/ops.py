@@ -529,6 +529,7 @@ OPS: dict[str, Op] = {
     # indexing and creation
     "aten.embedding.default": lambda w, ids, padding_idx=-1, scale_grad=False, sparse=False: w[ids],
     "aten.index.Tensor": _index,
+    "aten.index_select.default": lambda x, dim, index: mx.take(x, index, axis=dim),
     "aten.gather.default": lambda x, dim, index, sparse_grad=False: mx.take_along_axis(x, index, axis=dim),
     "aten.full.default": _full,
     "aten.full_like.default": _full_like,
@@ -542,6 +543,8 @@ OPS: dict[str, Op] = {
     "aten._adaptive_avg_pool2d.default": _adaptive_avg_pool_nhwc,
     "aten.adaptive_avg_pool2d.default": _adaptive_avg_pool_nhwc,
     "aten.linalg_vector_norm.default": _vector_norm,
+    # Strides over the row-major value (MLX copies a non-contiguous input first); validation checks the result.
+    "aten.as_strided.default": lambda x, size, stride, offset=None: mx.as_strided(x, size, stride, offset or 0),
     # symbolic sizes (dynamic shapes): the graph computes them from its inputs' shapes with Python arithmetic
     "aten.sym_size.int": lambda x, dim: x.shape[dim],
     "aten.sym_numel.default": lambda x: x.size,
