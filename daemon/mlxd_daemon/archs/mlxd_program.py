@@ -60,7 +60,8 @@ class ProgramBundle:
         if unknown:
             msg = f"unknown input(s) {', '.join(unknown)}; the program takes {_describe(self.program.inputs)}"
             raise InvalidArgument(msg, reason="UNKNOWN_INPUT", inputs=",".join(unknown))
-        arrays, bound = [], {}
+        arrays: list[mx.array] = []
+        bound: dict[str, int] = {}
         for spec in self.program.inputs:
             if spec["name"] not in inputs:
                 msg = f"missing input {spec['name']!r}; the program takes {_describe(self.program.inputs)}"

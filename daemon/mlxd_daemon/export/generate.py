@@ -196,7 +196,7 @@ class Seq2SeqBundle:
         for step in range(max_tokens):
             if cap and len(tokens) >= cap:
                 return
-            padded = np.full((1, bucket(len(tokens), cap)), pad, np.int64)
+            padded: np.ndarray = np.full((1, bucket(len(tokens), cap)), pad, np.int64)
             padded[0, : len(tokens)] = tokens
             logits = self.decode_logits(padded, states, mask)[0, len(tokens) - 1]
             banned = suppress + ([int(t) for t in gen.get("begin_suppress_tokens") or []] if step == 0 else [])
@@ -229,7 +229,7 @@ class Seq2SeqBundle:
         pcm = np.asarray(audio, np.float32).reshape(-1)
         features = extractor(pcm, sampling_rate=extractor.sampling_rate, return_tensors="np").input_features
         states = self.encode_states({"input_features": features})
-        argmax = lambda logits: int(mx.argmax(logits).item())  # noqa: E731
+        argmax = lambda logits: int(mx.argmax(logits).item())  # type: ignore[arg-type]  # noqa: E731
         return [t for t, _ in self.decode_steps(states, None, max_tokens, argmax)]
 
     def _has_tokenizer(self) -> bool:
