@@ -62,7 +62,7 @@ def export_program(
     check_destination(src if src is not None and src.exists() else None, dst, overwrite)
     lowered = {name: lower(c.decomposed, c.source.get("dim_names"), c.source.get("max_lengths"))
                for name, c in parts.items()}  # fmt: skip
-    weights = {k: v for low in lowered.values() for k, v in low.weights.items()}  # shared by name across graphs
+    weights = shared_weights(lowered)
     target = _target_dtype(dtype, weights)
 
     size = sum(t.numel() * target.itemsize if t.is_floating_point() else t.nbytes for t in weights.values())
@@ -130,6 +130,17 @@ def convert_via_export(args: dict[str, Any], reporter: Reporter) -> dict[str, An
         overwrite=bool(args.get("overwrite", False)),
         reporter=reporter,
     )
+
+
+def shared_weights(lowered: dict[str, Lowered]) -> dict[str, torch.Tensor]:
+    """One tensor per name across the graphs (an encoder-decoder's graphs share the model's weights): the graph
+    that pre-transposed a weight for its convolutions wins; the others lift it without reading it."""
+    weights: dict[str, torch.Tensor] = {}
+    for low in lowered.values():
+        for name, tensor in low.weights.items():
+            if name not in weights or name in low.layouts:
+                weights[name] = tensor
+    return weights
 
 
 def parse_input_spec(text: str) -> list[dict[str, Any]] | None:
