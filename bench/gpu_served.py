@@ -94,6 +94,8 @@ def main() -> None:
             with torch.inference_mode():
                 t = model.get_text_features(input_ids=inputs["ids"], attention_mask=inputs["mask"])
                 i = model.get_image_features(pixel_values=inputs["px"])
+                # transformers 5 returns the output object; the projected features are its pooler_output
+                t, i = (x if isinstance(x, torch.Tensor) else x.pooler_output for x in (t, i))
                 t, i = t / t.norm(dim=-1, keepdim=True), i / i.norm(dim=-1, keepdim=True)
                 out = i @ t.T
             torch.cuda.synchronize()

@@ -29,7 +29,9 @@ class ClipServed:
             return _l2_normalise(m.text_projection(m.text_model.encode(ids, keep, eos)[0]))
 
         def vision(pixels_nchw: mx.array) -> mx.array:
-            return _l2_normalise(m.visual_projection(m.vision_model.encode(pixels_nchw.transpose(0, 2, 3, 1))[0]))
+            # Cast on the device to the compute dtype (fp16 on GPUs): the host sends float32 as preprocessed.
+            x = pixels_nchw.astype(m.vision_model.embeddings.patch_embedding.weight.dtype).transpose(0, 2, 3, 1)
+            return _l2_normalise(m.visual_projection(m.vision_model.encode(x)[0]))
 
         self.text_fn, self.vision_fn = Compiled(text), Compiled(vision)
 
@@ -56,15 +58,15 @@ class ClipServed:
         if len(inputs["pixel_values"]):
             pixels = inputs["pixel_values"]
             m.vision_model.check(pixels)
-            dtype = m.vision_model.embeddings.patch_embedding.weight.dtype  # the compute dtype (fp16 on GPUs)
-            image = self.vision_fn(mx.array(pad_rows(pixels, batch_bucket(len(pixels))), dtype=dtype))[: len(pixels)]
+            image = self.vision_fn(mx.array(pad_rows(pixels, batch_bucket(len(pixels)))))[: len(pixels)]
         logits = mx.exp(m.logit_scale) * (image @ text.T)
         mx.eval(text, image, logits)
         return {"text_embeds": np.array(text, dtype=np.float32), "image_embeds": np.array(image, dtype=np.float32),
                 "logits_per_image": np.array(logits, dtype=np.float32)}  # fmt: skip
 
     def warm_up(self) -> float:
-        """Trace and compile the batch-1 graphs (one short text, one image); returns the seconds taken."""
+        """Trace and compile the batch-1 graphs (a short and a longest text, one image); returns the seconds taken."""
         size = self.bundle.config.vision.image_size
         image = Image.fromarray(np.zeros((size, size, 3), dtype=np.uint8))
-        return warm_up(lambda: mx.array(self.embed(["a"], [image])["logits_per_image"]))
+        longest = " ".join(["a"] * self.bundle.config.text.max_position_embeddings)  # truncated to the limit
+        return warm_up(lambda: [mx.array(self.embed([t], [image])["logits_per_image"]) for t in ("a", longest)])

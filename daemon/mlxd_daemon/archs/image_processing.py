@@ -11,6 +11,8 @@ from HF: when ``do_convert_rgb`` is unset, HF passes greyscale/RGBA images throu
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,4 +215,8 @@ def preprocess_images(images: list[Image.Image], cfg: ImageConfig) -> np.ndarray
     """Batch of images -> float32 [n, 3, H, W]; an empty list gives shape [0, 3, *cfg.output_size]."""
     if not images:
         return np.zeros((0, 3, *cfg.output_size), np.float32)
-    return np.stack([preprocess_image(im, cfg) for im in images])
+    if len(images) == 1:
+        return preprocess_image(images[0], cfg)[None]
+    # PIL's resampling and numpy's arithmetic release the GIL: a batch uses every core (5 ms an image on one).
+    with ThreadPoolExecutor(max_workers=min(len(images), os.cpu_count() or 1)) as pool:
+        return np.stack(list(pool.map(lambda im: preprocess_image(im, cfg), images)))
