@@ -2,8 +2,8 @@
 the same machine, same pipeline (random weights), same prompt, guidance 7.5 (two UNet rows per step), 20 steps.
 
 - mlxd: the converted pipeline in process, the UNet step eager and compiled (``mx.compile``, what the daemon runs).
-- diffusers: ``StableDiffusionPipeline`` in float32 in its own process (MLX preloads an OpenBLAS that would
-  otherwise take over PyTorch's BLAS calls), on CUDA when PyTorch sees a GPU.
+- diffusers: ``StableDiffusionPipeline`` in its own process (MLX preloads an OpenBLAS that would otherwise take
+  over PyTorch's BLAS calls), on CUDA in ``--dtype`` when PyTorch sees a GPU, else float32 on the CPU.
 Sizes: tiny (32 px), small (256 px, CPU-sized), sd15 (SD-1.5's shapes, 512 px: for a GPU).
 Run `python bench/sd.py [--sizes tiny,small] [--steps 20] [--dtype float32|float16] [--json]`;
 `--parity` instead prints the agreement with diffusers (per scheduler, per component, fp16) on the tiny pipeline.
@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, machine
@@ -43,13 +44,15 @@ def converted(size: str, dtype: str) -> Path:
     return path
 
 
-def diffusers_run(size: str, steps: int) -> dict[str, float]:
+def diffusers_run(size: str, steps: int, dtype: str) -> dict[str, Any]:
     """Child process: diffusers' seconds per image and per step (second run; the first warms up)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline(size)), safety_checker=None,
+    # Half precision on a GPU as users run it (the VAE upcast is diffusers' own); PyTorch's CPU path is float32.
+    torch_dtype = getattr(torch, dtype) if device == "cuda" else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline(size)), safety_checker=None, dtype=torch_dtype,
                                                    requires_safety_checker=False).to(device)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     marks: list[float] = []
@@ -67,7 +70,7 @@ def diffusers_run(size: str, steps: int) -> dict[str, float]:
         pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, callback_on_step_end=on_step,
              generator=torch.Generator().manual_seed(0))  # fmt: skip
         result = {"image": time.perf_counter() - start, "step": (marks[-1] - marks[0]) / max(len(marks) - 1, 1)}
-    return {**result, "device": device}  # type: ignore[dict-item]
+    return {**result, "device": device, "dtype": str(torch_dtype).removeprefix("torch.")}
 
 
 def mlx_run(size: str, steps: int, dtype: str) -> dict[str, dict[str, float]]:
@@ -132,12 +135,13 @@ def main() -> None:
         parity()
         return
     if a.diffusers_child:
-        print(json.dumps(diffusers_run(a.diffusers_child, a.steps)))
+        print(json.dumps(diffusers_run(a.diffusers_child, a.steps, a.dtype)))
         return
     rows = []
     for size in a.sizes.split(","):
         pipeline(size)
-        child = subprocess.run([sys.executable, __file__, "--diffusers-child", size, "--steps", str(a.steps)],
+        child = subprocess.run([sys.executable, __file__, "--diffusers-child", size, "--steps", str(a.steps),
+                                "--dtype", a.dtype],
                                check=True, capture_output=True, text=True)  # fmt: skip
         ref = json.loads(child.stdout.strip().splitlines()[-1])
         mine = mlx_run(size, a.steps, a.dtype)
@@ -149,9 +153,8 @@ def main() -> None:
     print(f"{'pipeline':<8} {'':<24} {'s/step':>8} {'s/image':>8} {'vs diffusers':>13}")
     for r in rows:
         ref = r["diffusers"]
-        print(
-            f"{r['size']:<8} {'diffusers (' + ref['device'] + ', fp32)':<24} {ref['step']:>8.4f} {ref['image']:>8.3f}"
-        )
+        label = f"diffusers ({ref['device']}, {ref['dtype']})"
+        print(f"{r['size']:<8} {label:<24} {ref['step']:>8.4f} {ref['image']:>8.3f}")
         for mode in ("eager", "compiled"):
             m = r[mode]
             label = f"mlxd {mode} ({r['dtype']})"
