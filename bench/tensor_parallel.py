@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--kill", action="store_true", help="also kill rank 1 mid-generation")
+    parser.add_argument("--dtype", default="auto", help="conversion dtype (auto keeps the checkpoint's)")
     args = parser.parse_args()
 
     from mlxd.v1 import mlxd_pb2 as pb
@@ -71,7 +72,7 @@ def main() -> None:
         try:
             with Client(address, autostart=False, timeout=1800) as c:
                 out = Path(tmp) / "mlx"
-                c.convert(model(args.size), out)
+                c.convert(model(args.size), out, dtype=args.dtype)
                 tokens: dict[int, list[int]] = {}
                 for tp in (1, 2):
                     start = time.perf_counter()
@@ -108,7 +109,9 @@ def main() -> None:
                         print(f"  the daemon serves on: {c.generate(out, PROMPT, max_tokens=4).finish_reason}")
                     else:
                         c.unload_model(out)
-                print(f"same greedy tokens at 1 and 2 ranks: {tokens[1] == tokens[2]} ({len(tokens[1])} tokens)")
+                same = next((i for i, (a, b) in enumerate(zip(tokens[1], tokens[2], strict=False)) if a != b), None)
+                print(f"same greedy tokens at 1 and 2 ranks: {same is None} (first {same or len(tokens[1])} of "
+                      f"{len(tokens[1])} equal)")  # fmt: skip
         finally:
             proc.terminate()
             proc.wait()

@@ -1,8 +1,8 @@
 """One rank of a tensor-parallel model: ``python -m mlxd_daemon.tp_rank MODEL_DIR CONTROL_SOCKET``.
 
 Started by MLX's launcher (``mlx.launch``), which sets the group's environment (ring hostfile or NCCL address) and
-kills every rank when one exits. Each rank loads only its shard of the model (mlx-lm's ``sharded_load``: the
-model's own ``shard(group)`` plan), then all ranks run the same generation in lockstep; mlx-lm's sharded layers
+kills every rank when one exits. Each rank loads only its shard of the model (the model class's own ``shard(group)``
+plan, as mlx-lm's ``sharded_load``), then all ranks run the same generation in lockstep; mlx-lm's sharded layers
 all-reduce the activations. Rank 0 alone talks to the models worker, over a unix socket, in JSON lines:
 
     worker → rank 0: {"op": "generate", "prompt": [ids], "max_tokens", "temperature", "top_p", "seed"}
@@ -24,6 +24,7 @@ import select
 import socket
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, cast
 
 INFO_INTS = 256  # fixed width of one rank's info record for all_gather
@@ -61,7 +62,7 @@ def main(model_dir: str, control: str) -> None:
     from mlx.utils import tree_flatten
     from mlx_lm.generate import generation_stream, stream_generate
     from mlx_lm.sample_utils import make_sampler
-    from mlx_lm.utils import sharded_load
+    from mlx_lm.utils import load_model, load_tokenizer
 
     group = mx.distributed.init(strict=True, backend=os.environ.get("MLXD_TP_BACKEND", "any"))
     rank = group.rank()
@@ -86,7 +87,12 @@ def main(model_dir: str, control: str) -> None:
         return bool(np.array(total)[0] > 0)
 
     try:
-        model, tokenizer = sharded_load(model_dir, tensor_group=group)
+        # mlx-lm's sharded_load, minus its CPU-stream barrier (the NCCL backend has no CPU-stream collectives)
+        model, config = load_model(Path(model_dir), lazy=True)
+        model.shard(group)
+        mx.eval(model.parameters())
+        tokenizer = load_tokenizer(Path(model_dir), eos_token_ids=config.get("eos_token_id"))
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # every rank loaded before serving
     except Exception as e:  # reported to the worker, which turns it into a load error
         if conn is not None:
             msg = f"rank {rank} could not load its shard: {type(e).__name__}: {e}"
