@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -370,7 +371,7 @@ def cmd_models(client: Client, a: argparse.Namespace) -> Outcome:
     lines = []
     for m in r["models"]:
         lines.append(f"{m['id']}  {m['model_type']} {m['dtype']} {m['resident_bytes'] / 1e6:.1f} MB, "
-                     f"{m['infer_count']} calls")  # fmt: skip
+                     f"{m['infer_count']} calls{_parameters(m)}")  # fmt: skip
         for rank in m.get("ranks", []):  # a tensor-parallel model: one line per rank
             lines.append(f"  rank {rank.get('rank', 0)} on {rank['host']} pid {rank['pid']} "
                          f"({m['tensor_parallel_backend']}): {rank['resident_bytes'] / 1e6:.1f} MB")  # fmt: skip
@@ -389,6 +390,25 @@ def _cached_models(client: Client) -> Outcome:
     ]
     lines.append(f"cache {r['cache_dir']}{' (offline)' if r['offline'] else ''}: {len(r['models'])} snapshot(s)")
     return r, "\n".join(lines), 0
+
+
+def _parameters(m: dict[str, Any]) -> str:
+    """ ", 1.2B parameters" or, for MoE models, ", 0.4B of 1.2B parameters active"."""
+    total, active = int(m.get("total_parameters") or 0), int(m.get("active_parameters") or 0)
+    if not total:
+        return ""
+    if active and active < total:
+        return f", {active / 1e9:.3g}B of {total / 1e9:.3g}B parameters active"
+    return f", {total / 1e9:.3g}B parameters"
+
+
+def architectures_epilog() -> str:
+    """The model types this installation converts (mlxd's modules + the installed mlx-lm's), for --help."""
+    try:
+        from mlxd_daemon.archs import architectures  # stdlib only: reads what is installed, imports no mlx
+    except ImportError:
+        return "model types: ask the daemon (Initialize capabilities)"
+    return textwrap.fill("model types: " + ", ".join(architectures()), width=100)
 
 
 def cmd_load(client: Client, a: argparse.Namespace) -> Outcome:
@@ -466,7 +486,12 @@ def connect(args: argparse.Namespace) -> Client:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlxctl", description="Drive the mlxd daemon (started on demand).")
+    p = argparse.ArgumentParser(
+        prog="mlxctl",
+        description="Drive the mlxd daemon (started on demand).",
+        epilog=architectures_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--address", help="daemon address (default: $MLXD_ADDRESS or the per-user socket)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--no-autostart", action="store_true", help="fail instead of starting a daemon")
@@ -545,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--inputs", metavar="NPZ", help="named input arrays for an exported program (mlxd_program)")
     i.add_argument("--save", metavar="NPZ", help="with --inputs: also save the outputs to this .npz")
     i.add_argument("--top-k", type=int, default=5, metavar="N", help="classifiers: the N best labels per input")
-    g = add("generate", cmd_generate, "generate text with a Llama-family model (tokens streamed)")
+    g = add("generate", cmd_generate, "generate text with a decoder LM (any mlx-lm model type; tokens streamed)")
     g.add_argument("model_dir")
     g.add_argument("prompt")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")

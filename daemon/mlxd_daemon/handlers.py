@@ -1,6 +1,6 @@
 """Request handlers that run inside a worker process: plain arguments in, plain results out.
 
-"jobs" worker: convert (hand-written archs or the torch.export path),
+"jobs" worker: convert (mlx-lm decoders, mlxd's archs or the torch.export path),
 quantize, validate; a source given as a Hugging Face Hub id is resolved first, inside the job (progress,
 cancel). "models" worker: load, unload, list, infer_many, run, generate, hub_cache.
 """
@@ -74,6 +74,8 @@ def support(folder: Path) -> str:
 
 
 def convert(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    """Route by the registry (``archs.resolve``): mlx-lm decoders and mlxd's archs through ``convert``, a .pt2
+    or a model_type known only to transformers through torch.export; the result says which (``path``)."""
     from mlxd_daemon.convert import convert as run_convert
     from mlxd_daemon.export import convert_via_export, maybe_export
     from mlxd_daemon.pipelines import is_pipeline
@@ -84,9 +86,22 @@ def convert(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
         from mlxd_daemon.pipelines.convert import convert_pipeline
 
         return convert_pipeline(Path(args.pop("src")), Path(args.pop("dst")), reporter=reporter, **args)
-    if maybe_export(args["src"]):  # a .pt2, or an HF model_type without a hand-written module: torch.export
-        return {**convert_via_export(args, reporter), "hub": hub}
+    if _export_route(Path(args["src"])) and maybe_export(args["src"]):
+        return {**convert_via_export(args, reporter), "hub": hub, "path": "export"}
     return run_convert(Path(args.pop("src")), Path(args.pop("dst")), reporter=reporter, hub=hub, **args)
+
+
+def _export_route(src: Path) -> bool:
+    """A .pt2, or an HF directory whose model_type the registry sends to torch.export (an explicit decision)."""
+    from mlxd_daemon import archs
+    from mlxd_daemon.checkpoint import read_config
+
+    if src.suffix == ".pt2":
+        return True
+    if not (src / "config.json").is_file():
+        return False  # convert reports the missing config
+    model_type = read_config(src).get("model_type")
+    return bool(model_type) and archs.resolve(str(model_type)).path == archs.EXPORT
 
 
 def quantize(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:

@@ -122,6 +122,8 @@ def convert_result(r: dict[str, Any]) -> pb.ConvertResult:
         bytes_before=r.get("bytes_before", 0),
         hub_source=pb.HubSource(**r["hub"]) if r.get("hub") else None,
         non_finite=[non_finite_tensor(b) for b in r.get("non_finite", [])],
+        path=r.get("path", ""),
+        config_fixes=r.get("config_fixes", []),
     )
 
 
@@ -162,6 +164,7 @@ def validation_report(r: dict[str, Any], model_dir: str) -> pb.ValidationReport:
         first_divergent_layer=r.get("first_divergent_layer", ""),
         band=r.get("band", ""),
         reference_hub=pb.HubSource(**r["reference_hub"]) if r.get("reference_hub") else None,
+        agreement=flat_agreement(r.get("agreement") or {}),
         inputs_note=r.get("inputs_note", ""),
     )
 
@@ -171,3 +174,10 @@ def cached_models(r: dict[str, Any], offline: bool) -> pb.ListCachedModelsRespon
     return pb.ListCachedModelsResponse(
         cache_dir=r["cache_dir"], models=[pb.CachedModel(**m) for m in r["models"]], offline=offline
     )
+
+
+def flat_agreement(agreement: dict[str, Any]) -> dict[str, float]:
+    """Validation agreement numbers as one flat map (per-router routing as ``routing:<path>``)."""
+    flat = {k: float(v) for k, v in agreement.items() if isinstance(v, int | float)}
+    flat.update({f"routing:{k}": float(v) for k, v in agreement.get("routing_per_router", {}).items()})
+    return flat

@@ -193,11 +193,17 @@ def recipe_params(recipe: str, path: str, stacks: dict[str, int], group_size: in
     return QParams(low, group_size)
 
 
-def choose(spec: QuantSpec, path: str, stacks: dict[str, int]) -> tuple[QParams | None, str | None]:
-    """(params, None), or (None, reason) when an override keeps the layer in float. First override match wins."""
+def choose(
+    spec: QuantSpec, path: str, stacks: dict[str, int], arch_params: Any = None
+) -> tuple[QParams | None, str | None]:
+    """(params, None), or (None, reason) when an override keeps the layer in float. First override match wins;
+    then the architecture's own choice for the layer (``arch_params(path)``: mlx-lm's quant_predicate)."""
     for o in spec.overrides:
         if fnmatch.fnmatchcase(path, o.pattern):
             return o.params, None if o.params else f"override {o.text!r}"
+    own = arch_params(path) if arch_params is not None else None
+    if own:
+        return check_params(int(own.get("bits", 0)), int(own.get("group_size", 0)), own.get("mode", "affine")), None
     if spec.recipe:
         return recipe_params(spec.recipe, path, stacks, spec.default.group_size), None
     return spec.default, None
@@ -235,10 +241,11 @@ def config_entry(default: QParams, layers: dict[str, QParams]) -> dict[str, Any]
     return entry
 
 
-def packed_shapes(shape: tuple[int, ...], p: QParams) -> tuple[tuple[int, int], tuple[int, int], bool]:
-    """(packed weight shape, scales shape, has biases) that ``mx.quantize`` produces for a [rows, cols] weight."""
-    rows, cols = shape
-    return (rows, cols * p.bits // 32), (rows, cols // p.group_size), p.mode == "affine"
+def packed_shapes(shape: tuple[int, ...], p: QParams) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """(packed weight shape, scales shape, has biases) that ``mx.quantize`` produces for a [.., rows, cols]
+    weight (stacked MoE experts are [experts, rows, cols])."""
+    *lead, cols = shape
+    return (*lead, cols * p.bits // 32), (*lead, cols // p.group_size), p.mode == "affine"
 
 
 def layer_params(quantization: dict[str, Any] | None, path: str) -> QParams:

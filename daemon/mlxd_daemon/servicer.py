@@ -20,7 +20,7 @@ from mlxd.v1 import mlxd_pb2 as pb
 from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
 
 from mlxd_daemon import PROTOCOL_VERSION, __version__, hub
-from mlxd_daemon.archs import SUPPORTED
+from mlxd_daemon.archs import architectures
 from mlxd_daemon.batching import InferBatcher
 from mlxd_daemon.blas import find_blas
 from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, MlxdError, NotFound, from_status
@@ -140,7 +140,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             for m in modes
         ]  # fmt: skip
         return pb.Capabilities(
-            architectures=list(SUPPORTED),
+            architectures=architectures(),
             dtypes=list(DTYPE_NAMES),
             quant_modes=[enums[m] for m in modes],
             quant_bits=sorted({b for m in modes for b in MODES[m][0]}),

@@ -6,6 +6,7 @@ file name (``model-0000i-of-0000N.safetensors``) up front.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from types import ModuleType
@@ -179,7 +180,7 @@ def make_plan(ckpt: Checkpoint, arch: ModuleType, dtype: torch.dtype, max_bytes:
     """Map, type and (optionally) quantize every tensor on paper, then cut the result into shards."""
     layouts: dict[str, str] = dict(getattr(arch, "DISK_LAYOUT", {}))
     units: dict[str, Unit] = {}
-    dropped: list[str] = []
+    dropped: list[str] = list(getattr(arch, "dropped", ()))  # a sanitizing view drops before planning
     skipped: list[dict[str, str]] = []
     stacks = layer_stacks(t for n in ckpt.tensors if (t := arch.map_weight(n)) is not None) if quant else {}
     for src_name in sorted(ckpt.tensors):
@@ -191,7 +192,7 @@ def make_plan(ckpt: Checkpoint, arch: ModuleType, dtype: torch.dtype, max_bytes:
         if target in units:
             msg = f"tensors {units[target].source} and {src_name} both map to {target}"
             raise InvalidArgument(msg, reason="DUPLICATE_TENSOR", tensor=target)
-        unit, skip = _plan_unit(src_name, target, info, dtype, layouts.get(target), quant, stacks)
+        unit, skip = _plan_unit(src_name, target, info, dtype, layouts.get(target), quant, stacks, arch)
         units[target] = unit
         if skip is not None:
             skipped.append(skip)
@@ -218,6 +219,7 @@ def _plan_unit(
     layout: str | None,
     quant: QuantSpec | None,
     stacks: dict[str, int],
+    arch: Any = None,
 ) -> tuple[Unit, dict[str, str] | None]:
     """One tensor's outputs, and a skipped_layers entry when quantization was asked for but not applied."""
     if not info.dtype.is_floating_point:  # integer ids and masks are kept exactly as they are
@@ -235,13 +237,14 @@ def _plan_unit(
     if quant is None or not (target.endswith(".weight") or len(info.shape) >= 2):
         return plain, None
     path = target.removesuffix(".weight")
-    reason = keep_float_reason(target, info.shape, layout)
+    # An arch may know better what its runtime quantizes (mlx-lm: modules with to_quantized, 3-D experts too).
+    reason = getattr(arch, "keep_float_reason", keep_float_reason)(target, info.shape, layout)
     params = None
     if reason is None:
-        params, reason = choose(quant, path, stacks)
+        params, reason = choose(quant, path, stacks, getattr(arch, "quant_params", None))
     note = None
     if params is not None:
-        params, note = fit_group(params, (info.shape[0], info.shape[-1]))
+        params, note = fit_group(params, (math.prod(info.shape[:-1]), info.shape[-1]))
     if params is None:
         reason = reason or note or ""
         return replace(plain, candidate=True, note=reason), {"name": path, "reason": reason}
@@ -301,10 +304,11 @@ def plan_dequantize(
             continue
         if prefix in packed and info.dtype == torch.uint32:
             p = layer_params(quantization, prefix)
-            rows, cols = info.shape[0], info.shape[-1] * 32 // p.bits
+            shape = (*info.shape[:-1], info.shape[-1] * 32 // p.bits)  # [.., out, in]: experts are 3-D
             extra = sum(tensors[f"{prefix}.{k}"].nbytes for k in ("scales", "biases") if f"{prefix}.{k}" in tensors)
-            out = OutTensor(name, dtype, (rows, cols))
-            units.append(Unit(name, name, dtype, False, (out,), info.nbytes + extra, rows * cols, dequant=p))
+            out = OutTensor(name, dtype, shape)
+            units.append(Unit(name, name, dtype, False, (out,), info.nbytes + extra, out.nbytes // dtype.itemsize,
+                              dequant=p))  # fmt: skip
         else:
             keep = dtype if info.dtype.is_floating_point else info.dtype
             units.append(Unit(name, name, keep, False, (OutTensor(name, keep, info.shape),), info.nbytes, info.numel))

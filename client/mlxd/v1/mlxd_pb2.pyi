@@ -237,7 +237,7 @@ class NonFiniteTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., nan_count: _Optional[int] = ..., inf_count: _Optional[int] = ..., first_index: _Optional[_Iterable[int]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class ConvertResult(_message.Message):
-    __slots__ = ("job_id", "dst", "model_type", "dtype", "num_tensors", "num_parameters", "total_bytes", "shards", "copied_files", "dropped_tensors", "quantization", "quantized_layers", "skipped_layers", "seconds", "peak_rss_bytes", "dry_run", "layer_reports", "bits_per_weight", "bytes_before", "hub_source", "non_finite")
+    __slots__ = ("job_id", "dst", "model_type", "dtype", "num_tensors", "num_parameters", "total_bytes", "shards", "copied_files", "dropped_tensors", "quantization", "quantized_layers", "skipped_layers", "seconds", "peak_rss_bytes", "dry_run", "layer_reports", "bits_per_weight", "bytes_before", "hub_source", "non_finite", "path", "config_fixes")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +259,8 @@ class ConvertResult(_message.Message):
     BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
     HUB_SOURCE_FIELD_NUMBER: _ClassVar[int]
     NON_FINITE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIXES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     dst: str
     model_type: str
@@ -280,7 +282,9 @@ class ConvertResult(_message.Message):
     bytes_before: int
     hub_source: HubSource
     non_finite: _containers.RepeatedCompositeFieldContainer[NonFiniteTensor]
-    def __init__(self, job_id: _Optional[str] = ..., dst: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., num_tensors: _Optional[int] = ..., num_parameters: _Optional[int] = ..., total_bytes: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., copied_files: _Optional[_Iterable[str]] = ..., dropped_tensors: _Optional[_Iterable[str]] = ..., quantization: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., quantized_layers: _Optional[_Iterable[str]] = ..., skipped_layers: _Optional[_Iterable[_Union[SkippedLayer, _Mapping]]] = ..., seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., dry_run: _Optional[bool] = ..., layer_reports: _Optional[_Iterable[_Union[LayerQuantReport, _Mapping]]] = ..., bits_per_weight: _Optional[float] = ..., bytes_before: _Optional[int] = ..., hub_source: _Optional[_Union[HubSource, _Mapping]] = ..., non_finite: _Optional[_Iterable[_Union[NonFiniteTensor, _Mapping]]] = ...) -> None: ...
+    path: str
+    config_fixes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., dst: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., num_tensors: _Optional[int] = ..., num_parameters: _Optional[int] = ..., total_bytes: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., copied_files: _Optional[_Iterable[str]] = ..., dropped_tensors: _Optional[_Iterable[str]] = ..., quantization: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., quantized_layers: _Optional[_Iterable[str]] = ..., skipped_layers: _Optional[_Iterable[_Union[SkippedLayer, _Mapping]]] = ..., seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., dry_run: _Optional[bool] = ..., layer_reports: _Optional[_Iterable[_Union[LayerQuantReport, _Mapping]]] = ..., bits_per_weight: _Optional[float] = ..., bytes_before: _Optional[int] = ..., hub_source: _Optional[_Union[HubSource, _Mapping]] = ..., non_finite: _Optional[_Iterable[_Union[NonFiniteTensor, _Mapping]]] = ..., path: _Optional[str] = ..., config_fixes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HubSource(_message.Message):
     __slots__ = ("repo_id", "revision", "commit_hash", "path")
@@ -387,7 +391,14 @@ class OutputReport(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_abs: _Optional[float] = ..., max_rel: _Optional[float] = ..., cosine: _Optional[float] = ..., nmse: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ..., passed: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
 
 class ValidationReport(_message.Message):
-    __slots__ = ("job_id", "passed", "model_type", "dtype", "outputs", "matching_agreement", "num_texts", "num_images", "seconds", "report_path", "layers", "first_divergent_layer", "band", "reference_hub", "inputs_note")
+    __slots__ = ("job_id", "passed", "model_type", "dtype", "outputs", "matching_agreement", "num_texts", "num_images", "seconds", "report_path", "layers", "first_divergent_layer", "band", "reference_hub", "inputs_note", "agreement")
+    class AgreementEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -403,6 +414,7 @@ class ValidationReport(_message.Message):
     BAND_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_HUB_FIELD_NUMBER: _ClassVar[int]
     INPUTS_NOTE_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     passed: bool
     model_type: str
@@ -418,7 +430,8 @@ class ValidationReport(_message.Message):
     band: str
     reference_hub: HubSource
     inputs_note: str
-    def __init__(self, job_id: _Optional[str] = ..., passed: _Optional[bool] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputReport, _Mapping]]] = ..., matching_agreement: _Optional[float] = ..., num_texts: _Optional[int] = ..., num_images: _Optional[int] = ..., seconds: _Optional[float] = ..., report_path: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerReport, _Mapping]]] = ..., first_divergent_layer: _Optional[str] = ..., band: _Optional[str] = ..., reference_hub: _Optional[_Union[HubSource, _Mapping]] = ..., inputs_note: _Optional[str] = ...) -> None: ...
+    agreement: _containers.ScalarMap[str, float]
+    def __init__(self, job_id: _Optional[str] = ..., passed: _Optional[bool] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputReport, _Mapping]]] = ..., matching_agreement: _Optional[float] = ..., num_texts: _Optional[int] = ..., num_images: _Optional[int] = ..., seconds: _Optional[float] = ..., report_path: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerReport, _Mapping]]] = ..., first_divergent_layer: _Optional[str] = ..., band: _Optional[str] = ..., reference_hub: _Optional[_Union[HubSource, _Mapping]] = ..., inputs_note: _Optional[str] = ..., agreement: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ValidateResponse(_message.Message):
     __slots__ = ("progress", "result")
@@ -637,7 +650,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, token: _Optional[_Union[GeneratedToken, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "model_type", "dtype", "compute_dtype", "resident_bytes", "loaded_at_unix", "last_used_unix", "infer_count", "tensor_parallel", "tensor_parallel_backend", "ranks", "warmup_seconds")
+    __slots__ = ("id", "model_type", "dtype", "compute_dtype", "resident_bytes", "loaded_at_unix", "last_used_unix", "infer_count", "total_parameters", "active_parameters", "tensor_parallel", "tensor_parallel_backend", "ranks", "warmup_seconds")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -646,6 +659,8 @@ class ModelInfo(_message.Message):
     LOADED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_UNIX_FIELD_NUMBER: _ClassVar[int]
     INFER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_BACKEND_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
@@ -658,11 +673,13 @@ class ModelInfo(_message.Message):
     loaded_at_unix: float
     last_used_unix: float
     infer_count: int
+    total_parameters: int
+    active_parameters: int
     tensor_parallel: int
     tensor_parallel_backend: str
     ranks: _containers.RepeatedCompositeFieldContainer[RankInfo]
     warmup_seconds: float
-    def __init__(self, id: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., loaded_at_unix: _Optional[float] = ..., last_used_unix: _Optional[float] = ..., infer_count: _Optional[int] = ..., tensor_parallel: _Optional[int] = ..., tensor_parallel_backend: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., warmup_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., loaded_at_unix: _Optional[float] = ..., last_used_unix: _Optional[float] = ..., infer_count: _Optional[int] = ..., total_parameters: _Optional[int] = ..., active_parameters: _Optional[int] = ..., tensor_parallel: _Optional[int] = ..., tensor_parallel_backend: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., warmup_seconds: _Optional[float] = ...) -> None: ...
 
 class RankInfo(_message.Message):
     __slots__ = ("rank", "host", "pid", "resident_bytes")

@@ -1,32 +1,139 @@
-"""Architecture registry: one module per Hugging Face ``model_type``; the module *is* the registration.
+"""Architecture registry, derived from what is installed: mlxd's own arch modules and mlx-lm's model types.
 
-An arch module provides (see ``clip.py`` for the reference implementation):
-  - ``map_weight(name) -> str | None``: source (HF) tensor name -> MLX name on disk, ``None`` to drop.
-  - ``DISK_LAYOUT``: ``{mlx_name: layout}`` for tensors stored in a non-MLX layout (recorded in metadata).
-  - ``load(model_dir) -> bundle`` for inference, and the validation hooks.
+``resolve(model_type)`` decides, from config.json alone and before any weight is read, which path converts,
+validates and serves a model, and says so (``Route.path``, recorded in Convert's result):
+  - ``mlxd:<module>``: an arch module in this package (``clip``, ``bert``, ``vit``, ``mlxd_program``); the module
+    *is* the registration (see ``contract.ArchModule`` for what it provides).
+  - ``mlx_lm``: a causal LM that the installed mlx-lm has (``mlx_lm/models/<type>.py``, after its
+    ``MODEL_REMAPPING``); served by ``archs.decoder`` through mlx-lm's own model classes. Upgrading mlx-lm adds
+    architectures with no change here.
+  - ``export``: known only to transformers: the torch.export path (``export/``), an explicit decision.
+Anything else is ``Unsupported`` UNSUPPORTED_ARCHITECTURE naming the closest supported types.
+
+This module imports neither mlx nor torch (the front end lists architectures from it): mlx-lm's model files
+and its remapping table are read from the installed package's source, not imported.
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
+import functools
 import importlib
+import importlib.util
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 from mlxd_daemon.errors import Unsupported
 
-# HF model_type aliases that share an implementation.
-MODEL_REMAPPING: dict[str, str] = {"mistral": "llama", "qwen2": "llama"}
+# The mlx-lm-backed module serves many model_types; it is not one of its own.
+_NOT_ARCHS = ("decoder",)
+MLX_LM = "mlx_lm"
+EXPORT = "export"
 
-SUPPORTED: tuple[str, ...] = ("bert", "clip", "llama", "mistral", "mlxd_program", "qwen2", "vit")
+
+@dataclass(frozen=True)
+class Route:
+    """How a model_type is handled: ``path`` is ``mlxd:<module>``, ``mlx_lm`` or ``export``; ``module`` is the
+    mlxd module (for mlx_lm: ``decoder``) and ``mlx_lm_type`` mlx-lm's module name after its remapping."""
+
+    model_type: str
+    path: str
+    module: str = ""
+    mlx_lm_type: str = ""
+
+
+@functools.cache
+def mlxd_types() -> tuple[str, ...]:
+    """mlxd's own architecture modules (one per HF model_type), found in this package."""
+    here = Path(__file__).parent
+    found = []
+    for info in pkgutil.iter_modules([str(here)]):
+        if info.name.startswith("_") or info.name in _NOT_ARCHS:
+            continue
+        # An arch module defines the contract's entry points (helpers such as *_processing do not).
+        text = (here / f"{info.name}.py").read_text(encoding="utf-8")
+        if "\ndef load(" in text and "\ndef golden_inputs(" in text:
+            found.append(info.name)
+    return tuple(sorted(found))
+
+
+def _mlx_lm_dir() -> Path | None:
+    spec = importlib.util.find_spec(MLX_LM)  # finds the package without importing it (it imports mlx)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@functools.cache
+def mlx_lm_types() -> tuple[str, ...]:
+    """mlx-lm's model modules (those defining ``Model`` and ``ModelArgs``), by file, without importing mlx-lm."""
+    root = _mlx_lm_dir()
+    if root is None:
+        return ()
+    found = []
+    for info in pkgutil.iter_modules([str(root / "models")]):
+        text = (root / "models" / f"{info.name}.py").read_text(encoding="utf-8", errors="replace")
+        if "class Model(" in text and "class ModelArgs" in text:
+            found.append(info.name)
+    return tuple(sorted(found))
+
+
+@functools.cache
+def mlx_lm_remapping() -> dict[str, str]:
+    """mlx-lm's ``MODEL_REMAPPING`` (aliases such as mistral → llama), read from its source as a literal."""
+    root = _mlx_lm_dir()
+    if root is None:
+        return {}
+    tree = ast.parse((root / "utils.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "MODEL_REMAPPING" for t in node.targets):
+            return dict(ast.literal_eval(node.value))
+    return {}
+
+
+def architectures() -> list[str]:
+    """Every model_type accepted (mlxd's modules, mlx-lm's types and their aliases), sorted."""
+    lm = set(mlx_lm_types())
+    aliases = {k for k, v in mlx_lm_remapping().items() if v in lm}
+    return sorted(set(mlxd_types()) | lm | aliases)
+
+
+def resolve(model_type: str, *, allow_export: bool = True) -> Route:
+    """The route for ``model_type`` (see the module doc); ``Unsupported`` UNSUPPORTED_ARCHITECTURE otherwise."""
+    if model_type in mlxd_types():
+        return Route(model_type, f"mlxd:{model_type}", model_type)
+    lm_type = mlx_lm_remapping().get(model_type, model_type)
+    if lm_type in mlx_lm_types():
+        return Route(model_type, MLX_LM, "decoder", lm_type)
+    if allow_export and _known_to_transformers(model_type):
+        return Route(model_type, EXPORT)
+    close = difflib.get_close_matches(model_type, architectures(), n=5, cutoff=0.5)
+    hint = f"closest supported: {', '.join(close)}" if close else f"{len(architectures())} are supported"
+    msg = f"model_type {model_type!r} is not supported by mlxd or the installed mlx-lm ({hint}; see mlxctl --help)"
+    raise Unsupported(msg, reason="UNSUPPORTED_ARCHITECTURE", model_type=model_type, closest=",".join(close))
+
+
+def _known_to_transformers(model_type: str) -> bool:
+    try:
+        from transformers import CONFIG_MAPPING
+    except ImportError:
+        return False
+    return model_type in CONFIG_MAPPING
+
+
+def __getattr__(name: str) -> object:
+    # Derived views under the names older callers import (no hand-kept tuple behind them).
+    if name == "SUPPORTED":
+        return tuple(architectures())
+    if name == "MODEL_REMAPPING":
+        return mlx_lm_remapping()
+    raise AttributeError(name)
 
 
 def get_arch(model_type: str) -> ModuleType:
-    """Return the arch module for ``model_type`` or raise ``Unsupported`` naming what is supported."""
-    name = MODEL_REMAPPING.get(model_type, model_type)
-    try:
-        return importlib.import_module(f"mlxd_daemon.archs.{name}")
-    except ModuleNotFoundError as e:
-        # A missing dependency inside the arch module is a real error, not an unsupported architecture.
-        if e.name != f"mlxd_daemon.archs.{name}":
-            raise
-    msg = f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}"
-    raise Unsupported(msg, reason="UNSUPPORTED_ARCHITECTURE", model_type=model_type)
+    """The mlxd module serving ``model_type`` (``decoder`` for mlx-lm's types); Unsupported otherwise."""
+    route = resolve(model_type, allow_export=False)
+    return importlib.import_module(f"mlxd_daemon.archs.{route.module}")
