@@ -94,6 +94,7 @@ bench: $(STAMP)
 	$(PY) bench/infer.py
 	$(PY) bench/http_vs_grpc.py
 	$(PY) bench/sd.py
+	$(PY) bench/generate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .demo $(TS)/node_modules $(TS)/dist

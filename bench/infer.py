@@ -122,21 +122,21 @@ def models_section(skip_llama: bool) -> None:
 
     if skip_llama:
         return
-    from mlxd_daemon.archs import llama
+    from mlxd_daemon.archs import decoder
 
     llama_dir = CACHE / "bench-mlx-llama-1b"
     if not (llama_dir / "config.json").exists():
         convert(llama_1b(), llama_dir, dtype="bfloat16")
     torch_times = baseline("llama")
-    model = llama.load(llama_dir)
+    model = decoder.load(llama_dir)
     ids = [int(i) % 1000 + 100 for i in range(PROMPT_TOKENS)]
     list(model.generate(ids, max_tokens=2))  # warm-up
     list(model.generate(ids, max_tokens=DECODE_TOKENS + 1))
     stats = model.stats
-    assert stats is not None
-    print(line(f"Llama-1B shape: prefill {PROMPT_TOKENS} tokens", torch_times["llama_prefill"], stats.prompt_seconds))
+    print(line(f"Llama-1B shape: prefill {PROMPT_TOKENS} tokens", torch_times["llama_prefill"],
+               stats["prompt_tokens"] / stats["prompt_tps"]))  # fmt: skip
     print(line(f"Llama-1B shape: {DECODE_TOKENS} decode steps", torch_times["llama_decode"],
-               stats.generation_seconds * DECODE_TOKENS / max(stats.generation_tokens, 1)))  # fmt: skip
+               DECODE_TOKENS / stats["generation_tps"]))  # fmt: skip
 
 
 def start_daemon(address: str, *extra: str) -> subprocess.Popen[bytes]:

@@ -101,19 +101,21 @@ def tiny_clip(out: Path) -> list[str]:
 
 
 def tiny_llama(out: Path) -> list[str]:
-    from mlxd_daemon.archs import llama
+    from mlxd_daemon.archs import decoder
+    from mlxd_daemon.convert import convert
     from mlxd_daemon.fixtures import make_llama
 
     src = make_llama(out / "hf-llama", size="tiny", seed=0)
-    inputs = llama.golden_inputs(src)
+    convert(src, out / "mlx-llama", dtype="float32")
+    inputs = decoder.golden_inputs(out / "mlx-llama")
     valid = np.arange(inputs["input_ids"].shape[1])[None, :] < inputs["lengths"][:, None]
-    ref = llama.run_mlx(llama.load(src), inputs)["logits"][valid]
+    ref = decoder.load(out / "mlx-llama").forward_outputs(inputs["input_ids"], inputs["lengths"])["logits"][valid]
     rows = ["| bits | group | rtn (top-1 / KL) | awq | gptq |", "|---|---|---|---|---|"]
     for bits, group in ((3, 32), (4, 32), (8, 32)):
         cells = []
         for method in METHODS:
             dst, _ = _quantize(src, out, method, bits, group, [])
-            got = llama.run_mlx(llama.load(dst), inputs)["logits"][valid]
+            got = decoder.load(dst).forward_outputs(inputs["input_ids"], inputs["lengths"])["logits"][valid]
             p = _softmax(ref)
             kl = float(np.mean(np.sum(p * (np.log(p + 1e-30) - np.log(_softmax(got) + 1e-30)), -1)))
             cells.append(f"{np.mean(ref.argmax(-1) == got.argmax(-1)):.3f} / {kl:.4f}")

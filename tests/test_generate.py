@@ -25,6 +25,9 @@ def llama(daemon: object, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     return src, root / "mlx"
 
 
+EOS_ID = 1  # <|end_of_text|> in fixtures.llama's tokenizer
+
+
 def hf_greedy(src: Path, prompt: str, n: int) -> list[int]:
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -62,12 +65,20 @@ class TestGenerate:
         assert a.text == b.text and a.prompt_tokens > 3
 
     def test_closing_the_stream_stops_generation(self, client: Client, llama: tuple[Path, Path]) -> None:
-        """Closing the stream early cancels the work; the models worker then serves the next request."""
-        _, mlx = llama
-        events = client.generate_events(mlx, "once upon a time", max_tokens=4000)
+        """Closing the stream early cancels the work: the cancelled request never completes (the model's use
+        count grows by the next request only), and the models worker serves that next request."""
+        src, mlx = llama
+        prompt = "once upon a time"
+        # No stop token early in the greedy continuation, so only a cancel can end this request before the end.
+        assert EOS_ID not in hf_greedy(src, prompt, 64)
+        client.generate(mlx, "warm up", max_tokens=1)
+        before = next(m.infer_count for m in client.list_models().models if m.id == str(mlx.resolve()))
+        events = client.generate_events(mlx, prompt, max_tokens=300)  # without cancel: done in about a second
         next(iter(events))
         events.close()
         assert client.generate(mlx, "again", max_tokens=3).generation_tokens <= 3
+        after = next(m.infer_count for m in client.list_models().models if m.id == str(mlx.resolve()))
+        assert after == before + 1
 
     def test_infer_on_llama_says_use_generate(self, client: Client, llama: tuple[Path, Path]) -> None:
         """Infer on a text-generation model is INVALID_ARGUMENT with reason USE_GENERATE."""

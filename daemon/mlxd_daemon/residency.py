@@ -48,6 +48,8 @@ class Resident:
             "tensor_parallel": parallel.get("tensor_parallel", 0),
             "tensor_parallel_backend": parallel.get("backend", ""),
             "ranks": parallel.get("ranks", []),
+            "total_parameters": int(getattr(self.bundle, "total_parameters", 0)),
+            "active_parameters": int(getattr(self.bundle, "active_parameters", 0)),
         }
 
 

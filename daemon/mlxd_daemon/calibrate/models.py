@@ -1,6 +1,6 @@
 """Per-architecture calibration streams: the float model run block by block on the calibration set.
 
-A stream (BERT's encoder; CLIP's text and vision towers; a Llama decoder) turns samples into the hidden states
+A stream (BERT's encoder; CLIP's text and vision towers; an mlx-lm decoder) turns samples into the hidden states
 that enter its first block, then lists its blocks one at a time (a fresh MLX module, weights read from the
 checkpoint only when the block is reached) and, after the last, the inputs of its head Linears. Module classes are
 the arch modules' own, so the calibration forward is the served forward. Each block names its Linears and where an
@@ -301,20 +301,34 @@ class ClipVisionStream(Stream):
         return {"visual_projection": np.concatenate([np.array(norm(b.hidden[:, 0])) for b in batches])}
 
 
-# ---- Llama ------------------------------------------------------------------------------------------------
+# ---- mlx-lm decoders ---------------------------------------------------------------------------------------
+
+LLAMA_LINEARS = (*(f"self_attn.{p}_proj" for p in "qkvo"), "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-class LlamaStream(Stream):
+class DecoderStream(Stream):
+    """A causal LM run block by block through mlx-lm's own layer modules (a fresh, lazily initialised model
+    supplies the module of each block; its weights come from the plan). Calibrates models whose blocks have
+    Llama's Linears (q/k/v/o, SwiGLU gate/up/down); others are Unsupported with the reason."""
+
     name = "model"
 
     def __init__(self, config: dict[str, Any], weights: Weights, data: CalibrationSet) -> None:
+        from mlx_lm.utils import _get_classes
         from tokenizers import Tokenizer
 
-        from mlxd_daemon.archs import llama
-
-        self.llama, self.weights, self.data = llama, weights, data
-        self.cfg = llama.LlamaConfig.from_dict(config)
-        self.freqs = mx.array(llama.rope_frequencies(self.cfg))
+        model_class, args_class = _get_classes(config)
+        self.model = model_class(args_class.from_dict(config))  # lazy parameters: no memory until loaded
+        self.weights, self.data, self.config = weights, data, config
+        self.lm_type = model_class.__module__.rsplit(".", 1)[-1]
+        layers = getattr(self.model, "layers", [])  # the model's own list (emptied block by block)
+        found = {n for n, _ in layers[0].named_modules()} if layers else set()
+        missing = [n for n in LLAMA_LINEARS if n not in found]
+        if missing or "model.embed_tokens.weight" not in weights:
+            msg = (f"calibrated quantization needs Llama-style decoder blocks; mlx-lm's {self.lm_type} blocks lack "
+                   f"{', '.join(missing) or 'model.embed_tokens'}: use method rtn")  # fmt: skip
+            raise Unsupported(msg, reason="UNSUPPORTED_CALIBRATION", model_type=str(config.get("model_type")))
+        self.layers = layers
         tok = Tokenizer.from_file(str(weights.ckpt.path / "tokenizer.json"))
 
         def encode(texts: list[str]) -> dict[str, np.ndarray]:
@@ -329,54 +343,55 @@ class LlamaStream(Stream):
 
     def start(self) -> list[Batch]:
         table = self.weights.get("model.embed_tokens.weight")
+        scale = np.sqrt(table.shape[1]) if self.lm_type.startswith("gemma") else 1.0  # gemma scales embeddings
         out = []
         for t in _text_batches(self.data, self.encode):
             # Right padding under a causal mask leaves the real positions unchanged; padding is not counted.
-            out.append(Batch(mx.array(table[t["input_ids"]]), t["attention_mask"].astype(bool)))
+            out.append(Batch(mx.array(table[t["input_ids"]] * scale), t["attention_mask"].astype(bool)))
         return out
 
     def blocks(self) -> Iterator[Block]:
-        gqa = self.cfg.num_key_value_heads != self.cfg.num_attention_heads
-        folds = [
-            Fold("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            Fold("post_attention_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj")),
-            Fold("mlp.up_proj", "linear", ("mlp.down_proj",)),
-        ]
-        no_fold: dict[str, str] = {}
-        if gqa:
-            no_fold["self_attn.o_proj"] = "v_proj rows are shared by several query heads (GQA)"
-        else:
-            folds.append(Fold("self_attn.v_proj", "linear", ("self_attn.o_proj",)))
-        for i in range(self.cfg.num_hidden_layers):
-            yield Block(
-                f"model.layers.{i}.",
-                self.llama.DecoderLayer(self.cfg),
-                (*tuple(f"self_attn.{p}_proj" for p in "qkvo"), "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-                tuple(folds),
-                dict(no_fold),
-            )
+        kv, heads = self.config.get("num_key_value_heads"), self.config.get("num_attention_heads")
+        for i, layer in enumerate(self.layers):
+            folds: list[Fold] = [Fold("mlp.up_proj", "linear", ("mlp.down_proj",))]
+            no_fold: dict[str, str] = {}
+            # Folding into a norm needs output = weight * normalized(x); gemma-style (1 + weight) norms are not.
+            plain = type(getattr(layer, "input_layernorm", None)) is nn.RMSNorm
+            if plain and type(getattr(layer, "post_attention_layernorm", None)) is nn.RMSNorm:
+                folds.append(Fold("input_layernorm", "norm", tuple(f"self_attn.{p}_proj" for p in "qkv")))
+                folds.append(Fold("post_attention_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj")))
+            else:
+                for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj"):
+                    no_fold[p] = f"its input norm ({self.lm_type}) is not weight * normalized(x)"
+            if kv and heads and kv != heads:
+                no_fold["self_attn.o_proj"] = "v_proj rows are shared by several query heads (GQA)"
+            else:
+                folds.append(Fold("self_attn.v_proj", "linear", ("self_attn.o_proj",)))
+            yield Block(f"model.layers.{i}.", layer, LLAMA_LINEARS, tuple(folds), no_fold)
+            self.layers[i] = None  # done: its loaded weights go, so memory holds one block at a time
 
     def run(self, block: Block, batch: Batch) -> mx.array:
-        return block.module(batch.hidden, self.freqs, "causal" if batch.hidden.shape[1] > 1 else None, None)
+        out = block.module(batch.hidden, "causal" if batch.hidden.shape[1] > 1 else None, None)
+        return out[0] if isinstance(out, tuple) else out
 
     def tail(self, batches: list[Batch]) -> dict[str, np.ndarray]:
-        if "lm_head.weight" not in self.weights:
+        norm = getattr(getattr(self.model, "model", None), "norm", None)
+        if "lm_head.weight" not in self.weights or norm is None:
             return {}
-        norm = nn.RMSNorm(self.cfg.hidden_size, eps=self.cfg.rms_norm_eps)
         self.weights.load_into(norm, "model.norm.")
         return {"lm_head": np.concatenate([np.array(norm(b.hidden))[b.valid] for b in batches])}
 
 
 def streams(config: dict[str, Any], weights: Weights, data_path: str | Path | None, seed: int) -> list[Stream]:
     """The calibration streams of ``config``'s architecture, each with its calibration set."""
-    from mlxd_daemon.archs import MODEL_REMAPPING
+    from mlxd_daemon.archs import MLX_LM, resolve
 
-    model_type = MODEL_REMAPPING.get(str(config.get("model_type")), str(config.get("model_type")))
+    model_type = str(config.get("model_type"))
     words = vocab_words(weights.ckpt.path / "tokenizer.json") if not data_path else None
     if model_type == "bert":
         return [BertStream(config, weights, load(data_path, seed, "text", words))]
-    if model_type == "llama":
-        return [LlamaStream(config, weights, load(data_path, seed, "text", words))]
+    if resolve(model_type, allow_export=False).path == MLX_LM:
+        return [DecoderStream(config, weights, load(data_path, seed, "text", words))]
     if model_type == "clip":
         from mlxd_daemon.archs.clip import ClipConfig
 

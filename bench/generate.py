@@ -1,0 +1,100 @@
+"""Generate through the daemon vs ``mlx_lm.generate`` in process, on the same converted model, same machine.
+
+The model: the Llama-3.2-1B-shape checkpoint of bench/convert.py (random bf16 weights), converted to float32 so
+both sides compute in float32 (mlx-lm computes in the stored dtype, and half precision is ~40x slower on a Linux
+CPU). Reported: the converted model's load time (mlxd's decoder.load and mlx_lm.load), decode tokens/s
+(mlx-lm's own generation_tps on both sides), end-to-end tokens/s seen by the client, and the ratio.
+
+Run `python bench/generate.py` (or `--tiny` for a quick check on a tiny model).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CACHE, machine
+from infer import start_daemon
+
+PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman and his cat. " * 4
+TOKENS, REPEAT = 128, 3
+
+
+def model_dir(tiny: bool) -> Path:
+    from mlxd_daemon.convert import convert
+
+    if tiny:
+        from mlxd_daemon.fixtures import make_llama
+
+        root = Path(tempfile.mkdtemp())
+        src = make_llama(root / "hf", size="tiny")
+        convert(src, root / "mlx", dtype="float32")
+        return root / "mlx"
+    from convert import llama_1b
+
+    out = CACHE / "bench-mlx-llama-1b-f32"
+    if not (out / "config.json").exists():
+        convert(llama_1b(), out, dtype="float32")
+    return out
+
+
+def in_process(path: Path) -> tuple[float, float]:
+    """(mlx_lm.load seconds, median decode tokens/s of mlx_lm's stream_generate)."""
+    import mlx_lm
+    from mlx_lm.generate import stream_generate
+
+    start = time.perf_counter()
+    model, tokenizer = mlx_lm.load(str(path))
+    load_s = time.perf_counter() - start
+    tps = []
+    for _ in range(REPEAT):
+        *_, last = stream_generate(model, tokenizer, PROMPT, max_tokens=TOKENS)
+        tps.append(last.generation_tps)
+    return load_s, statistics.median(tps)
+
+
+def through_daemon(path: Path) -> tuple[float, float, float]:
+    """(LoadModel seconds, median daemon-reported decode tokens/s, median client-side tokens/s)."""
+    from mlxd_client import Client
+
+    address = f"unix://{tempfile.mkdtemp()}/mlxd.sock"
+    proc = start_daemon(address)
+    try:
+        with Client(address, autostart=False) as c:
+            start = time.perf_counter()
+            c.load_model(path)
+            load_s = time.perf_counter() - start
+            tps, wall = [], []
+            for _ in range(REPEAT):
+                start = time.perf_counter()
+                r = c.generate(path, PROMPT, max_tokens=TOKENS)
+                wall.append(r.generation_tokens / (time.perf_counter() - start))
+                tps.append(r.generation_tokens_per_second)
+            return load_s, statistics.median(tps), statistics.median(wall)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def main() -> None:
+    tiny = "--tiny" in sys.argv
+    path = model_dir(tiny)
+    from mlxd_daemon.archs import decoder
+
+    start = time.perf_counter()
+    decoder.load(path)
+    mlxd_load = time.perf_counter() - start
+    lm_load, lm_tps = in_process(path)
+    d_load, d_tps, d_wall = through_daemon(path)
+    print(f"# Generate vs mlx_lm.generate ({'tiny llama' if tiny else 'Llama-3.2-1B shape, float32'}; {machine()})")
+    print(f"load: decoder.load {mlxd_load:.2f}s, mlx_lm.load {lm_load:.2f}s, daemon LoadModel {d_load:.2f}s")
+    print(f"decode tokens/s: mlx_lm.generate {lm_tps:.1f}, daemon Generate {d_tps:.1f} ({d_tps / lm_tps:.2f}x), "
+          f"client-side end to end {d_wall:.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
