@@ -95,6 +95,16 @@ class TestLayout:
         assert "lm_head.weight" not in names and result["path"] == "mlx_lm"
         assert {"model.embed_tokens.weight", "model.norm.weight", "model.layers.1.mlp.down_proj.weight"} <= names
 
+    def test_bin_source_keeps_its_dtype(self, tmp_path: Path) -> None:
+        """A pickled (.bin) bfloat16 checkpoint converts through the sanitize view with its dtype kept."""
+        import mlx_lm
+
+        src = make_llama(tmp_path / "hf", dtype="bfloat16", weights_format="bin")
+        result = convert(src, tmp_path / "mlx")
+        assert (result["source_format"], result["dtype"]) == ("bin", "bfloat16")
+        model, _ = mlx_lm.load(str(tmp_path / "mlx"))
+        assert model.model.embed_tokens.weight.dtype == mx.bfloat16
+
     def test_embed_says_use_generate(self, converted: Path) -> None:
         """Infer on a causal LM is refused with a reason a client can act on."""
         with pytest.raises(InvalidArgument) as e:

@@ -120,17 +120,17 @@ def convert(
     calib = _Calibration.of(quantize, spec) if quantize and spec else None
 
     config = read_config(src)
-    route = archs.resolve(config["model_type"], allow_export=False)  # before any weight is read
+    arch: Any = archs.get_arch(config["model_type"])  # the route is decided before any weight is read
+    route = getattr(arch, "ROUTE", f"mlxd:{arch.__name__.rsplit('.', 1)[-1]}")
     notes: list[str] = []
-    if route.path == archs.MLX_LM:
+    if route == archs.MLX_LM:
         from mlxd_daemon.archs._lm_convert import LmCheckpoint, fix_config, model_fields
 
         config, notes = fix_config(config, model_fields(config))
         check_destination(src, dst, overwrite)
         ckpt: Any = LmCheckpoint(open_checkpoint(src, config), config)
-        arch: Any = ckpt  # the sanitized view names every tensor as mlx-lm loads it
+        arch = ckpt  # the sanitized view names every tensor as mlx-lm loads it
     else:
-        arch = archs.get_arch(config["model_type"])
         check_destination(src, dst, overwrite)
         ckpt = open_checkpoint(src, config)
     target = dominant_float_dtype(ckpt.tensors) if target_name == "auto" else DTYPES[target_name]
@@ -139,7 +139,7 @@ def convert(
         ckpt, plan, config, dst, target, spec, overwrite, dry_run, started, reporter, calib=calib, hub=hub,
         strict=strict,
     )  # fmt: skip
-    return {**result, "path": route.path, "config_fixes": notes}
+    return {**result, "path": route, "config_fixes": notes}
 
 
 def quantize(

@@ -120,6 +120,13 @@ def split_fused_experts(weights: dict[str, mx.array], lm_type: str) -> dict[str,
     return weights
 
 
+def to_mlx(t: torch.Tensor) -> mx.array:
+    """A torch tensor as an MLX array of the same dtype (bfloat16 through its raw bits)."""
+    if t.dtype == torch.bfloat16:
+        return mx.array(t.view(torch.int16).numpy()).view(mx.bfloat16)
+    return mx.array(t.numpy())
+
+
 def to_torch(a: mx.array) -> torch.Tensor:
     """An evaluated MLX array as a torch tensor that owns its memory (bfloat16 through its raw bits)."""
     if a.dtype == mx.bfloat16:
@@ -167,8 +174,9 @@ class LmCheckpoint:
             for file in self.weight_files:
                 weights.update(mx.load(str(self.path / file)))  # lazy: bytes are read on evaluation
             return weights
-        # .bin: no lazy reader on the MLX side; each tensor comes through the memory-mapped unpickler.
-        return {n: mx.array(self.base.get(n).float().numpy()) for n in self.base.tensors}
+        # .bin: no lazy reader on the MLX side; each tensor comes through the memory-mapped unpickler, so the
+        # whole model is read here (safetensors sources stay lazy).
+        return {n: to_mlx(self.base.get(n)) for n in self.base.tensors}
 
     def _sanitized(self) -> dict[str, mx.array]:
         weights = split_fused_experts(self._source(), self.lm_type)

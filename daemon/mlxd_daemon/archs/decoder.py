@@ -27,6 +27,7 @@ from mlxd_daemon.errors import InvalidArgument
 
 __all__ = ["DecoderBundle", "agreement", "golden_inputs", "load", "map_weight", "run_mlx", "run_reference"]
 
+ROUTE = "mlx_lm"  # Convert reads the checkpoint through mlx-lm's sanitize (_lm_convert), not map_weight
 DISK_LAYOUT: dict[str, str] = {}  # names and layouts are mlx-lm's (see _lm_convert)
 # Per-layer relative error floor for validation. Some mlx-lm models fix an activation where transformers follows
 # the config (exact GELU for starcoder2/gemma's gelu_pytorch_tanh, tanh GELU for gpt_neox's gelu): ~1.2-1.9e-4
