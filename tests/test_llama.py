@@ -217,6 +217,33 @@ class TestMlxLmCompat:
             assert ours == [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=12)]
 
 
+class TestCalibration:
+    def test_gptq_and_awq_run_on_mlx_lm_blocks(self, tiny_llama: Path, tmp_path: Path) -> None:
+        """AWQ and GPTQ calibrate mlx-lm's own Llama blocks (each layer says its method); mlx-lm loads the result."""
+        import mlx_lm
+
+        data = tmp_path / "calib.txt"
+        data.write_text("\n".join(f"the quick brown fox number {i} jumps over the lazy dog" for i in range(16)))
+        for method in ("gptq", "awq"):
+            out = tmp_path / method
+            r = convert(tiny_llama, out, quantize=True, q_bits=4, q_group_size=32, q_method=method,
+                        q_calibration_data=data)  # fmt: skip
+            methods = {x["name"]: x["method"] for x in r["layer_reports"]}
+            assert methods["model.layers.1.mlp.down_proj"].startswith(method), methods
+            mlx_lm.load(str(out))
+
+    def test_blocks_without_llama_linears_are_refused_clearly(self, tmp_path: Path) -> None:
+        """GPT-2's blocks (fused c_attn) cannot be calibrated: UNSUPPORTED_CALIBRATION, not an internal error."""
+        from mlxd_daemon.errors import Unsupported
+        from mlxd_daemon.fixtures.decoders import make_decoder
+
+        src = make_decoder(tmp_path / "gpt2", "gpt2")
+        with pytest.raises(Unsupported) as e:
+            convert(src, tmp_path / "out", quantize=True, q_method="gptq")
+        assert e.value.reason == "UNSUPPORTED_CALIBRATION" and "gpt2" in e.value.message
+        assert not (tmp_path / "out").exists()
+
+
 class TestValidate:
     def test_correct_conversion_passes_with_full_agreement(self, tiny_llama: Path, converted: Path) -> None:
         """validate_model passes; top-1/5 and greedy agreement are 1.0; every layer is tapped and paired."""
