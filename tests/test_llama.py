@@ -226,8 +226,8 @@ class TestCalibration:
         data.write_text("\n".join(f"the quick brown fox number {i} jumps over the lazy dog" for i in range(16)))
         for method in ("gptq", "awq"):
             out = tmp_path / method
-            r = convert(tiny_llama, out, quantize=True, q_bits=4, q_group_size=32, q_method=method,
-                        q_calibration_data=data)  # fmt: skip
+            r = convert(tiny_llama, out, quantize=QuantOptions(bits=4, group_size=32, method=method,
+                                                               calibration_data=str(data)))  # fmt: skip
             methods = {x["name"]: x["method"] for x in r["layer_reports"]}
             assert methods["model.layers.1.mlp.down_proj"].startswith(method), methods
             mlx_lm.load(str(out))
@@ -239,7 +239,7 @@ class TestCalibration:
 
         src = make_decoder(tmp_path / "gpt2", "gpt2")
         with pytest.raises(Unsupported) as e:
-            convert(src, tmp_path / "out", quantize=True, q_method="gptq")
+            convert(src, tmp_path / "out", quantize=QuantOptions(method="gptq"))
         assert e.value.reason == "UNSUPPORTED_CALIBRATION" and "gpt2" in e.value.message
         assert not (tmp_path / "out").exists()
 
