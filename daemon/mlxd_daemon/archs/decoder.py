@@ -104,7 +104,7 @@ class DecoderBundle:
     ) -> Iterator[dict[str, Any]]:
         """``{"token_id", "text"}`` per token from mlx-lm's ``stream_generate``; the last event adds
         ``finish_reason`` ("stop": an EOS id from config/generation_config, which is its ``token_id``;
-        "length") and ``stats`` (prompt_tokens, generation_tokens, prompt_tps, generation_tps)."""
+        "length") and ``stats`` (prompt_tokens, generation_tokens after the first, prompt_tps, generation_tps)."""
         from mlx_lm.generate import stream_generate
         from mlx_lm.sample_utils import make_sampler
 
@@ -116,7 +116,9 @@ class DecoderBundle:
         for r in stream_generate(self.model, tok, ids, max_tokens=max_tokens, sampler=sampler):
             event: dict[str, Any] = {"token_id": int(r.token), "text": r.text}
             if r.finish_reason is not None:
-                self.stats = {"prompt_tokens": r.prompt_tokens, "generation_tokens": r.generation_tokens,
+                # generation_tokens: the tokens after the first (whose time is the prompt phase), as the handler
+                # and both fronts report it; generation_tps is mlx-lm's own figure, as mlx_lm.generate prints it.
+                self.stats = {"prompt_tokens": r.prompt_tokens, "generation_tokens": r.generation_tokens - 1,
                               "prompt_tps": r.prompt_tps, "generation_tps": r.generation_tps}  # fmt: skip
                 event.update(finish_reason=r.finish_reason, stats=dict(self.stats))
             yield event
