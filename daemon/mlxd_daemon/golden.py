@@ -5,8 +5,6 @@ checkpoint builders (``fixtures``) also train their tiny tokenizers on them, so 
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -69,12 +67,3 @@ def golden_images(n: int = 4, size: int = 64) -> list[Image.Image]:
             im = im.convert("L")
         images.append(im)
     return images
-
-
-# Decoders whose source has no tokenizer: token ids drawn from the vocabulary instead of the prompts.
-VOCAB_ROWS, VOCAB_LENGTH, VOCAB_SEED = 4, 16, 0
-
-
-def vocab_ids(vocab_size: int, rows: int = VOCAB_ROWS, length: int = VOCAB_LENGTH, seed: int = VOCAB_SEED) -> Any:
-    """[rows, length] token ids drawn uniformly (fixed seed) from [0, vocab_size): inputs without a tokenizer."""
-    return np.random.default_rng(seed).integers(0, vocab_size, size=(rows, length), dtype=np.int64)

@@ -371,7 +371,6 @@ def validate_model(
         # Reported, not gated: near-tied random-weight logits can swap order within tolerance. None: not measured.
         "matching_agreement": agreement,
         "agreement": agree,
-        "inputs_note": inputs.get("note", ""),
         "num_texts": len(inputs["input_ids"]) if "input_ids" in inputs else len(inputs.get("texts", [])),
         "num_images": len(inputs["pixel_values"]) if "pixel_values" in inputs else len(inputs.get("images", [])),
         "seconds": round(time.perf_counter() - start, 3),

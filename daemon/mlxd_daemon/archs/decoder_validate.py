@@ -21,8 +21,9 @@ import numpy as np
 
 from mlxd_daemon.archs._lm_convert import expert_count
 from mlxd_daemon.archs._loading import read_json
+from mlxd_daemon.archs._tokenless import vocabulary_ids
 from mlxd_daemon.errors import InvalidArgument
-from mlxd_daemon.golden import GOLDEN_PROMPTS, vocab_ids
+from mlxd_daemon.golden import GOLDEN_PROMPTS
 from mlxd_daemon.taps import tap
 
 GREEDY_TOKENS = 8  # greedy continuation compared per golden row (no stop tokens: pure argmax on both sides)
@@ -62,7 +63,7 @@ def golden_inputs(
     model_dir: Path, *, texts: list[str] | None = None, images: list[Any] | None = None
 ) -> dict[str, Any]:
     """Golden (or the caller's) prompts tokenized, right-padded into ``input_ids`` [n, L] + ``lengths``; without
-    a tokenizer, ids drawn from the vocabulary (``note`` says so). Also the HF paths the taps are named by."""
+    a tokenizer, ids drawn from the vocabulary (``inputs_note`` says so). Also the HF paths the taps are named by."""
     if images:
         msg = "text decoders take no images: pass texts only"
         raise InvalidArgument(msg, reason="IMAGES_NOT_SUPPORTED")
@@ -75,7 +76,7 @@ def golden_inputs(
         ids[i, : len(r)] = r
     layer_list, routers = hf_module_paths(config)
     return {"texts": list(texts or (GOLDEN_PROMPTS if not note else [])), "input_ids": ids,
-            "lengths": np.array([len(r) for r in rows], np.int64), "note": note, "layer_list": layer_list,
+            "lengths": np.array([len(r) for r in rows], np.int64), "inputs_note": note, "layer_list": layer_list,
             "routers": routers, "top_k": int(config.get("num_experts_per_tok") or 0)}  # fmt: skip
 
 
@@ -93,8 +94,10 @@ def _tokenize(model_dir: Path, config: dict[str, Any], texts: list[str] | None) 
     if texts:
         msg = f"{model_dir} has no tokenizer, so texts cannot be encoded: pass token ids (inputs_npz input_ids)"
         raise InvalidArgument(msg, reason="NO_TOKENIZER", path=str(model_dir))
-    rows = vocab_ids(int(config.get("vocab_size") or 0)).tolist()
-    return rows, f"no tokenizer: {len(rows)} rows of token ids drawn from the vocabulary"
+    ids, mask, note = vocabulary_ids(
+        int(config.get("vocab_size") or 0), int(config.get("max_position_embeddings") or 4096)
+    )
+    return [row[m.astype(bool)].tolist() for row, m in zip(ids, mask, strict=True)], note
 
 
 @contextmanager
