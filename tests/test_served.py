@@ -44,6 +44,17 @@ class TestClipServed:
             assert served[name].shape == eager[name].shape
             np.testing.assert_allclose(served[name], eager[name], atol=1e-5, rtol=1e-5)
 
+    def test_without_a_compiler_the_cpu_stays_eager(self, bundle: object, monkeypatch: pytest.MonkeyPatch) -> None:
+        """MLX's CPU compile needs g++: without one the served path runs eager and gives the same embeddings."""
+        from mlxd_daemon.archs import _served
+        from mlxd_daemon.archs.clip_served import ClipServed
+
+        monkeypatch.setattr(_served.shutil, "which", lambda name: None)
+        eager = ClipServed(bundle)  # type: ignore[arg-type]
+        assert not _served.can_compile()
+        served = bundle.embed(TEXTS, [])  # type: ignore[attr-defined]
+        np.testing.assert_allclose(eager.embed(TEXTS, [])["text_embeds"], served["text_embeds"], atol=1e-5)
+
     def test_new_sizes_reuse_a_few_graphs(self, bundle: object) -> None:
         """Batches of 1 to 8 images trace at most the four batch buckets 1, 2, 4, 8."""
         from mlxd_daemon.fixtures import golden_images

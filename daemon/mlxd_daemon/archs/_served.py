@@ -7,6 +7,7 @@ Validation keeps the eager modules (per-layer taps); a test holds the two paths 
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,11 +40,17 @@ def pad_rows(a: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a, np.repeat(a[:1], n - len(a), axis=0)])
 
 
+def can_compile() -> bool:
+    """MLX's CPU backend builds fused kernels with the system C++ compiler (``g++``); without one, stay eager."""
+    return mx.default_device() != mx.cpu or shutil.which("g++") is not None
+
+
 class Compiled:
-    """An ``mx.compile``d function that records the input shapes it has been traced for."""
+    """An ``mx.compile``d function (eager where ``can_compile`` says no) that records the input shapes it has been
+    traced for."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
-        self._fn = mx.compile(fn)
+        self._fn = mx.compile(fn) if can_compile() else fn
         self.shapes: set[tuple[tuple[int, ...], ...]] = set()
 
     def __call__(self, *arrays: mx.array) -> Any:
