@@ -310,7 +310,11 @@ def export_dynamic(
         except Exception as e:  # any capture failure: fall back to the static shapes below
             record["static_reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     exported = _export(model, (), kwargs)
-    return exported, exported.run_decompositions()
+    try:
+        return exported, exported.run_decompositions()
+    except Exception as e:  # torch's decompositions raise many types (ValueError on a view, RuntimeError, ...)
+        msg = f"torch could not decompose {type(model).__name__} to core ATen: {type(e).__name__}: {str(e)[:300]}"
+        raise Unsupported(msg, reason="EXPORT_FAILED", module=type(model).__name__) from e
 
 
 # Output classes a saved program's pytree specs may name, whose modules must be imported before loading it.

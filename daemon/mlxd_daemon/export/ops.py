@@ -346,11 +346,39 @@ def _avg_pool_nhwc(
     divisor_override: int | None = None,
 ) -> mx.array:
     pad = _pair(padding, (0,))
-    if ceil_mode or divisor_override or (any(pad) and not count_include_pad):
-        msg = "avg_pool2d with ceil_mode, divisor_override or count_include_pad=False is not mapped to MLX yet"
+    if ceil_mode or divisor_override:
+        msg = "avg_pool2d with ceil_mode or divisor_override is not mapped to MLX yet"
         raise NotImplementedError(msg)
     k = _pair(kernel, kernel)
-    return nn.AvgPool2d(k, _pair(stride, k))(_pool_padded(x, pad, 0.0))
+    pool = nn.AvgPool2d(k, _pair(stride, k))
+    out = pool(_pool_padded(x, pad, 0.0))
+    if any(pad) and not count_include_pad:  # divide by the window's real elements, not the padded ones
+        out = out / pool(_pool_padded(mx.ones((1, *x.shape[1:3], 1), x.dtype), pad, 0.0))
+    return out
+
+
+def _source_coords(out: int, size: int, align_corners: bool, scale: float | None) -> tuple[Any, Any, Any]:
+    """(lower index, upper index, weight of the upper) per output position, as PyTorch's bilinear computes them."""
+    i = mx.arange(out, dtype=mx.float32)
+    if align_corners:
+        src = i * ((size - 1) / (out - 1)) if out > 1 else mx.zeros_like(i)
+    else:
+        src = mx.maximum((i + 0.5) * (1.0 / scale if scale else size / out) - 0.5, 0.0)
+    lo = mx.minimum(mx.floor(src).astype(mx.int32), size - 1)
+    return lo, mx.minimum(lo + 1, size - 1), src - lo.astype(mx.float32)
+
+
+def _upsample_bilinear(
+    x: mx.array, output_size: Sequence[int] | None, align_corners: bool, scale_factors: Sequence[float] | None = None
+) -> mx.array:
+    """NCHW bilinear resize (``F.interpolate(mode="bilinear")``): interpolate along H, then along W."""
+    h, w = x.shape[2], x.shape[3]
+    scales = list(scale_factors) if scale_factors else [None, None]
+    oh, ow = (int(output_size[0]), int(output_size[1])) if output_size else (int(h * scales[0]), int(w * scales[1]))
+    lo, hi, f = _source_coords(oh, h, align_corners, scales[0] if not output_size else None)
+    x = mx.take(x, lo, axis=2) * (1 - f)[:, None] + mx.take(x, hi, axis=2) * f[:, None]
+    lo, hi, f = _source_coords(ow, w, align_corners, scales[1] if not output_size else None)
+    return mx.take(x, lo, axis=3) * (1 - f) + mx.take(x, hi, axis=3) * f
 
 
 def _adaptive_avg_pool_nhwc(x: mx.array, output_size: Sequence[int]) -> mx.array:
@@ -543,6 +571,7 @@ OPS: dict[str, Op] = {
     "aten._adaptive_avg_pool2d.default": _adaptive_avg_pool_nhwc,
     "aten.adaptive_avg_pool2d.default": _adaptive_avg_pool_nhwc,
     "aten.linalg_vector_norm.default": _vector_norm,
+    "aten.upsample_bilinear2d.vec": _upsample_bilinear,
     # Strides over the row-major value (MLX copies a non-contiguous input first); validation checks the result.
     "aten.as_strided.default": lambda x, size, stride, offset=None: mx.as_strided(x, size, stride, offset or 0),
     # symbolic sizes (dynamic shapes): the graph computes them from its inputs' shapes with Python arithmetic
