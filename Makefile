@@ -95,6 +95,7 @@ bench: $(STAMP)
 	$(PY) bench/http_vs_grpc.py
 	$(PY) bench/sd.py
 	$(PY) bench/generate.py
+	$(PY) bench/tensor_parallel.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .demo $(TS)/node_modules $(TS)/dist
