@@ -27,7 +27,7 @@ class Row:
     name: str
     family: str
     cls: str
-    path: str = ""  # "export" (torch.export program) or the hand-written module's model_type
+    path: str = ""  # the converter Convert chose: "export" (torch.export), "mlx_lm", "mlxd:<arch>" (hand-written)
     max_abs: float | None = None
     passed: bool = False
     reason: str = ""
@@ -41,7 +41,7 @@ def _run(client: object, entry: zoo.Entry, root: Path) -> Row:
     try:
         src = zoo.build(entry, root / "hf")
         result = client.convert(src, root / "mlx" / entry.name)  # type: ignore[attr-defined]
-        row.path = "export" if result.model_type == "mlxd_program" else f"hand-written {result.model_type}"
+        row.path = result.path or result.model_type  # "export", "mlx_lm" or "mlxd:<arch>" (hand-written)
         report = client.validate(root / "mlx" / entry.name, src)  # type: ignore[attr-defined]
         row.max_abs = max((o.max_abs for o in report.outputs), default=0.0)
         row.passed = report.passed
