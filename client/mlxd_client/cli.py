@@ -258,9 +258,9 @@ def cmd_infer(client: Client, a: argparse.Namespace) -> Outcome:
         return r, "\n".join(lines), 0
     lines.append(f"text_embeds {list(res.text_embeds.shape)}, image_embeds {list(res.image_embeds.shape)}")
     for i, row in enumerate(res.logits_per_image):
-        best = int(row.argmax())
+        best_text = int(row.argmax())
         lines.append(
-            f"image {a.image[i]}: best text {a.text[best]!r} (logits " + ", ".join(f"{x:.3f}" for x in row) + ")"
+            f"image {a.image[i]}: best text {a.text[best_text]!r} (logits " + ", ".join(f"{x:.3f}" for x in row) + ")"
         )
     if not len(res.logits_per_image):
         texts = a.text or ()

@@ -39,7 +39,7 @@ def decode_images(images: list[bytes]) -> list[Any]:
     return decoded
 
 
-def _resolve_hub(args: dict[str, Any], key: str, check: Callable[[Path], None], reporter: Reporter) -> Any:
+def _resolve_hub(args: dict[str, Any], key: str, check: Callable[[Path], object], reporter: Reporter) -> Any:
     """When ``args["hub"]`` is set, resolve the id to a local snapshot and put its path in ``args[key]``."""
     spec = args.pop("hub", None)
     if not spec:

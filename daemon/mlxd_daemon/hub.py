@@ -32,7 +32,7 @@ META_PATTERNS: tuple[str, ...] = (
     "*.jinja",
     "[0-9]_*/*.json",
 )
-Check = Callable[[Path], None]
+Check = Callable[[Path], object]  # raises when the snapshot is unusable; what it returns is ignored
 
 
 @dataclass(frozen=True)

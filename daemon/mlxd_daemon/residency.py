@@ -119,6 +119,7 @@ class Residency:
             if keep_alive is not None:
                 self.models[model_id].keep_alive = keep_alive
             return self.models[model_id], []
+        bundle: Any  # each kind of model has its own class; Resident duck-types them
         if (Path(model_id) / "model_index.json").is_file():  # a converted diffusion pipeline
             from mlxd_daemon.pipelines import sd
 

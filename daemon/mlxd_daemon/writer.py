@@ -341,7 +341,7 @@ class ShardFile:
         while (tensor := self._pending.get()) is not None:
             try:
                 if self._error is None:
-                    _write_all(self.file, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+                    _write_all(self.file, tensor.reshape(-1).view(torch.uint8).numpy().data)
             except BaseException as e:  # reported by write() / __exit__ on the caller's thread
                 self._error = e
 

@@ -25,8 +25,13 @@ import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from mlxd_daemon.errors import Unsupported
+
+if TYPE_CHECKING:  # computed on access by __getattr__ below
+    SUPPORTED: tuple[str, ...]
+    MODEL_REMAPPING: dict[str, str]
 
 # The mlx-lm-backed module serves many model_types; it is not one of its own.
 _NOT_ARCHS = ("decoder",)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import mlx.core as mx
 import numpy as np
@@ -172,7 +172,8 @@ class LmCheckpoint:
         if self.base.weight_format == "safetensors":
             weights: dict[str, mx.array] = {}
             for file in self.weight_files:
-                weights.update(mx.load(str(self.path / file)))  # lazy: bytes are read on evaluation
+                # mx.load's stub is one union for every format; a .safetensors file always loads as a dict.
+                weights.update(cast("dict[str, mx.array]", mx.load(str(self.path / file))))  # lazy: read on evaluation
             return weights
         # .bin: no lazy reader on the MLX side; each tensor comes through the memory-mapped unpickler, so the
         # whole model is read here (safetensors sources stay lazy).
@@ -194,7 +195,8 @@ class LmCheckpoint:
     def _check_structure(self) -> None:
         from mlx.utils import tree_flatten
 
-        expected = {k: tuple(v.shape) for k, v in tree_flatten(self.model.parameters())}
+        params = cast("list[tuple[str, mx.array]]", tree_flatten(self.model.parameters()))  # list without destination=
+        expected = {k: tuple(v.shape) for k, v in params}
         missing = sorted(set(expected) - set(self.tensors))
         extra = sorted(set(self.tensors) - set(expected))
         wrong = sorted(k for k in set(expected) & set(self.tensors) if self.tensors[k].shape != expected[k])

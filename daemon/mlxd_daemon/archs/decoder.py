@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -152,7 +152,8 @@ def check_sampling(prompt: list[int], max_tokens: int, temperature: float, top_p
 
 def _storage_dtype(model: nn.Module) -> str:
     counts: dict[str, int] = {}
-    for _, v in tree_flatten(model.parameters()):
+    params = cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))  # a list without destination=
+    for _, v in params:
         if v.dtype in _FLOATS:
             name = str(v.dtype).removeprefix("mlx.core.")
             counts[name] = counts.get(name, 0) + v.size

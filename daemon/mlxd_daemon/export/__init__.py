@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported on access by __getattr__ below
+    from mlxd_daemon.export.api import convert_via_export, export_program, maybe_export
 
 __all__ = ["convert_via_export", "export_program", "maybe_export"]
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -160,7 +160,8 @@ class Seq2SeqBundle:
         source = np.array([ids], np.int64)
         mask = np.ones_like(source)
         states = self.encode_states({"input_ids": source, "attention_mask": mask})
-        pick = lambda logits: int(sampler(logits[None].astype(mx.float32))[0].item())  # noqa: E731
+        # .item()'s stub is every scalar type; a sampled token id is an int.
+        pick = lambda logits: int(cast(int, sampler(logits[None].astype(mx.float32))[0].item()))  # noqa: E731
         tokens: list[int] = []
         text, first_at, finish = "", 0.0, "length"
         for token, stop in self.decode_steps(states, mask, max_tokens, pick):

@@ -373,11 +373,17 @@ def _upsample_bilinear(
 ) -> mx.array:
     """NCHW bilinear resize (``F.interpolate(mode="bilinear")``): interpolate along H, then along W."""
     h, w = x.shape[2], x.shape[3]
-    scales = list(scale_factors) if scale_factors else [None, None]
-    oh, ow = (int(output_size[0]), int(output_size[1])) if output_size else (int(h * scales[0]), int(w * scales[1]))
-    lo, hi, f = _source_coords(oh, h, align_corners, scales[0] if not output_size else None)
+    sh: float | None = None  # scale factors set the source coordinates only when no output size is given
+    sw: float | None = None
+    if output_size:
+        oh, ow = int(output_size[0]), int(output_size[1])
+    else:
+        assert scale_factors, "aten.upsample_bilinear2d.vec takes an output size or scale factors"
+        sh, sw = scale_factors[0], scale_factors[1]
+        oh, ow = int(h * sh), int(w * sw)
+    lo, hi, f = _source_coords(oh, h, align_corners, sh)
     x = mx.take(x, lo, axis=2) * (1 - f)[:, None] + mx.take(x, hi, axis=2) * f[:, None]
-    lo, hi, f = _source_coords(ow, w, align_corners, scales[1] if not output_size else None)
+    lo, hi, f = _source_coords(ow, w, align_corners, sw)
     return mx.take(x, lo, axis=3) * (1 - f) + mx.take(x, hi, axis=3) * f
 
 

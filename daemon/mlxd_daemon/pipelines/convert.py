@@ -20,7 +20,7 @@ import types
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -116,7 +116,8 @@ def _check_structure(name: str, config: dict[str, Any], ckpt: Checkpoint, plan: 
     from mlxd_daemon.pipelines.sd import build_component
 
     module = build_component(name, config)
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(module.parameters())}
+    params = cast("list[tuple[str, Any]]", tree_flatten(module.parameters()))  # a list without destination=
+    expected = {k: tuple(v.shape) for k, v in params}
     got = {}
     for unit in plan.units:
         shape = ckpt.tensors[unit.source].shape

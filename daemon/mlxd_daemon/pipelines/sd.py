@@ -243,7 +243,7 @@ def _image_tensor(image: Any, width: int, height: int, f: int) -> np.ndarray:
     w, h = width or image.width, height or image.height
     w, h = w - w % f, h - h % f
     if (w, h) != image.size:
-        image = image.resize((w, h), resample=Image.LANCZOS)
+        image = image.resize((w, h), resample=Image.Resampling.LANCZOS)
     arr = np.array(image.convert("RGB")).astype(np.float32) / 255.0
     return (2.0 * arr - 1.0)[None]
 

@@ -102,8 +102,8 @@ class UNetConfig:
         n = len(down)
         # diffusers' historical naming: attention_head_dim holds the number of heads unless num_attention_heads is set.
         heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
+        field_names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in field_names}
         return cls(**{
             **kw, "block_out_channels": tuple(d.get("block_out_channels", cls.block_out_channels)),
             "down_block_types": down, "up_block_types": up, "heads": _per_block(heads, n, "attention_head_dim"),
@@ -272,10 +272,10 @@ class UNet2DConditionModel(nn.Module):
         context = context.astype(dtype)
         x = tap("conv_in", self.conv_in(x))
         skips = [x]
-        for block in self.down_blocks:
-            x, states = block(x, temb, context)
+        for down in self.down_blocks:
+            x, states = down(x, temb, context)
             skips += states
         x = self.mid_block(x, temb, context)
-        for block in self.up_blocks:
-            x = block(x, skips, temb, context)
+        for up in self.up_blocks:
+            x = up(x, skips, temb, context)
         return self.conv_out(nn.silu(self.conv_norm_out(x))).astype(mx.float32)
