@@ -96,6 +96,7 @@ bench: $(STAMP)
 	$(PY) bench/sd.py
 	$(PY) bench/generate.py
 	$(PY) bench/tensor_parallel.py
+	$(PY) bench/export_programs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .demo $(TS)/node_modules $(TS)/dist
