@@ -113,6 +113,7 @@ class TestLaunch:
         assert argv[argv.index("--starting-port") + 1] == "40000"
         assert argv[-4:] == ["-m", "mlxd_daemon.tp_rank", str(tmp_path), "/tmp/c.sock"]
         assert env["MLXD_TP_BACKEND"] == "ring" and "NCCL_NVLS_ENABLE" not in env
+        assert env["OPENBLAS_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))  # the cores are shared
 
     def test_nccl_keeps_nvlink_multicast_off(self, tmp_path: Path) -> None:
         """NCCL: the ranks get NCCL_NVLS_ENABLE=0 and the launcher an NCCL port; hosts come from the hostfile."""

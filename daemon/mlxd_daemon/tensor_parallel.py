@@ -67,6 +67,11 @@ def launch_command(
             argv += ["--env", e]
     argv += ["--", "-m", "mlxd_daemon.tp_rank", str(model_dir), control]
     env = {**os.environ, "MLXD_TP_BACKEND": backend}
+    if backend == "ring" and not hostfile:
+        # N ranks on this host share its cores: BLAS threads beyond a rank's share spin against the other ranks
+        # (2 ranks x 2 OpenBLAS threads on 2 cores stalled a collective past the timeout).
+        threads = str(max(1, (os.cpu_count() or 1) // size))
+        env.update(OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
     if backend == "nccl":
         env.update(dict(e.split("=", 1) for e in NCCL_ENV))
     return argv, env
