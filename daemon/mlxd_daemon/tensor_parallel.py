@@ -29,7 +29,8 @@ from typing import Any, NoReturn
 
 import structlog
 
-from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, MlxdError, RankLost, Unsupported
+from mlxd_daemon.archs.decoder import TokenizedPrompts
+from mlxd_daemon.errors import InvalidArgument, MlxdError, RankLost, Unsupported
 
 log = structlog.get_logger()
 
@@ -113,7 +114,7 @@ def check_shardable(model_dir: Path, size: int) -> dict[str, Any]:
     return config
 
 
-class TensorParallelModel:
+class TensorParallelModel(TokenizedPrompts):
     """A decoder served by ``size`` ranks; the models worker's stand-in for a resident bundle."""
 
     def __init__(self, model_dir: Path, size: int, hostfile: str | None = None) -> None:
@@ -126,6 +127,7 @@ class TensorParallelModel:
         from mlx_lm.utils import load_tokenizer
 
         self.tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+        self.model_dir = model_dir
         self.tensor_parallel, self.backend = size, choose_backend()
         self.dtype = str(config.get("torch_dtype") or config.get("dtype") or "")
         self._dir = Path(tempfile.mkdtemp(prefix="mlxd-tp-"))
@@ -201,16 +203,6 @@ class TensorParallelModel:
     @property
     def alive(self) -> bool:
         return self._conn is not None and self._proc.poll() is None
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
-
-    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            msg = "this model has no chat template: pass a plain prompt"
-            raise FailedPrecondition(msg, reason="NO_CHAT_TEMPLATE")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        return list(ids)
 
     def generate(
         self, prompt: str | list[int], *, max_tokens: int, temperature: float, top_p: float, seed: int

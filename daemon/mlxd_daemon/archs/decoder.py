@@ -43,8 +43,37 @@ def map_weight(name: str) -> str:
     return name
 
 
+class TokenizedPrompts:
+    """Prompt text -> token ids for a decoder with mlx-lm's ``TokenizerWrapper`` (``tokenizer``, None without
+    tokenizer files) and its ``model_dir``: shared by the single-process bundle and the tensor-parallel one."""
+
+    tokenizer: Any
+    model_dir: Path
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            msg = f"{self.model_dir} has no tokenizer files: pass token ids, or copy the tokenizer next to it"
+            raise InvalidArgument(msg, reason="NO_TOKENIZER", path=str(self.model_dir))
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids with the tokenizer's specials (BOS), unless the text already starts with the BOS token."""
+        tok = self._require_tokenizer()
+        add = tok.bos_token is None or not text.startswith(tok.bos_token)  # chat templates write BOS themselves
+        return list(tok.encode(text, add_special_tokens=add))
+
+    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template (mlx-lm's tokenizer wrapper)."""
+        tok = self._require_tokenizer()
+        if not tok.has_chat_template:
+            msg = f"{self.model_dir} has no chat template: pass a plain prompt to generate"
+            raise InvalidArgument(msg, reason="NO_CHAT_TEMPLATE")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.encode(str(text))
+
+
 @dataclass
-class DecoderBundle:
+class DecoderBundle(TokenizedPrompts):
     """A loaded mlx-lm model and its tokenizer (mlx-lm's ``TokenizerWrapper``; None without tokenizer files)."""
 
     model: nn.Module
@@ -71,27 +100,6 @@ class DecoderBundle:
         """Not offered: a causal LM has no embedding output of its own."""
         msg = f"{self.model_type} is a text-generation model: use Generate (mlxctl generate), not Infer"
         raise InvalidArgument(msg, reason="USE_GENERATE", model_type=self.model_type)
-
-    def _require_tokenizer(self) -> Any:
-        if self.tokenizer is None:
-            msg = f"{self.model_dir} has no tokenizer files: pass token ids, or copy the tokenizer next to it"
-            raise InvalidArgument(msg, reason="NO_TOKENIZER", path=str(self.model_dir))
-        return self.tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids with the tokenizer's specials (BOS), unless the text already starts with the BOS token."""
-        tok = self._require_tokenizer()
-        add = tok.bos_token is None or not text.startswith(tok.bos_token)  # chat templates write BOS themselves
-        return list(tok.encode(text, add_special_tokens=add))
-
-    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of ``messages`` rendered with the model's chat template (mlx-lm's tokenizer wrapper)."""
-        tok = self._require_tokenizer()
-        if not tok.has_chat_template:
-            msg = f"{self.model_dir} has no chat template: pass a plain prompt to generate"
-            raise InvalidArgument(msg, reason="NO_CHAT_TEMPLATE")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        return self.encode(str(text))
 
     def generate(
         self,
