@@ -16,12 +16,10 @@ if TYPE_CHECKING:
     from mlxd_daemon.archs.clip import ClipBundle
 
 
-def _l2_normalise(x: mx.array) -> mx.array:
-    return x / mx.linalg.norm(x, axis=-1, keepdims=True)
-
-
 class ClipServed:
     def __init__(self, bundle: ClipBundle) -> None:
+        from mlxd_daemon.archs.clip import _l2_normalise  # clip imports this module: import at use, not at load
+
         self.bundle = bundle
         m = bundle.model
 
