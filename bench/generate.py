@@ -5,11 +5,13 @@ both sides compute in float32 (mlx-lm computes in the stored dtype, and half pre
 CPU). Reported: the converted model's load time (mlxd's decoder.load and mlx_lm.load), decode tokens/s
 (mlx-lm's own generation_tps on both sides), end-to-end tokens/s seen by the client, and the ratio.
 
-Run `python bench/generate.py` (or `--tiny` for a quick check on a tiny model).
+Run `python bench/generate.py` (or `--tiny` for a quick check on a tiny model; `--dtype bfloat16` on a GPU, where
+MLX computes in half precision at full speed).
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -24,7 +26,7 @@ PROMPT = "Once upon a time, in a small village by the sea, there lived an old fi
 TOKENS, REPEAT = 128, 3
 
 
-def model_dir(tiny: bool) -> Path:
+def model_dir(tiny: bool, dtype: str) -> Path:
     from mlxd_daemon.convert import convert
 
     if tiny:
@@ -32,20 +34,23 @@ def model_dir(tiny: bool) -> Path:
 
         root = Path(tempfile.mkdtemp())
         src = make_llama(root / "hf", size="tiny")
-        convert(src, root / "mlx", dtype="float32")
+        convert(src, root / "mlx", dtype=dtype)
         return root / "mlx"
     from convert import llama_1b
 
-    out = CACHE / "bench-mlx-llama-1b-f32"
+    out = CACHE / f"bench-mlx-llama-1b-{dtype}"
     if not (out / "config.json").exists():
-        convert(llama_1b(), out, dtype="float32")
+        convert(llama_1b(), out, dtype=dtype)
     return out
 
 
 def in_process(path: Path) -> tuple[float, float]:
     """(mlx_lm.load seconds, median decode tokens/s of mlx_lm's stream_generate)."""
+    import mlx.core as mx
     import mlx_lm
     from mlx_lm.generate import stream_generate
+
+    mx.set_memory_limit(32 << 30)  # as the daemon's residency caps its worker
 
     start = time.perf_counter()
     model, tokenizer = mlx_lm.load(str(path))
@@ -81,8 +86,12 @@ def through_daemon(path: Path) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    tiny = "--tiny" in sys.argv
-    path = model_dir(tiny)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny Llama (a quick check, not a benchmark)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    a = parser.parse_args()
+    tiny = a.tiny
+    path = model_dir(tiny, a.dtype)
     from mlxd_daemon.archs import decoder
 
     start = time.perf_counter()
@@ -90,7 +99,7 @@ def main() -> None:
     mlxd_load = time.perf_counter() - start
     lm_load, lm_tps = in_process(path)
     d_load, d_tps, d_wall = through_daemon(path)
-    print(f"# Generate vs mlx_lm.generate ({'tiny llama' if tiny else 'Llama-3.2-1B shape, float32'}; {machine()})")
+    print(f"# Generate vs mlx_lm.generate ({'tiny llama' if tiny else 'Llama-3.2-1B shape'}, {a.dtype}; {machine()})")
     print(f"load: decoder.load {mlxd_load:.2f}s, mlx_lm.load {lm_load:.2f}s, daemon LoadModel {d_load:.2f}s")
     print(f"decode tokens/s: mlx_lm.generate {lm_tps:.1f}, daemon Generate {d_tps:.1f} ({d_tps / lm_tps:.2f}x), "
           f"client-side end to end {d_wall:.1f}")  # fmt: skip

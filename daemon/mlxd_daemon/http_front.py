@@ -160,17 +160,19 @@ class OpenAIFront:
             stream = self._stream(completion, first, events, include_usage=include_usage)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         count, result = 0, None
-        async for kind, value in events:
-            count += kind == "token"
-            if kind == "result":
-                result = value
+        async for batch in events:
+            for kind, value in batch:
+                count += kind == "token"
+                if kind == "result":
+                    result = value
         assert result is not None  # _generate ends with a result or raises
         return JSONResponse(completion.response(result["text"], result["finish_reason"], result["prompt_tokens"],
                                                 count))  # fmt: skip
 
-    async def _generate(self, args: dict[str, Any]) -> AsyncGenerator[tuple[str, Any], None]:
-        """The generation's ("token", event) ... ("result", dict) events; raises its MlxdError; a consumer that
-        stops early (the HTTP client went away) cancels it."""
+    async def _generate(self, args: dict[str, Any]) -> AsyncGenerator[list[tuple[str, Any]], None]:
+        """The generation's ("token", event) ... ("result", dict) events, in batches of those that are ready
+        together (a client that reads slower than tokens come gets fewer, larger writes); raises its MlxdError; a
+        consumer that stops early (the HTTP client went away) cancels it."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -181,18 +183,21 @@ class OpenAIFront:
         generation = self.service.generate(args, sink)
         done = False
         try:
-            while True:
-                kind, value = await queue.get()
-                if kind == "error":
-                    done = True
-                    raise value
-                if kind == "result":
-                    done = True
-                    self.seen.pop(value["model"], None)
-                    self.seen[value["model"]] = None
-                yield kind, value
-                if done:
-                    return
+            while not done:
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                for i, (kind, value) in enumerate(batch):
+                    if kind == "error":
+                        done = True
+                        if i:  # the tokens before it still go out
+                            yield batch[:i]
+                        raise value
+                    if kind == "result":
+                        done = True
+                        self.seen.pop(value["model"], None)
+                        self.seen[value["model"]] = None
+                yield batch
         finally:
             if not done:
                 generation.cancel()
@@ -200,29 +205,35 @@ class OpenAIFront:
     async def _stream(
         self,
         completion: wire.Completion,
-        first: tuple[str, Any],
-        events: AsyncGenerator[tuple[str, Any], None],
+        first: list[tuple[str, Any]],
+        events: AsyncGenerator[list[tuple[str, Any]], None],
         *,
         include_usage: bool,
     ) -> AsyncIterator[bytes]:
-        """Server-sent chunks in OpenAI's format, ending with ``data: [DONE]``; an error mid-stream is sent as
-        an error event (the status line has gone out already)."""
+        """Server-sent chunks in OpenAI's format (one per token; the tokens that are ready together go out in one
+        write), ending with ``data: [DONE]``; an error mid-stream is sent as an error event (the status line has
+        gone out already)."""
         count = 0
         if completion.chat:
             yield wire.sse(completion.chunk("", role=True))
         try:
-            kind, value = first
-            while True:
-                if kind == "token":
-                    count += 1
-                    if value["text"]:
-                        yield wire.sse(completion.chunk(value["text"]))
-                else:
-                    yield wire.sse(completion.chunk(None if completion.chat else "", value["finish_reason"]))
-                    if include_usage:
-                        yield wire.sse(completion.usage_chunk(value["prompt_tokens"], count))
-                    break
-                kind, value = await anext(events)
+            batch, done = first, False
+            while not done:
+                out = []
+                for kind, value in batch:
+                    if kind == "token":
+                        count += 1
+                        if value["text"]:
+                            out.append(wire.sse(completion.chunk(value["text"])))
+                    else:
+                        out.append(wire.sse(completion.chunk(None if completion.chat else "", value["finish_reason"])))
+                        if include_usage:
+                            out.append(wire.sse(completion.usage_chunk(value["prompt_tokens"], count)))
+                        done = True
+                if out:
+                    yield b"".join(out)
+                if not done:
+                    batch = await anext(events)
         except MlxdError as e:
             yield wire.sse(bytes(error_response(e).body).decode())
         finally:
