@@ -5,6 +5,8 @@ at batch 1 / 8 / 64 (N texts of up to 77 tokens + N 224x224 images -> embeddings
 p10/p90 over interleaved rounds:
 
   torch eager     transformers CLIPModel fp16 on CUDA, preprocessed tensors already on the device
+  torch e2e       the same from PNG bytes: decode, transformers' CLIPProcessor (tokenizer + image processor),
+                  tensors to the device, forward: what a PyTorch server does with the request Infer gets
   torch.compile   the same module under torch.compile (default mode)
   mlxd forward    ``ClipBundle.served`` on preprocessed inputs: the compiled towers Infer runs
   mlxd embed      ``ClipBundle.embed(texts, images)``: the in-process call Infer makes (tokenizing and image
@@ -71,7 +73,8 @@ def main() -> None:
     from mlxd_daemon.archs import clip
     from mlxd_daemon.convert import convert
     from mlxd_daemon.fixtures import golden_images, make_clip
-    from transformers import CLIPModel
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
 
     print(f"MLX {mx.__version__} on {mx.default_device()}, torch {torch.__version__} on "
           f"{torch.cuda.get_device_name(0)}", flush=True)  # fmt: skip
@@ -82,6 +85,7 @@ def main() -> None:
     first = bundle.warm_up()
     tm = CLIPModel.from_pretrained(src, torch_dtype=torch.float16).cuda().eval()
     tc = torch.compile(tm)
+    processor = CLIPProcessor.from_pretrained(src)
     images = golden_images(max(BATCHES), size=224)
     pngs = []
     for im in images:
@@ -103,6 +107,13 @@ def main() -> None:
 
         return run
 
+    def torch_e2e(ts: list[str], blobs: list[bytes]) -> Any:
+        decoded = [Image.open(io.BytesIO(b)) for b in blobs]
+        batch = processor(text=ts, images=decoded, return_tensors="pt", padding=True, truncation=True)
+        inputs = {"ids": batch["input_ids"].cuda(), "mask": batch["attention_mask"].cuda(),
+                  "px": batch["pixel_values"].half().cuda()}  # fmt: skip
+        return torch_fn(tm, inputs)()
+
     address = f"unix://{root}/mlxd.sock"
     proc = start_daemon(address, log_path=root / "mlxd.log")
     try:
@@ -115,7 +126,8 @@ def main() -> None:
             first_ms = (time.perf_counter() - start) * 1e3
             print(f"LoadModel {load_s:.1f} s (warm-up {loaded.warmup_seconds:.1f} s in it; in-process warm-up "
                   f"{first:.1f} s); first Infer after load {first_ms:.1f} ms", flush=True)  # fmt: skip
-            print("batch | torch eager | torch.compile | mlxd forward | mlxd embed | gRPC Infer (ms, median (p10-p90))")
+            print("batch | torch eager | torch.compile | torch e2e | mlxd forward | mlxd embed | gRPC Infer "
+                  "(ms, median (p10-p90))")  # fmt: skip
             for n in BATCHES:
                 pre = bundle.preprocess(texts(n), images[:n])
                 tin = {"ids": torch.from_numpy(pre["input_ids"]).cuda(),
@@ -125,6 +137,7 @@ def main() -> None:
                 fns = {
                     "torch": torch_fn(tm, tin),
                     "compile": torch_fn(tc, tin),
+                    "e2e": lambda ts=ts, n=n: torch_e2e(ts, pngs[:n]),
                     "forward": lambda pre=pre: bundle.served.forward(pre),
                     "embed": lambda ts=ts, ims=ims: bundle.embed(ts, ims),
                     "grpc": lambda n=n: c.infer(root / "mlx", texts=texts(n), images=pngs[:n]),
@@ -141,6 +154,7 @@ def main() -> None:
                             times[k].append((time.perf_counter() - t0) * 1e3)
                 med = {k: statistics.median(v) for k, v in times.items()}
                 ratios = (f"gRPC/torch {med['grpc'] / med['torch']:.2f}, "
+                          f"gRPC/torch e2e {med['grpc'] / med['e2e']:.2f}, "
                           f"forward/torch {med['forward'] / med['torch']:.2f}, "
                           f"gRPC/compile {med['grpc'] / med['compile']:.2f}")  # fmt: skip
                 print(f"{n:5d} | " + " | ".join(spread(times[k]) for k in fns) + "   " + ratios, flush=True)
