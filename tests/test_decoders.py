@@ -23,7 +23,7 @@ from mlxd_daemon.fixtures.decoders import MOE_TYPES, TINY, make_decoder
 from mlxd_daemon.golden import GOLDEN_PROMPTS
 
 ARCHS = sorted(TINY)
-DTYPE_SUBSET = ("gemma2", "gpt2", "mixtral", "qwen2_moe")
+DTYPE_SUBSET = ("deepseek_v3", "gemma2", "gpt2", "mixtral", "qwen2_moe")
 GREEDY = 8
 
 

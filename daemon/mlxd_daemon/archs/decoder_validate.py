@@ -102,8 +102,8 @@ def _tokenize(model_dir: Path, config: dict[str, Any], texts: list[str] | None) 
 
 @contextmanager
 def tapped(modules: list[tuple[nn.Module, str, bool]]) -> Iterator[None]:
-    """Make each module's ``__call__`` tap its output as ``name`` (flattened to [tokens, last dim] when asked)
-    by swapping in a subclass; the original classes are restored on exit."""
+    """Make each module's ``__call__`` tap its output as ``name`` by swapping in a subclass; the original classes
+    are restored on exit. Routers (``flatten``) tap their logits flattened to [tokens, experts]."""
     originals = []
     for module, name, flatten in modules:
         cls = type(module)
@@ -111,6 +111,8 @@ def tapped(modules: list[tuple[nn.Module, str, bool]]) -> Iterator[None]:
         def call(self: Any, *args: Any, _cls: type = cls, _name: str = name, _flat: bool = flatten, **kw: Any) -> Any:
             out = _cls.__call__(self, *args, **kw)
             x = out[0] if isinstance(out, tuple) else out
+            if _flat and (x.shape[-1] != self.weight.shape[0] or not mx.issubdtype(x.dtype, mx.floating)):
+                x = args[0] @ self.weight.T  # a gate returning (indices, scores) (DeepSeek): its logits, as HF's
             tap(_name, x.reshape(-1, x.shape[-1]) if _flat else x)
             return out
 
