@@ -111,20 +111,22 @@ class TestAwqFold:
     def test_clip_layer_folds_keep_the_function(self) -> None:
         """Scaling q/k/v, out_proj and fc1 inputs and folding 1/s into the norms and v_proj changes no output."""
         from mlxd_daemon.archs.clip import CLIPEncoderLayer, TextConfig
+        from mlxd_daemon.archs.clip_calibrate import pre_ln_block
 
         cfg = TextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4)
         layer = CLIPEncoderLayer(cfg)
         layer.update({"layer_norm1": {"weight": mx.random.normal((64,)), "bias": mx.random.normal((64,))}})
         x = mx.random.normal((2, 7, 64), key=mx.random.key(1))
-        self._check(layer, models.pre_ln_block("", layer, "quick_gelu"), lambda m: m(x, None))
+        self._check(layer, pre_ln_block("", layer, "quick_gelu"), lambda m: m(x, None))
 
     def test_bert_value_fold_keeps_the_function(self) -> None:
         """Folding attention.output.dense's input scale into the value rows changes no output."""
         from mlxd_daemon.archs.bert import BertConfig, BertLayer
+        from mlxd_daemon.archs.bert_calibrate import bert_block
 
         cfg = BertConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128)
         layer = BertLayer(cfg)
-        block = models.bert_block("", layer, cfg.hidden_act)
+        block = bert_block("", layer, cfg.hidden_act)
         x = mx.random.normal((2, 7, 64), key=mx.random.key(2))
         mask = mx.ones((2, 1, 1, 7), dtype=mx.bool_)
         self._check(layer, block, lambda m: m(x, mask))

@@ -207,23 +207,26 @@ def infer_many(args: dict[str, Any], reporter: Reporter) -> list[dict[str, Any]]
     for i, texts, images in ok:
         t1, i1 = t0 + len(texts), i0 + len(images)
         results[i] = {"model": resident.id, "seconds": seconds, "batch": len(ok),
-                      "outputs": split_outputs(outputs, (t0, t1), (i0, i1))}  # fmt: skip
+                      "outputs": split_outputs(resident.bundle, outputs, (t0, t1), (i0, i1))}  # fmt: skip
         t0, i0 = t1, i1
     return results
 
 
-def split_outputs(outputs: dict[str, Any], texts: tuple[int, int], images: tuple[int, int]) -> dict[str, Any]:
-    """One request's share of a batched forward: its rows of each output (and its block of the similarity)."""
+def split_outputs(
+    bundle: Any, outputs: dict[str, Any], texts: tuple[int, int], images: tuple[int, int]
+) -> dict[str, Any]:
+    """One request's share of a batched forward: its rows of each output, as the contract's ``output_rows`` says."""
+    from mlxd_daemon.archs.contract import output_rows
+
     (t0, t1), (i0, i1) = texts, images
     out: dict[str, Any] = {}
     for name, value in outputs.items():
-        if name == "logits_per_image":
+        rows = output_rows(bundle, name)
+        if rows == "images x texts":
             out[name] = value[i0:i1, t0:t1]
-        elif name.startswith("image"):
+        elif rows == "images" or (rows == "inputs" and t1 == t0):
             out[name] = value[i0:i1]
-        elif name == "logits":  # classifiers: one row per input, texts or images
-            out[name] = value[t0:t1] if t1 > t0 else value[i0:i1]
-        elif name == "labels":
+        elif rows == "shared":
             out[name] = value
         else:
             out[name] = value[t0:t1]

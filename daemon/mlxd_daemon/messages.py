@@ -25,7 +25,8 @@ QUANT_MODE_NAMES = {
     pb.QUANT_MODE_MXFP8: "mxfp8",
     pb.QUANT_MODE_NVFP4: "nvfp4",
 }
-INFER_TENSORS = ("text_embeds", "image_embeds", "logits_per_image", "logits")
+# Infer outputs with a field of their own in InferResponse (read from the proto, not kept by hand).
+INFER_TENSORS = tuple(f.name for f in pb.InferResponse.DESCRIPTOR.fields if f.message_type is pb.Tensor.DESCRIPTOR)
 PROGRESS_KINDS = {
     "begin": pb.Progress.KIND_BEGIN,
     "report": pb.Progress.KIND_REPORT,
@@ -72,6 +73,16 @@ def progress_message(job: Job, event: dict[str, Any]) -> pb.Progress:
 def tensor(array: np.ndarray) -> pb.Tensor:
     array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
     return pb.Tensor(shape=list(array.shape), dtype=array.dtype.name, data=array.tobytes())
+
+
+def infer_response(reply: dict[str, Any]) -> pb.InferResponse:
+    """An Infer reply (outputs of texts/images): outputs with a field go there, any other named output of the
+    architecture into ``outputs``; ``labels`` (classifiers) as strings."""
+    out = reply["outputs"]
+    fields = {k: tensor(v) for k, v in out.items() if k in INFER_TENSORS}
+    others = {k: tensor(np.asarray(v)) for k, v in out.items() if k not in INFER_TENSORS and k != "labels"}
+    return pb.InferResponse(model=reply["model"], seconds=reply["seconds"], labels=out.get("labels", []),
+                            batch_requests=reply.get("batch", 1), outputs=others, **fields)  # fmt: skip
 
 
 def convert_result(r: dict[str, Any]) -> pb.ConvertResult:

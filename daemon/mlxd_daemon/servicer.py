@@ -27,10 +27,10 @@ from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, MlxdError, N
 from mlxd_daemon.jobs import SUCCEEDED, TERMINAL, Job, JobTable
 from mlxd_daemon.messages import (
     DTYPE_NAMES,
-    INFER_TENSORS,
     QUANT_MODE_NAMES,
     cached_models,
     convert_result,
+    infer_response,
     job_info,
     job_result,
     progress_message,
@@ -340,15 +340,7 @@ class MlxdServicer(pb_grpc.MlxdServicer):
             reply = self.service.infer(request.model, list(request.texts), list(request.images))
         except MlxdError as e:
             abort(context, e)
-        out = reply["outputs"]
-        tensors = {k: tensor(v) for k, v in out.items() if k in INFER_TENSORS}
-        return pb.InferResponse(
-            model=reply["model"],
-            seconds=reply["seconds"],
-            labels=out.get("labels", []),
-            batch_requests=reply.get("batch", 1),
-            **tensors,
-        )
+        return infer_response(reply)
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         args = generate_args(

@@ -3,7 +3,8 @@
 MLX side: architecture code calls ``tap(name, x)`` where a layer's output is produced (names are the Hugging
 Face module paths, e.g. ``text_model.encoder.layers.3``); it is free when no capture is active.
 PyTorch side: ``torch_taps(names)`` hooks the modules of those names on every model loaded with
-``from_pretrained`` inside the block, so the architectures' ``run_reference`` need no change.
+``from_pretrained`` inside the block, so the architectures' ``run_reference`` need no change; a reference built
+another way (a plain ``torch.nn.Module``) is hooked by passing it to ``hook_reference``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 _active: dict[str, Any] | None = None
+_reference: tuple[set[str], dict[str, np.ndarray]] | None = None  # torch_taps' names and where outputs go
 
 
 def tap(name: str, x: Any) -> Any:
@@ -58,24 +60,33 @@ def hook_modules(model: Any, names: set[str], captured: dict[str, np.ndarray], p
     return handles
 
 
+def hook_reference(model: Any) -> Any:
+    """Hook ``model``'s modules named as the active ``torch_taps`` block asks (nothing outside one); returns it."""
+    if _reference is not None:
+        hook_modules(model, *_reference)
+    return model
+
+
 @contextmanager
 def torch_taps(names: list[str]) -> Iterator[dict[str, np.ndarray]]:
     """Hook modules named ``names`` (or ``<prefix>.<name>``, e.g. ``bert.encoder.layer.0``) of models loaded
-    with ``transformers.PreTrainedModel.from_pretrained`` inside the block; outputs land in the dict."""
+    with ``transformers.PreTrainedModel.from_pretrained`` (or passed to ``hook_reference``) inside the block;
+    outputs land in the dict."""
+    global _reference
     import transformers
 
     captured: dict[str, np.ndarray] = {}
-    wanted = set(names)
     original = transformers.PreTrainedModel.from_pretrained.__func__  # type: ignore[attr-defined]
 
     def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
         loaded = original(cls, *args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
-        hook_modules(model, wanted, captured)
+        hook_reference(loaded[0] if isinstance(loaded, tuple) else loaded)  # output_loading_info=True: (model, info)
         return loaded
 
     transformers.PreTrainedModel.from_pretrained = classmethod(from_pretrained)  # type: ignore[assignment]
+    _reference = (set(names), captured)
     try:
         yield captured
     finally:
+        _reference = None
         transformers.PreTrainedModel.from_pretrained = classmethod(original)  # type: ignore[assignment]

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from mlxd_daemon.archs import get_arch
+from mlxd_daemon.archs.contract import optional, sample_counts
 from mlxd_daemon.errors import InvalidArgument, MlxdError, NotFound
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
 from mlxd_daemon.taps import mlx_taps, torch_taps
@@ -277,8 +278,8 @@ def validate_model(
 ) -> dict[str, Any]:
     """Run the PyTorch reference and the MLX model on the same inputs; compare; write ``validation.json``.
 
-    ``arrays`` (e.g. from a user's .npz) replace the architecture's prepared inputs of the same names
-    (``input_ids``, ``attention_mask``, ``pixel_values``, ...); unknown names are refused.
+    ``arrays`` (e.g. from a user's .npz) replace the architecture's prepared inputs of the same names (its
+    ``golden_inputs`` arrays, as HF processors name them); unknown names are refused.
 
     Returns a JSON-able dict: passed, model_type, dtype, band, outputs (one dict per output),
     matching_agreement, num_texts, num_images, seconds.
@@ -286,10 +287,10 @@ def validate_model(
     start = time.perf_counter()
     src_dir, mlx_dir = Path(src_dir), Path(mlx_dir)
     mlx_cfg = _config(mlx_dir, "mlx")
-    # An exported program's reference is a .pt2, an HF directory of another model_type, or the program itself.
-    program = mlx_cfg.get("model_type") == "mlxd_program"
-    src_cfg = {"model_type": "mlxd_program"} if program else _config(src_dir, "source")
     model_type = mlx_cfg.get("model_type")
+    arch = get_arch(str(model_type))
+    # An exported program's reference is a .pt2, an HF directory of another model_type, or the program itself.
+    src_cfg = {"model_type": model_type} if optional(arch, "ANY_REFERENCE") else _config(src_dir, "source")
     if src_cfg.get("model_type") != model_type:
         msg = (
             f"source is model_type {src_cfg.get('model_type')!r} but the MLX model is {model_type!r}: "
@@ -298,7 +299,6 @@ def validate_model(
         raise InvalidArgument(
             msg, reason="MODEL_TYPE_MISMATCH", source=str(src_cfg.get("model_type")), mlx=str(model_type)
         )
-    arch = get_arch(str(model_type))
 
     inputs = arch.golden_inputs(mlx_dir, texts=texts, images=images)
     if arrays:
@@ -341,20 +341,20 @@ def validate_model(
     reports = compare(reference, candidate, tolerances)
     reporter.report(len(reports))
     agreement = None  # measured only where there is something to match
-    if "logits_per_image" in reference and "logits_per_image" in candidate:
-        agreement = matching_agreement(reference["logits_per_image"], candidate["logits_per_image"])
-    elif "logits" in candidate and np.ndim(reference.get("logits")) == 2:  # classifiers: top-1 agreement
-        agreement = matching_agreement(reference["logits"], candidate["logits"])
+    matched = optional(arch, "MATCHING_OUTPUT")
+    if matched in candidate and np.ndim(reference.get(matched)) == 2:
+        agreement = matching_agreement(reference[matched], candidate[matched])
     agree: dict[str, Any] = {}
-    if hasattr(arch, "agreement"):
+    if (arch_agreement := optional(arch, "agreement")) is not None:
         ref_all, cand_all = {**reference, **extras}, {**candidate, **extras_mlx}
-        agree = arch.agreement(ref_all, cand_all, inputs, ref_layers, mlx_layers)
+        agree = arch_agreement(ref_all, cand_all, inputs, ref_layers, mlx_layers)
         agreement = agree.get("top1_agreement", agreement)
     reporter.end()
 
     # An arch may raise the per-layer floor for differences it cannot avoid (see decoder.LAYER_REL_TOL_FLOOR).
-    layers = compare_layers(ref_layers, mlx_layers, max(LAYER_REL_TOL[band], getattr(arch, "LAYER_REL_TOL_FLOOR", 0)))
+    layers = compare_layers(ref_layers, mlx_layers, max(LAYER_REL_TOL[band], optional(arch, "LAYER_REL_TOL_FLOOR")))
     first_bad = next((layer["name"] for layer in layers if not layer["passed"]), "")
+    num_texts, num_images = sample_counts(inputs)
     first_non_finite = next((layer for layer in layers if layer["note"].startswith(NON_FINITE)), None)
     if first_non_finite is not None:  # name where the NaN/Inf first appear, next to each output they reach
         where = f"; first layer with NaN/Inf: {first_non_finite['name']} ({first_non_finite['note']})"
@@ -371,8 +371,8 @@ def validate_model(
         # Reported, not gated: near-tied random-weight logits can swap order within tolerance. None: not measured.
         "matching_agreement": agreement,
         "agreement": agree,
-        "num_texts": len(inputs["input_ids"]) if "input_ids" in inputs else len(inputs.get("texts", [])),
-        "num_images": len(inputs["pixel_values"]) if "pixel_values" in inputs else len(inputs.get("images", [])),
+        "num_texts": num_texts,
+        "num_images": num_images,
         "seconds": round(time.perf_counter() - start, 3),
         "inputs_note": inputs.get("inputs_note", ""),
     }

@@ -2,8 +2,10 @@
 
 ``resolve(model_type)`` decides, from config.json alone and before any weight is read, which path converts,
 validates and serves a model, and says so (``Route.path``, recorded in Convert's result):
-  - ``mlxd:<module>``: an arch module in this package (``clip``, ``bert``, ``vit``, ``mlxd_program``); the module
-    *is* the registration (see ``contract.ArchModule`` for what it provides).
+  - ``mlxd:<model_type>``: an arch module satisfying ``contract.ArchModule``; the module *is* the registration.
+    Either a file in this package (``clip``, ``bert``, ``vit``, ``mlxd_program``), or any importable module named
+    in ``$MLXD_ARCH_MODULES`` (comma-separated dotted paths; the last component is the model_type, as a file name
+    here is; it takes precedence over a file of the same name). The daemon's workers inherit the variable.
   - ``mlx_lm``: a causal LM that the installed mlx-lm has (``mlx_lm/models/<type>.py``, after its
     ``MODEL_REMAPPING``); served by ``archs.decoder`` through mlx-lm's own model classes. Upgrading mlx-lm adds
     architectures with no change here.
@@ -21,13 +23,14 @@ import difflib
 import functools
 import importlib
 import importlib.util
+import os
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from mlxd_daemon.errors import Unsupported
+from mlxd_daemon.errors import FailedPrecondition, Unsupported
 
 if TYPE_CHECKING:  # computed on access by __getattr__ below
     SUPPORTED: tuple[str, ...]
@@ -37,12 +40,14 @@ if TYPE_CHECKING:  # computed on access by __getattr__ below
 _NOT_ARCHS = ("decoder",)
 MLX_LM = "mlx_lm"
 EXPORT = "export"
+MODULES_ENV = "MLXD_ARCH_MODULES"
 
 
 @dataclass(frozen=True)
 class Route:
-    """How a model_type is handled: ``path`` is ``mlxd:<module>``, ``mlx_lm`` or ``export``; ``module`` is the
-    mlxd module (for mlx_lm: ``decoder``) and ``mlx_lm_type`` mlx-lm's module name after its remapping."""
+    """How a model_type is handled: ``path`` is ``mlxd:<model_type>``, ``mlx_lm`` or ``export``; ``module`` is the
+    dotted path of the module serving it (for mlx_lm: ``mlxd_daemon.archs.decoder``) and ``mlx_lm_type``
+    mlx-lm's module name after its remapping."""
 
     model_type: str
     path: str
@@ -50,9 +55,19 @@ class Route:
     mlx_lm_type: str = ""
 
 
-@functools.cache
+def registered_modules() -> dict[str, str]:
+    """model_type → module path of the modules named in ``$MLXD_ARCH_MODULES`` (read, not imported)."""
+    paths = (p.strip() for p in os.environ.get(MODULES_ENV, "").split(","))
+    return {p.rpartition(".")[2]: p for p in paths if p}
+
+
 def mlxd_types() -> tuple[str, ...]:
-    """mlxd's own architecture modules (one per HF model_type), found in this package."""
+    """mlxd's architecture modules (one per HF model_type): this package's and the registered ones."""
+    return tuple(sorted(set(_package_types()) | set(registered_modules())))
+
+
+@functools.cache
+def _package_types() -> tuple[str, ...]:
     here = Path(__file__).parent
     found = []
     for info in pkgutil.iter_modules([str(here)]):
@@ -108,11 +123,14 @@ def architectures() -> list[str]:
 
 def resolve(model_type: str, *, allow_export: bool = True) -> Route:
     """The route for ``model_type`` (see the module doc); ``Unsupported`` UNSUPPORTED_ARCHITECTURE otherwise."""
-    if model_type in mlxd_types():
-        return Route(model_type, f"mlxd:{model_type}", model_type)
+    registered = registered_modules()
+    if model_type in registered:
+        return Route(model_type, f"mlxd:{model_type}", registered[model_type])
+    if model_type in _package_types():
+        return Route(model_type, f"mlxd:{model_type}", f"{__name__}.{model_type}")
     lm_type = mlx_lm_remapping().get(model_type, model_type)
     if lm_type in mlx_lm_types():
-        return Route(model_type, MLX_LM, "decoder", lm_type)
+        return Route(model_type, MLX_LM, f"{__name__}.decoder", lm_type)
     if allow_export and _known_to_transformers(model_type):
         return Route(model_type, EXPORT)
     close = difflib.get_close_matches(model_type, architectures(), n=5, cutoff=0.5)
@@ -141,4 +159,13 @@ def __getattr__(name: str) -> object:
 def get_arch(model_type: str) -> ModuleType:
     """The mlxd module serving ``model_type`` (``decoder`` for mlx-lm's types); Unsupported otherwise."""
     route = resolve(model_type, allow_export=False)
-    return importlib.import_module(f"mlxd_daemon.archs.{route.module}")
+    try:
+        return importlib.import_module(route.module)
+    except ModuleNotFoundError as e:
+        # Only a registered module can be missing; a dependency it lacks is named as such, not as the module.
+        if model_type not in registered_modules():
+            raise
+        itself = e.name is not None and (route.module + ".").startswith(e.name + ".")
+        missing = "" if itself else f" (it needs {e.name}, not installed)"
+        msg = f"{MODULES_ENV} names {route.module} for model_type {model_type!r}, which cannot be imported{missing}"
+        raise FailedPrecondition(msg, reason="ARCH_MODULE_NOT_IMPORTABLE", module=route.module) from e

@@ -83,3 +83,18 @@ ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
     "swish": silu,
     "relu": _relu,
 }
+
+
+Activation = Callable[[mx.array], mx.array]
+
+
+def activation(name: str, extra: dict[str, Activation] | None = None) -> Activation:
+    """The function for a config's ``hidden_act`` (``extra``: names one use allows besides, e.g. a pooler's tanh);
+    Unsupported UNSUPPORTED_ACTIVATION naming the supported ones otherwise."""
+    from mlxd_daemon.errors import Unsupported
+
+    table = {**(extra or {}), **ACTIVATIONS}
+    if name not in table:
+        msg = f"hidden_act {name!r} is not supported; supported: {', '.join(table)}"
+        raise Unsupported(msg, reason="UNSUPPORTED_ACTIVATION", hidden_act=name)
+    return table[name]

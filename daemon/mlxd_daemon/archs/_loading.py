@@ -6,8 +6,9 @@ Nothing here knows an architecture; ``what`` arguments only name it in error mes
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,6 +17,7 @@ from mlx.utils import tree_flatten
 from mlxd_daemon.errors import InvalidArgument, NotFound
 
 LAYOUT_METADATA_KEY = "mlxd.layout"
+C = TypeVar("C")
 
 
 def read_json(path: Path, what: str = "model") -> dict[str, Any]:
@@ -28,6 +30,26 @@ def read_json(path: Path, what: str = "model") -> dict[str, Any]:
     except json.JSONDecodeError as e:
         msg = f"{path} is not valid JSON ({e}): re-run the conversion"
         raise InvalidArgument(msg, reason="BAD_CONFIG", path=str(path)) from None
+
+
+def read_config(model_dir: Path, model_type: str, config_class: Callable[[dict[str, Any]], C], what: str) -> C:
+    """``model_dir/config.json`` parsed by ``config_class`` (a ``from_dict``); InvalidArgument MODEL_TYPE_MISMATCH
+    unless its ``model_type`` is ``model_type``."""
+    raw = read_json(Path(model_dir) / "config.json", what)
+    if raw.get("model_type") != model_type:
+        msg = f"{model_dir} holds model_type {raw.get('model_type')!r}, not {model_type!r}"
+        raise InvalidArgument(msg, reason="MODEL_TYPE_MISMATCH", model_type=str(raw.get("model_type")))
+    return config_class(raw)
+
+
+def read_weights(
+    model_dir: Path, map_weight: Callable[[str], str | None]
+) -> tuple[dict[str, mx.array], dict[str, str] | None, str]:
+    """The checkpoint's tensors under ``map_weight``'s names (None drops one), the recorded layout and the
+    storage dtype (packed quantized weights are uint32 and not counted; their scales keep the float dtype)."""
+    raw, layout = read_safetensors(model_dir)
+    weights = {new: v for k, v in raw.items() if (new := map_weight(k)) is not None}
+    return weights, layout, storage_dtype(raw)
 
 
 def read_safetensors(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, str] | None]:

@@ -18,26 +18,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from tokenizers import Tokenizer
 
-from mlxd_daemon.archs._activations import ACTIVATIONS
+from mlxd_daemon.archs._activations import activation
 from mlxd_daemon.archs._config import FromDict
-from mlxd_daemon.archs._loading import (
-    fill_model,
-    read_json,
-    read_safetensors,
-    require_dir,
-    storage_dtype,
-)
+from mlxd_daemon.archs._loading import fill_model, read_weights, require_dir
+from mlxd_daemon.archs._loading import read_config as read_arch_config
 from mlxd_daemon.archs._tokenless import has_tokenizer, vocabulary_ids
 from mlxd_daemon.archs.bert_processing import Pooling, load_tokenizer, max_length, pool, pool_torch, tokenize
+from mlxd_daemon.archs.contract import Stored
 from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.taps import tap
+
+if TYPE_CHECKING:
+    from mlxd_daemon.calibrate.models import Stream, Weights
 
 DISK_LAYOUT: dict[str, str] = {}  # every tensor keeps HF's layout (Linear weights are [out, in] in both)
 _KEEP = ("embeddings.", "encoder.", "pooler.", "classifier.")
@@ -80,13 +79,6 @@ class BertConfig(FromDict):
         """id2label in logit order (transformers' default names when config.json has none)."""
         n = len(self.id2label) or 2
         return [self.id2label.get(str(i), f"LABEL_{i}") for i in range(n)]
-
-
-def _activation(name: str) -> Any:
-    if name not in ACTIVATIONS:
-        msg = f"hidden_act {name!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
-        raise Unsupported(msg, reason="UNSUPPORTED_ACTIVATION", hidden_act=name)
-    return ACTIVATIONS[name]
 
 
 class BertEmbeddings(nn.Module):
@@ -147,7 +139,7 @@ class BertAttention(nn.Module):
 class BertIntermediate(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.act = _activation(cfg.hidden_act)
+        self.act = activation(cfg.hidden_act)
         self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -214,18 +206,13 @@ class BertModel(nn.Module):
 
 
 @dataclass
-class BertBundle:
+class BertBundle(Stored):
     """A loaded BERT: model (float32 compute), tokenizer and pooling, plus storage facts."""
 
     model: BertModel
     config: BertConfig
     tokenizer: Tokenizer | None  # None: the directory has no tokenizer files (embedding texts then fails)
     pooling: Pooling
-    model_dir: Path
-    dtype: str  # storage dtype of the float tensors on disk
-    nbytes: int  # resident bytes of the loaded parameters
-    quantization: dict[str, Any] | None = None
-    compute_dtype: str = "float32"  # the backend's policy (archs/_quant.py)
 
     @property
     def is_classifier(self) -> bool:
@@ -284,21 +271,14 @@ def map_weight(name: str) -> str | None:
 
 def read_config(model_dir: Path) -> BertConfig:
     """Parse ``model_dir/config.json``; raise ``InvalidArgument`` unless it is a BERT config."""
-    raw = read_json(Path(model_dir) / "config.json", "BERT")
-    if raw.get("model_type") != "bert":
-        msg = f"{model_dir} holds model_type {raw.get('model_type')!r}, not 'bert'"
-        raise InvalidArgument(msg, reason="MODEL_TYPE_MISMATCH", model_type=str(raw.get("model_type")))
-    return BertConfig.from_dict(raw)
+    return read_arch_config(model_dir, "bert", BertConfig.from_dict, "BERT")
 
 
 def load(model_dir: Path) -> BertBundle:
     """Load a converted (or raw HF safetensors) BERT directory for float32 inference on the CPU."""
     model_dir = require_dir(model_dir)
     cfg = read_config(model_dir)
-    raw, _ = read_safetensors(model_dir)
-    # Packed quantized weights are uint32 and not counted; their scales/biases keep the float dtype.
-    dtype = storage_dtype(raw)
-    weights = {new: v for k, v in raw.items() if (new := map_weight(k)) is not None}
+    weights, _, dtype = read_weights(model_dir, map_weight)
     if not cfg.is_classifier:
         # Token-classification / multiple-choice heads are not implemented: serve the encoder only.
         weights = {k: v for k, v in weights.items() if not k.startswith("classifier.")}
@@ -390,3 +370,10 @@ def run_reference(src_dir: Path, inputs: dict[str, Any]) -> dict[str, np.ndarray
         if cfg.is_classifier:
             out["logits"] = model(**t).logits
     return {k: v.float().numpy() for k, v in out.items()}
+
+
+def calibration_streams(config: dict[str, Any], weights: Weights, data: str | Path | None, seed: int) -> list[Stream]:
+    """AWQ/GPTQ: the encoder's layers (``bert_calibrate``)."""
+    from mlxd_daemon.archs.bert_calibrate import calibration_streams
+
+    return calibration_streams(config, weights, data, seed)

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from mlxd_daemon.archs._served import Compiled, batch_bucket, length_bucket, pad_rows, warm_up
+from mlxd_daemon.archs.clip_model import l2_normalise
 
 if TYPE_CHECKING:
     from mlxd_daemon.archs.clip import ClipBundle
@@ -18,18 +19,16 @@ if TYPE_CHECKING:
 
 class ClipServed:
     def __init__(self, bundle: ClipBundle) -> None:
-        from mlxd_daemon.archs.clip import _l2_normalise  # clip imports this module: import at use, not at load
-
         self.bundle = bundle
         m = bundle.model
 
         def text(ids: mx.array, keep: mx.array, eos: mx.array) -> mx.array:
-            return _l2_normalise(m.text_projection(m.text_model.encode(ids, keep, eos)[0]))
+            return l2_normalise(m.text_projection(m.text_model.encode(ids, keep, eos)[0]))
 
         def vision(pixels_nchw: mx.array) -> mx.array:
             # Cast on the device to the compute dtype (fp16 on GPUs): the host sends float32 as preprocessed.
             x = pixels_nchw.astype(m.vision_model.embeddings.patch_embedding.weight.dtype).transpose(0, 2, 3, 1)
-            return _l2_normalise(m.visual_projection(m.vision_model.encode(x)[0]))
+            return l2_normalise(m.visual_projection(m.vision_model.encode(x)[0]))
 
         self.text_fn, self.vision_fn = Compiled(text), Compiled(vision)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,7 +25,11 @@ from mlxd_daemon.archs._quant import use_kernels
 from mlxd_daemon.archs.decoder_validate import agreement, golden_inputs, run_mlx, run_reference
 from mlxd_daemon.errors import InvalidArgument
 
-__all__ = ["DecoderBundle", "agreement", "golden_inputs", "load", "map_weight", "run_mlx", "run_reference"]
+if TYPE_CHECKING:
+    from mlxd_daemon.calibrate.models import Stream, Weights
+
+__all__ = ["DecoderBundle", "agreement", "calibration_streams", "golden_inputs", "load", "map_weight", "run_mlx",
+           "run_reference"]  # fmt: skip
 
 ROUTE = "mlx_lm"  # Convert reads the checkpoint through mlx-lm's sanitize (_lm_convert), not map_weight
 DISK_LAYOUT: dict[str, str] = {}  # names and layouts are mlx-lm's (see _lm_convert)
@@ -226,3 +230,10 @@ def load(model_dir: Path) -> DecoderBundle:
         total_parameters=total,
         active_parameters=active,
     )
+
+
+def calibration_streams(config: dict[str, Any], weights: Weights, data: str | Path | None, seed: int) -> list[Stream]:
+    """AWQ/GPTQ: mlx-lm's layer modules, Llama-style blocks (``decoder_calibrate``)."""
+    from mlxd_daemon.archs.decoder_calibrate import calibration_streams
+
+    return calibration_streams(config, weights, data, seed)

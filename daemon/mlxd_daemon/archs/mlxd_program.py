@@ -24,6 +24,7 @@ from mlxd_daemon.export.program import (
     PROGRAM_FILE,
     SOURCE_PT2,
     Program,
+    check_shape,
     load_graphs,
     read_program,
 )
@@ -31,6 +32,7 @@ from mlxd_daemon.export.program import (
 # Names are PyTorch state_dict names already; nothing is renamed by ``convert`` (programs are written by export).
 DISK_LAYOUT: dict[str, str] = {}
 RANDOM_SUFFIX = "@random"
+ANY_REFERENCE = True  # the reference is the .pt2, the HF directory it was exported from, or the program itself
 
 
 def map_weight(name: str) -> str | None:
@@ -77,27 +79,6 @@ class ProgramBundle:
         """Programs take named arrays, not texts or images."""
         msg = f"{self.model_dir} is an exported program: it takes named arrays ({_describe(self.program.inputs)})"
         raise InvalidArgument(msg, reason="USE_RUN", model=str(self.model_dir))
-
-
-def check_shape(spec: dict[str, Any], shape: tuple[int, ...], dims: dict[str, Any], bound: dict[str, int]) -> None:
-    """BAD_INPUT_SHAPE unless ``shape`` fits ``spec``: static axes equal, each named axis within its range and
-    equal to that dim's value in the inputs before (``bound`` collects them)."""
-    want = spec["shape"]
-    problem = "" if len(shape) == len(want) else f"{len(shape)} axes, not {len(want)}"
-    for axis, (got, dim) in enumerate(zip(shape, want, strict=False)):
-        if problem:
-            break
-        if isinstance(dim, int):
-            problem = "" if got == dim else f"axis {axis} is {got}; the program was captured for {dim} (static)"
-            continue
-        lo, hi = dims.get(dim, {}).get("min") or 1, dims.get(dim, {}).get("max")
-        if got < lo or (hi is not None and got > hi):
-            problem = f"{dim} (axis {axis}) is {got}; the program takes {lo}..{hi if hi is not None else 'any'}"
-        elif bound.setdefault(dim, got) != got:
-            problem = f"{dim} (axis {axis}) is {got} but {bound[dim]} in an earlier input"
-    if problem:
-        msg = f"input {spec['name']!r} has shape {list(shape)}: {problem}"
-        raise InvalidArgument(msg, reason="BAD_INPUT_SHAPE", input=spec["name"])
 
 
 def _describe(specs: list[dict[str, Any]]) -> str:

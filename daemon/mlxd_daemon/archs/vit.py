@@ -32,15 +32,11 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
-from mlxd_daemon.archs._activations import ACTIVATIONS
+from mlxd_daemon.archs._activations import activation
 from mlxd_daemon.archs._config import FromDict
-from mlxd_daemon.archs._loading import (
-    fill_model,
-    read_json,
-    read_safetensors,
-    require_dir,
-    storage_dtype,
-)
+from mlxd_daemon.archs._loading import fill_model, read_weights, require_dir
+from mlxd_daemon.archs._loading import read_config as read_arch_config
+from mlxd_daemon.archs.contract import Stored
 from mlxd_daemon.archs.image_processing import VitImageConfig, preprocess_images
 from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.taps import tap
@@ -119,14 +115,6 @@ class ViTConfig(FromDict):
         """id2label in logit order (transformers' default names when config.json has none)."""
         n = len(self.id2label) or 2
         return [self.id2label.get(str(i), f"LABEL_{i}") for i in range(n)]
-
-
-def _activation(name: str, extra: dict[str, Callable[[mx.array], mx.array]] | None = None) -> Any:
-    table = {**(extra or {}), **ACTIVATIONS}
-    if name not in table:
-        msg = f"activation {name!r} is not supported; supported: {', '.join(table)}"
-        raise Unsupported(msg, reason="UNSUPPORTED_ACTIVATION", hidden_act=name)
-    return table[name]
 
 
 class ViTPatchConv(nn.Module):
@@ -215,7 +203,7 @@ class ViTLayer(nn.Module):
         self.layernorm_before = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attention = ViTAttention(cfg)
         self.layernorm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.intermediate = ViTDense(cfg.hidden_size, cfg.intermediate_size, _activation(cfg.hidden_act))
+        self.intermediate = ViTDense(cfg.hidden_size, cfg.intermediate_size, activation(cfg.hidden_act))
         self.output = ViTDense(cfg.intermediate_size, cfg.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -246,7 +234,7 @@ class ViTModel(nn.Module):
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         if pooler:
             size = cfg.pooler_output_size or cfg.hidden_size
-            self.pooler = ViTDense(cfg.hidden_size, size, _activation(cfg.pooler_act, _POOLER_ACTIVATIONS))
+            self.pooler = ViTDense(cfg.hidden_size, size, activation(cfg.pooler_act, _POOLER_ACTIVATIONS))
         if num_labels:
             self.classifier = nn.Linear(cfg.hidden_size, num_labels)
 
@@ -266,17 +254,12 @@ def _l2_normalise(x: mx.array) -> mx.array:
 
 
 @dataclass
-class ViTBundle:
+class ViTBundle(Stored):
     """A loaded ViT: model (compute per the backend's policy) and image settings, plus storage facts."""
 
     model: ViTModel
     config: ViTConfig
     image_config: VitImageConfig
-    model_dir: Path
-    dtype: str  # storage dtype of the float tensors on disk ("float32", "float16", "bfloat16")
-    nbytes: int  # resident bytes of the loaded parameters
-    quantization: dict[str, Any] | None = None
-    compute_dtype: str = "float32"  # the backend's policy (archs/_quant.py)
 
     @property
     def is_classifier(self) -> bool:
@@ -331,11 +314,7 @@ def map_weight(name: str) -> str | None:
 
 def read_config(model_dir: Path) -> ViTConfig:
     """Parse ``model_dir/config.json``; raise ``InvalidArgument`` unless it is a ViT config."""
-    raw = read_json(Path(model_dir) / "config.json", "ViT")
-    if raw.get("model_type") != "vit":
-        msg = f"{model_dir} holds model_type {raw.get('model_type')!r}, not 'vit'"
-        raise InvalidArgument(msg, reason="MODEL_TYPE_MISMATCH", model_type=str(raw.get("model_type")))
-    return ViTConfig.from_dict(raw)
+    return read_arch_config(model_dir, "vit", ViTConfig.from_dict, "ViT")
 
 
 def _patch_layout(layout: dict[str, str] | None) -> str:
@@ -349,10 +328,7 @@ def load(model_dir: Path) -> ViTBundle:
     """Load a converted (or raw HF safetensors) ViT directory: float32 on the CPU, quantized kernels on GPUs."""
     model_dir = require_dir(model_dir)
     cfg = read_config(model_dir)
-    raw, layout = read_safetensors(model_dir)
-    # Packed quantized weights are uint32 and not counted; their scales/biases keep the float dtype.
-    dtype = storage_dtype(raw)
-    weights = {new: v for k, v in raw.items() if (new := map_weight(k)) is not None}
+    weights, layout, dtype = read_weights(model_dir, map_weight)
     patch_layout = _patch_layout(layout)
     if PATCH_WEIGHT in weights and patch_layout == "pytorch_conv2d_OIHW":
         # pytorch conv2d is [O, I, kH, kW], MLX is [O, kH, kW, I].

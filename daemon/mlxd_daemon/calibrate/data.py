@@ -313,6 +313,12 @@ def load(path: str | Path | None, seed: int, modality: str, words: list[str] | N
     return CalibrationSet("text", seed, texts=texts, path=str(p), sha256=sha)
 
 
+def text_set(model_dir: Path, path: str | Path | None, seed: int) -> CalibrationSet:
+    """A text model's calibration set: the user's data at ``path``, else the built-in sentences with words of the
+    model's own vocabulary (``model_dir/tokenizer.json``, when readable) mixed in."""
+    return load(path, seed, "text", None if path else vocab_words(Path(model_dir) / "tokenizer.json"))
+
+
 def _pick(rng: np.random.Generator, words: tuple[str, ...] | list[str]) -> str:
     return words[int(rng.integers(len(words)))]
 

@@ -23,14 +23,8 @@ from torch.export.graph_signature import InputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
 from mlxd_daemon.errors import InvalidArgument, NotFound, Unsupported
-from mlxd_daemon.export.inputs import ExampleInputs, derive_inputs
+from mlxd_daemon.export.inputs import TORCH_DTYPES, ExampleInputs, derive_inputs, random_inputs
 from mlxd_daemon.export.ops import supported
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
-    "bool": torch.bool,
-}  # fmt: skip
 
 
 @dataclass
@@ -178,23 +172,6 @@ def _check_spec(spec: list[dict[str, Any]] | None, source: str) -> list[dict[str
             msg = f"bad input spec entry {s!r}: want {{'shape': [ints], 'dtype': one of {', '.join(TORCH_DTYPES)}}}"
             raise InvalidArgument(msg, reason="BAD_INPUT_SPEC")
     return spec
-
-
-def random_inputs(spec: list[dict[str, Any]], seed: int = 0) -> list[torch.Tensor]:
-    """Reproducible inputs of a spec: floats ~ N(0, 1), integers uniform in ``range`` (default [0, 2))."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for s in spec:
-        dtype = TORCH_DTYPES[s.get("dtype", "float32")]
-        shape = [int(d) for d in s["shape"]]
-        if dtype.is_floating_point:
-            out.append(torch.randn(shape, generator=gen).to(dtype))
-        elif dtype == torch.bool:
-            out.append(torch.randint(0, 2, shape, generator=gen).bool())
-        else:
-            lo, hi = s.get("range") or [0, 2]
-            out.append(torch.randint(int(lo), int(hi), shape, generator=gen, dtype=dtype))
-    return out
 
 
 def user_inputs(ep: ExportedProgram) -> list[Any]:

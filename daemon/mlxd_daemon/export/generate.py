@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxd_daemon.errors import InvalidArgument, NotFound
-from mlxd_daemon.export.program import MX_DTYPES, Program
+from mlxd_daemon.export.program import MX_DTYPES, Program, check_shape
 
 MIN_BUCKET = 8
 SAMPLE_RATE = 16_000  # what speech feature extractors (Whisper's) expect
@@ -93,8 +93,6 @@ class Seq2SeqBundle:
         """The whole model (encoder, then the decoder on ``decoder_input_ids``): logits and encoder states.
         An audio model also takes ``audio`` (16 kHz float PCM) or ``wav`` (a WAV file's bytes as uint8) alone and
         returns the greedy transcript as ``tokens``."""
-        from mlxd_daemon.archs.mlxd_program import check_shape
-
         if set(inputs) in ({"audio"}, {"wav"}):
             pcm = inputs["audio"] if "audio" in inputs else read_wav(np.asarray(inputs["wav"], np.uint8).tobytes())
             return {"tokens": np.array(self.transcribe(pcm), np.int64)}

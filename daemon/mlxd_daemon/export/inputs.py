@@ -23,6 +23,11 @@ AUDIO_SAMPLES = 1600  # 0.1 s at 16 kHz: a few frames even through wav2vec2's 32
 # Keyword arguments fixed at capture: caches are not graph outputs (encoder-decoders serve step by step).
 CONSTANT_KWARGS = {"use_cache": False}
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}  # fmt: skip
 
 
 @dataclass
@@ -161,10 +166,25 @@ def _log_mel(config: Any, gen: torch.Generator) -> torch.Tensor:
     return torch.randn((EXAMPLE_BATCH, int(bins), 2 * int(positions)), generator=gen)
 
 
+def random_inputs(spec: list[dict[str, Any]], seed: int = 0) -> list[torch.Tensor]:
+    """Reproducible inputs of a spec: floats ~ N(0, 1), integers uniform in ``range`` (default [0, 2))."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for s in spec:
+        dtype = TORCH_DTYPES[s.get("dtype", "float32")]
+        shape = [int(d) for d in s["shape"]]
+        if dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(dtype))
+        elif dtype == torch.bool:
+            out.append(torch.randint(0, 2, shape, generator=gen).bool())
+        else:
+            lo, hi = s.get("range") or [0, 2]
+            out.append(torch.randint(int(lo), int(hi), shape, generator=gen, dtype=dtype))
+    return out
+
+
 def _apply_spec(out: ExampleInputs, spec: list[dict[str, Any]]) -> None:
     """Input-spec entries replace (or add) inputs by name, at the spec's shape and dtype; they are static."""
-    from mlxd_daemon.export.capture import random_inputs
-
     for i, entry in enumerate(spec):
         name = entry.get("name")
         if not name or not isinstance(entry.get("shape"), list):

@@ -50,6 +50,27 @@ MX_DTYPES: dict[str, mx.Dtype] = {
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
 
+def check_shape(spec: dict[str, Any], shape: tuple[int, ...], dims: dict[str, Any], bound: dict[str, int]) -> None:
+    """BAD_INPUT_SHAPE unless ``shape`` fits ``spec``: static axes equal, each named axis within its range and
+    equal to that dim's value in the inputs before (``bound`` collects them)."""
+    want = spec["shape"]
+    problem = "" if len(shape) == len(want) else f"{len(shape)} axes, not {len(want)}"
+    for axis, (got, dim) in enumerate(zip(shape, want, strict=False)):
+        if problem:
+            break
+        if isinstance(dim, int):
+            problem = "" if got == dim else f"axis {axis} is {got}; the program was captured for {dim} (static)"
+            continue
+        lo, hi = dims.get(dim, {}).get("min") or 1, dims.get(dim, {}).get("max")
+        if got < lo or (hi is not None and got > hi):
+            problem = f"{dim} (axis {axis}) is {got}; the program takes {lo}..{hi if hi is not None else 'any'}"
+        elif bound.setdefault(dim, got) != got:
+            problem = f"{dim} (axis {axis}) is {got} but {bound[dim]} in an earlier input"
+    if problem:
+        msg = f"input {spec['name']!r} has shape {list(shape)}: {problem}"
+        raise InvalidArgument(msg, reason="BAD_INPUT_SHAPE", input=spec["name"])
+
+
 def to_channels_last(x: mx.array) -> mx.array:
     """[N, C, *spatial] -> [N, *spatial, C]."""
     return x.transpose(0, *range(2, x.ndim), 1) if x.ndim >= 3 else x

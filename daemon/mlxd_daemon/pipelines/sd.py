@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxd_daemon.archs._loading import fill_model, read_json, read_safetensors, require_dir, storage_dtype
-from mlxd_daemon.archs.clip import CLIPTextTransformer, TextConfig
+from mlxd_daemon.archs.clip_model import CLIPTextTransformer, TextConfig
 from mlxd_daemon.archs.clip_processing import load_tokenizer
 from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.pipelines.schedulers import make_scheduler, step_kwargs
