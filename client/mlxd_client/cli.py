@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +17,7 @@ from mlxd_client import discovery
 from mlxd_client.client import Client
 from mlxd_client.commands import (
     Outcome,
+    cmd_archs,
     cmd_convert,
     cmd_generate,
     cmd_infer,
@@ -42,15 +42,6 @@ def _size(text: str) -> tuple[int, int]:
         msg = f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 512x512"
         raise argparse.ArgumentTypeError(msg)
     return int(w), int(h)
-
-
-def architectures_epilog() -> str:
-    """The model types this installation converts (mlxd's modules + the installed mlx-lm's), for --help."""
-    try:
-        from mlxd_daemon.archs import architectures  # stdlib only: reads what is installed, imports no mlx
-    except ImportError:
-        return "model types: ask the daemon (Initialize capabilities)"
-    return textwrap.fill("model types: " + ", ".join(architectures()), width=100)
 
 
 def cmd_daemon(a: argparse.Namespace) -> Outcome:
@@ -119,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlxctl",
         description="Drive the mlxd daemon (started on demand).",
-        epilog=architectures_epilog(),
+        # The client never imports the daemon: the daemon lists what it supports (Initialize capabilities).
+        epilog="model types: `mlxctl archs` lists what the daemon converts and serves",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--address", help="daemon address (default: $MLXD_ADDRESS or the per-user socket)")
@@ -252,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ul = add("unload", cmd_unload, "unload a resident model")
     ul.add_argument("model_dir")
+    add("archs", cmd_archs, "list the model types the daemon converts and serves")
     d = add("daemon", cmd_daemon, "start, stop or inspect the daemon")
     d.add_argument("action", choices=["start", "stop", "status"])
     d.add_argument("--http", metavar="[HOST:]PORT", help="start: also serve the OpenAI-compatible HTTP API here")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -397,3 +398,9 @@ def cmd_load(client: Client, a: argparse.Namespace) -> Outcome:
 def cmd_unload(client: Client, a: argparse.Namespace) -> Outcome:
     r = to_dict(client.unload_model(a.model_dir))
     return r, f"unloaded {a.model_dir}: freed {r['freed_bytes'] / 1e6:.1f} MB", 0
+
+
+def cmd_archs(client: Client, a: argparse.Namespace) -> Outcome:
+    """The model types the daemon converts and serves (its Initialize capabilities)."""
+    names = list((client.server_info or client.initialize()).capabilities.architectures)
+    return {"architectures": names}, textwrap.fill(", ".join(names), width=100), 0

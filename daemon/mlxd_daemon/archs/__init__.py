@@ -135,7 +135,7 @@ def resolve(model_type: str, *, allow_export: bool = True) -> Route:
         return Route(model_type, EXPORT)
     close = difflib.get_close_matches(model_type, architectures(), n=5, cutoff=0.5)
     hint = f"closest supported: {', '.join(close)}" if close else f"{len(architectures())} are supported"
-    msg = f"model_type {model_type!r} is not supported by mlxd or the installed mlx-lm ({hint}; see mlxctl --help)"
+    msg = f"model_type {model_type!r} is not supported by mlxd or the installed mlx-lm ({hint}; see mlxctl archs)"
     raise Unsupported(msg, reason="UNSUPPORTED_ARCHITECTURE", model_type=model_type, closest=",".join(close))
 
 
