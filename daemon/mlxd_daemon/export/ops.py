@@ -2,9 +2,10 @@
 
 Every function takes the node's resolved arguments exactly as the ATen schema orders them (tensors are
 ``mx.array``, dtypes ``mx.Dtype``) and returns what the ATen op returns (a tuple for multi-output ops).
-PyTorch is NCHW; MLX convolutions and pools are NHWC. Ops in ``NHWC`` receive their first argument
+PyTorch is NCHW; MLX convolutions and pools are NHWC. Ops in ``CHANNELS_LAST`` receive their first argument
 channels-last and return channels-last; ``ELEMENTWISE`` ops pass channels-last through; every other op sees
-NCHW (the interpreter in ``program.py`` transposes at that boundary only).
+NCHW (the interpreter in ``program.py`` transposes at that boundary only). The layers (normalisation, attention,
+convolution, pooling, resizing) and their channels-last tables are in ``ops_nn``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxd_daemon.errors import InvalidArgument
+from mlxd_daemon.export.ops_nn import CHANNELS_LAST as CHANNELS_LAST  # re-exported: the interpreter reads ops.*
+from mlxd_daemon.export.ops_nn import LAYER_OPS, NHWC_VARIANTS, Op
+from mlxd_daemon.export.ops_nn import WEIGHT_LAYOUTS as WEIGHT_LAYOUTS
 
-Op = Callable[..., Any]
 _INT64_MAX = 2**63 - 1
 
 
@@ -168,76 +171,6 @@ def _clamp(x: mx.array, lo: Any = None, hi: Any = None) -> mx.array:
     return x if hi is None else mx.minimum(x, hi)
 
 
-def _layer_norm(
-    x: mx.array, shape: Sequence[int], w: mx.array | None, b: mx.array | None, eps: float
-) -> tuple[mx.array, mx.array, mx.array]:
-    axes = list(range(x.ndim - len(shape), x.ndim))
-    mean = mx.mean(x, axis=axes, keepdims=True)
-    rstd = mx.rsqrt(mx.var(x, axis=axes, keepdims=True) + eps)
-    if len(shape) == 1:
-        out = mx.fast.layer_norm(x, w, b, eps)
-    else:
-        out = (x - mean) * rstd
-        out = out if w is None else out * w
-        out = out if b is None else out + b
-    return out, mean, rstd  # MLX is lazy: the statistics cost nothing unless a node reads them
-
-
-def _batch_norm_axis(x: mx.array, w: Any, b: Any, mean: mx.array, var: mx.array, eps: float, axis: int) -> mx.array:
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    scale = mx.rsqrt(var + eps) if w is None else w * mx.rsqrt(var + eps)
-    shift = -mean * scale if b is None else b - mean * scale
-    return x * scale.reshape(shape) + shift.reshape(shape)
-
-
-def _batch_norm_nchw(
-    x: mx.array, w: Any, b: Any, mean: mx.array, var: mx.array, momentum: float, eps: float
-) -> tuple[mx.array, None, None]:
-    return _batch_norm_axis(x, w, b, mean, var, eps, 1 if x.ndim > 1 else 0), None, None
-
-
-def _batch_norm_nhwc(
-    x: mx.array, w: Any, b: Any, mean: mx.array, var: mx.array, momentum: float, eps: float
-) -> tuple[mx.array, None, None]:
-    return _batch_norm_axis(x, w, b, mean, var, eps, -1), None, None
-
-
-def _native_batch_norm(
-    x: mx.array, w: Any, b: Any, mean: mx.array, var: mx.array, training: bool, momentum: float, eps: float
-) -> tuple[mx.array, None, None]:
-    return _batch_norm_nchw(x, w, b, mean, var, momentum, eps)
-
-
-def _group_norm(
-    x: mx.array, w: Any, b: Any, n: int, c: int, hw: int, groups: int, eps: float
-) -> tuple[mx.array, mx.array, mx.array]:
-    g = x.reshape(n, groups, -1)
-    mean = mx.mean(g, axis=-1, keepdims=True)
-    rstd = mx.rsqrt(mx.var(g, axis=-1, keepdims=True) + eps)
-    out = ((g - mean) * rstd).reshape(x.shape)
-    shape = [1, c] + [1] * (x.ndim - 2)
-    out = out if w is None else out * w.reshape(shape)
-    out = out if b is None else out + b.reshape(shape)
-    return out, mean.reshape(n, groups), rstd.reshape(n, groups)
-
-
-def _sdpa(
-    q: mx.array,
-    k: mx.array,
-    v: mx.array,
-    attn_mask: mx.array | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    *,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> mx.array:
-    scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
-    mask: Any = "causal" if is_causal else attn_mask
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-
-
 # ---- reductions ------------------------------------------------------------------------------------------
 
 
@@ -274,126 +207,6 @@ def _any(x: mx.array, dims: Any = None, keepdim: bool = False) -> mx.array:
 
 def _cumsum(x: mx.array, dim: int, *, dtype: mx.Dtype | None = None) -> mx.array:
     return mx.cumsum(_cast(x, dtype), axis=dim)
-
-
-# ---- convolution and pooling (channels-last) -------------------------------------------------------------
-
-
-def _conv_nhwc(
-    x: mx.array,
-    w: mx.array,
-    b: mx.array | None,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    transposed: bool,
-    output_padding: Sequence[int],
-    groups: int,
-) -> mx.array:
-    """``x`` channels-last; ``w`` already in MLX layout [O, *k, I/groups] (transposed once at export)."""
-    nd = x.ndim - 2
-    if transposed and nd == 1:
-        out = mx.conv_transpose1d(x, w, stride[0], padding[0], dilation[0], output_padding[0], groups)
-    elif transposed:
-        spec: Any = [tuple(v) for v in (stride, padding, dilation, output_padding)]
-        fn: Any = mx.conv_transpose2d if nd == 2 else mx.conv_transpose3d
-        out = fn(x, w, *spec, groups)
-    elif nd == 1:
-        out = mx.conv1d(x, w, stride[0], padding[0], dilation[0], groups)
-    else:
-        out = mx.conv_general(x, w, list(stride), list(padding), list(dilation), groups=groups)
-    return out if b is None else out + b
-
-
-def _pool_padded(x: mx.array, padding: Sequence[int], value: float) -> mx.array:
-    pad = [int(p) for p in padding] if padding else [0, 0]
-    pad = pad * 2 if len(pad) == 1 else pad
-    if not any(pad):
-        return x
-    return mx.pad(x, [(0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)], constant_values=value)
-
-
-def _pair(v: Sequence[int] | int | None, default: Sequence[int]) -> tuple[int, int]:
-    if v is None or (isinstance(v, Sequence) and len(v) == 0):
-        v = default
-    seq = [v] if isinstance(v, int) else list(v)
-    return (seq[0], seq[0]) if len(seq) == 1 else (seq[0], seq[1])
-
-
-def _max_pool_nhwc(
-    x: mx.array,
-    kernel: Sequence[int],
-    stride: Sequence[int] = (),
-    padding: Sequence[int] = (0,),
-    dilation: Sequence[int] = (1,),
-    ceil_mode: bool = False,
-) -> tuple[mx.array, None]:
-    if _pair(dilation, (1,)) != (1, 1) or ceil_mode:
-        msg = "max_pool2d with dilation or ceil_mode is not mapped to MLX yet"
-        raise NotImplementedError(msg)
-    k = _pair(kernel, kernel)
-    pool = nn.MaxPool2d(k, _pair(stride, k))
-    return pool(_pool_padded(x, padding, -math.inf)), None  # indices: values-only mapping
-
-
-def _avg_pool_nhwc(
-    x: mx.array,
-    kernel: Sequence[int],
-    stride: Sequence[int] = (),
-    padding: Sequence[int] = (0,),
-    ceil_mode: bool = False,
-    count_include_pad: bool = True,
-    divisor_override: int | None = None,
-) -> mx.array:
-    pad = _pair(padding, (0,))
-    if ceil_mode or divisor_override:
-        msg = "avg_pool2d with ceil_mode or divisor_override is not mapped to MLX yet"
-        raise NotImplementedError(msg)
-    k = _pair(kernel, kernel)
-    pool = nn.AvgPool2d(k, _pair(stride, k))
-    out = pool(_pool_padded(x, pad, 0.0))
-    if any(pad) and not count_include_pad:  # divide by the window's real elements, not the padded ones
-        out = out / pool(_pool_padded(mx.ones((1, *x.shape[1:3], 1), x.dtype), pad, 0.0))
-    return out
-
-
-def _source_coords(out: int, size: int, align_corners: bool, scale: float | None) -> tuple[Any, Any, Any]:
-    """(lower index, upper index, weight of the upper) per output position, as PyTorch's bilinear computes them."""
-    i = mx.arange(out, dtype=mx.float32)
-    if align_corners:
-        src = i * ((size - 1) / (out - 1)) if out > 1 else mx.zeros_like(i)
-    else:
-        src = mx.maximum((i + 0.5) * (1.0 / scale if scale else size / out) - 0.5, 0.0)
-    lo = mx.minimum(mx.floor(src).astype(mx.int32), size - 1)
-    return lo, mx.minimum(lo + 1, size - 1), src - lo.astype(mx.float32)
-
-
-def _upsample_bilinear(
-    x: mx.array, output_size: Sequence[int] | None, align_corners: bool, scale_factors: Sequence[float] | None = None
-) -> mx.array:
-    """NCHW bilinear resize (``F.interpolate(mode="bilinear")``): interpolate along H, then along W."""
-    h, w = x.shape[2], x.shape[3]
-    sh: float | None = None  # scale factors set the source coordinates only when no output size is given
-    sw: float | None = None
-    if output_size:
-        oh, ow = int(output_size[0]), int(output_size[1])
-    else:
-        assert scale_factors, "aten.upsample_bilinear2d.vec takes an output size or scale factors"
-        sh, sw = scale_factors[0], scale_factors[1]
-        oh, ow = int(h * sh), int(w * sw)
-    lo, hi, f = _source_coords(oh, h, align_corners, sh)
-    x = mx.take(x, lo, axis=2) * (1 - f)[:, None] + mx.take(x, hi, axis=2) * f[:, None]
-    lo, hi, f = _source_coords(ow, w, align_corners, sw)
-    return mx.take(x, lo, axis=3) * (1 - f) + mx.take(x, hi, axis=3) * f
-
-
-def _adaptive_avg_pool_nhwc(x: mx.array, output_size: Sequence[int]) -> mx.array:
-    n, h, w, c = x.shape
-    oh, ow = _pair(output_size, output_size)
-    if h % oh or w % ow:
-        msg = f"adaptive_avg_pool2d from {h}x{w} to {oh}x{ow} (not a divisor) is not mapped to MLX yet"
-        raise NotImplementedError(msg)
-    return x.reshape(n, oh, h // oh, ow, w // ow, c).mean(axis=(2, 4))
 
 
 def _mean_nhwc(x: mx.array, dims: Any = None, keepdim: bool = False, *, dtype: mx.Dtype | None = None) -> mx.array:
@@ -448,13 +261,7 @@ OPS: dict[str, Op] = {
     "aten.bmm.default": mx.matmul,
     "aten.matmul.default": mx.matmul,
     "aten.linear.default": _linear,
-    "aten.convolution.default": _conv_nhwc,
-    "aten.scaled_dot_product_attention.default": _sdpa,
-    # normalisation and activations
-    "aten.native_layer_norm.default": _layer_norm,
-    "aten._native_batch_norm_legit_no_training.default": _batch_norm_nchw,
-    "aten.native_batch_norm.default": _native_batch_norm,
-    "aten.native_group_norm.default": _group_norm,
+    # activations
     "aten._softmax.default": lambda x, dim, half_to_float=False: mx.softmax(x, axis=dim, precise=True),
     "aten._log_softmax.default": lambda x, dim, half_to_float=False: x - mx.logsumexp(x, axis=dim, keepdims=True),
     "aten.gelu.default": _gelu,
@@ -571,13 +378,7 @@ OPS: dict[str, Op] = {
     "aten.arange.start": _arange,
     "aten.arange.default": _arange,
     "aten.scalar_tensor.default": _scalar_tensor,
-    # pooling (NCHW entry points; the channels-last versions are in NHWC)
-    "aten.max_pool2d_with_indices.default": _max_pool_nhwc,
-    "aten.avg_pool2d.default": _avg_pool_nhwc,
-    "aten._adaptive_avg_pool2d.default": _adaptive_avg_pool_nhwc,
-    "aten.adaptive_avg_pool2d.default": _adaptive_avg_pool_nhwc,
     "aten.linalg_vector_norm.default": _vector_norm,
-    "aten.upsample_bilinear2d.vec": _upsample_bilinear,
     # Strides over the row-major value (MLX copies a non-contiguous input first); validation checks the result.
     "aten.as_strided.default": lambda x, size, stride, offset=None: mx.as_strided(x, size, stride, offset or 0),
     # symbolic sizes (dynamic shapes): the graph computes them from its inputs' shapes with Python arithmetic
@@ -594,19 +395,12 @@ OPS: dict[str, Op] = {
     "torch.sym_max": max, "torch.sym_min": min, "torch.sym_float": float, "torch.sym_int": int,
     "torch.sym_not": operator.not_, "torch.sym_sqrt": math.sqrt, "math.ceil": math.ceil, "math.floor": math.floor,
     "math.sqrt": math.sqrt, "torch.sym_ite": lambda c, a, b: a if c else b,
+    **LAYER_OPS,  # normalisation, attention, convolution, pooling, resizing (ops_nn)
 }  # fmt: skip
 
-# Ops whose ``OPS`` implementation takes its first argument channels-last and returns channels-last: the
-# interpreter moves an NCHW input's channels last once, and keeps the result channels-last.
-CHANNELS_LAST: frozenset[str] = frozenset(
-    {
-        "aten.convolution.default", "aten.max_pool2d_with_indices.default", "aten.avg_pool2d.default",
-        "aten._adaptive_avg_pool2d.default", "aten.adaptive_avg_pool2d.default",
-    }
-)  # fmt: skip
 # Ops with a channels-last variant, used when the input already is channels-last (else the NCHW one runs).
 CHANNELS_LAST_VARIANT: dict[str, Op] = {
-    "aten._native_batch_norm_legit_no_training.default": _batch_norm_nhwc,
+    **NHWC_VARIANTS,
     "aten.mean.dim": _mean_nhwc,  # global pooling; only when the reduction covers exactly H and W
 }
 # Ops that act per element: channels-last passes through them when the other operands allow it.
@@ -621,8 +415,6 @@ ELEMENTWISE: frozenset[str] = frozenset(
         "aten._to_copy.default", "aten.maximum.default", "aten.minimum.default", "aten.where.self",
     }
 )  # fmt: skip
-# Ops whose weight argument (by position) is transposed once at export time to MLX's channels-last layout.
-WEIGHT_LAYOUTS: dict[str, int] = {"aten.convolution.default": 1}
 
 
 def supported(op: str) -> bool:
