@@ -19,8 +19,8 @@ import pytest
 from conftest import DaemonProcess
 from hub_server import FakeHub, Repo, commit_sha
 from mlxd.v1 import mlxd_pb2 as pb
-from mlxd_client.client import source_arg
 from mlxd_client.errors import CancelledError, MlxdClientError
+from mlxd_client.wire import source_arg
 from mlxd_common.hub_ids import parse_hub_id
 from safetensors.numpy import load_file
 

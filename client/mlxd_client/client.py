@@ -11,42 +11,25 @@ import grpc
 import numpy as np
 from mlxd.v1 import mlxd_pb2 as pb
 from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
-from mlxd_common.hub_ids import looks_like_hub_id
 
 from mlxd_client import discovery
 from mlxd_client.errors import FailedPreconditionError, from_rpc_error
+from mlxd_client.wire import (
+    DTYPES,
+    enum_value,
+    image_bytes,
+    numpy_to_tensor,
+    quant_spec,
+    source_arg,
+    tensor_to_numpy,
+    top_k,
+)
 
 PROTOCOL_VERSION = 1
 CLIENT_VERSION = "0.1.0"
 
-DTYPES = {
-    "auto": pb.DTYPE_UNSPECIFIED,
-    "float32": pb.DTYPE_FLOAT32,
-    "float16": pb.DTYPE_FLOAT16,
-    "bfloat16": pb.DTYPE_BFLOAT16,
-}
-QUANT_MODES = {
-    "affine": pb.QUANT_MODE_AFFINE,
-    "mxfp4": pb.QUANT_MODE_MXFP4,
-    "mxfp8": pb.QUANT_MODE_MXFP8,
-    "nvfp4": pb.QUANT_MODE_NVFP4,
-}
-
 Result = TypeVar("Result")
 ProgressCallback = Callable[[pb.Progress], None]
-
-
-def tensor_to_numpy(t: pb.Tensor) -> np.ndarray:
-    """Decode a wire Tensor (little-endian, dense) into a numpy array; an unset one is empty."""
-    if not t.dtype:
-        return np.zeros((0,), dtype=np.float32)
-    return np.frombuffer(t.data, dtype=np.dtype(t.dtype).newbyteorder("<")).reshape(tuple(t.shape))
-
-
-def numpy_to_tensor(array: np.ndarray) -> pb.Tensor:
-    """Encode a numpy array as a wire Tensor (dense, little-endian)."""
-    array = np.ascontiguousarray(array, dtype=np.asarray(array).dtype.newbyteorder("<"))
-    return pb.Tensor(shape=list(array.shape), dtype=array.dtype.name, data=array.tobytes())
 
 
 @dataclass(frozen=True)
@@ -63,18 +46,6 @@ class InferResult:
     def top_k(self, k: int = 5) -> list[list[tuple[str, float]]]:
         """Classifiers: per input, the ``k`` most probable labels with their softmax probabilities, best first."""
         return top_k(self.logits, self.labels, k)
-
-
-def top_k(logits: np.ndarray, labels: list[str], k: int = 5) -> list[list[tuple[str, float]]]:
-    """Per row of ``logits`` [n, classes], the ``k`` best (label, probability) pairs; unnamed classes by index."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if logits.ndim != 2 or not logits.size:
-        return []
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = shifted / shifted.sum(axis=1, keepdims=True)
-    names = labels if len(labels) == logits.shape[1] else [str(i) for i in range(logits.shape[1])]
-    order = np.argsort(-probs, axis=1, kind="stable")[:, : max(k, 0)]
-    return [[(names[j], float(row[j])) for j in best] for row, best in zip(probs, order, strict=True)]
 
 
 class Client:
@@ -194,7 +165,7 @@ class Client:
             src=source_arg(src),
             revision=revision,
             dst=str(Path(dst).resolve()),
-            dtype=_enum(DTYPES, dtype, "dtype"),
+            dtype=enum_value(DTYPES, dtype, "dtype"),
             max_shard_size=max_shard_size,
             overwrite=overwrite,
             dry_run=dry_run,
@@ -203,7 +174,7 @@ class Client:
         )
         if q_bits or q_mode != "affine" or q_recipe:
             calibration = (q_method, q_calibration_data, q_calibration_seed)
-            request.quantize.CopyFrom(_quant_spec(q_bits, q_group_size, q_mode, q_overrides, q_recipe, *calibration))
+            request.quantize.CopyFrom(quant_spec(q_bits, q_group_size, q_mode, q_overrides, q_recipe, *calibration))
         return self._stream(self._stub.Convert, request)
 
     def convert(
@@ -240,12 +211,12 @@ class Client:
             src=source_arg(src),
             revision=revision,
             dst=str(Path(dst).resolve()),
-            spec=_quant_spec(
+            spec=quant_spec(
                 bits, group_size, mode, overrides, recipe, q_method, q_calibration_data, q_calibration_seed
             ),
             overwrite=overwrite,
             dequantize=dequantize,
-            dtype=_enum(DTYPES, dtype, "dtype"),
+            dtype=enum_value(DTYPES, dtype, "dtype"),
             strict=strict,
         )
         return self._stream(self._stub.Quantize, request)
@@ -274,8 +245,8 @@ class Client:
             reference=source_arg(reference),
             reference_revision=reference_revision,
             texts=list(texts),
-            images=[_image_bytes(i) for i in images],
-            inputs_npz=_image_bytes(inputs_npz) if inputs_npz is not None else b"",
+            images=[image_bytes(i) for i in images],
+            inputs_npz=image_bytes(inputs_npz) if inputs_npz is not None else b"",
         )
         return self._stream(self._stub.Validate, request)
 
@@ -312,7 +283,7 @@ class Client:
         reply: pb.InferResponse = self._unary(
             self._stub.Infer,
             pb.InferRequest(
-                model=str(Path(model).resolve()), texts=list(texts), images=[_image_bytes(i) for i in images]
+                model=str(Path(model).resolve()), texts=list(texts), images=[image_bytes(i) for i in images]
             ),
         )
         return InferResult(
@@ -383,7 +354,7 @@ class Client:
         request = pb.GenerateImageRequest(
             model=str(Path(model).resolve()), prompt=prompt, negative_prompt=negative_prompt, steps=steps,
             guidance=guidance, seed=seed, width=width, height=height, num_images=num_images, scheduler=scheduler,
-            strength=strength, image=_image_bytes(image) if image is not None else b"",
+            strength=strength, image=image_bytes(image) if image is not None else b"",
         )  # fmt: skip
         if latents is not None:
             request.latents.CopyFrom(numpy_to_tensor(np.asarray(latents, dtype=np.float32)))
@@ -426,43 +397,3 @@ class Client:
 
     def list_models(self) -> pb.ListModelsResponse:
         return self._unary(self._stub.ListModels, pb.ListModelsRequest())
-
-
-def source_arg(src: str | Path) -> str:
-    """An existing path, made absolute for the daemon; else a string shaped ``org/name[@rev]`` as a hub id."""
-    if isinstance(src, str) and not Path(src).exists() and looks_like_hub_id(src):
-        return src
-    return str(Path(src).resolve())
-
-
-def _enum(table: Mapping[str, Any], value: str, what: str) -> Any:
-    if value not in table:
-        msg = f"unknown {what} {value!r}; choose one of {', '.join(table)}"
-        raise ValueError(msg)
-    return table[value]
-
-
-def _quant_spec(
-    bits: int,
-    group_size: int,
-    mode: str,
-    overrides: Iterable[str] = (),
-    recipe: str = "",
-    method: str = "",
-    calibration_data: str | Path = "",
-    calibration_seed: int = 0,
-) -> pb.QuantizationSpec:
-    return pb.QuantizationSpec(
-        method=method,
-        calibration_data=str(Path(calibration_data).resolve()) if calibration_data else "",
-        calibration_seed=calibration_seed,
-        bits=bits,
-        group_size=group_size,
-        mode=_enum(QUANT_MODES, mode, "quant mode"),
-        overrides=list(overrides),
-        recipe=recipe,
-    )
-
-
-def _image_bytes(image: bytes | str | Path) -> bytes:
-    return image if isinstance(image, bytes) else Path(image).read_bytes()

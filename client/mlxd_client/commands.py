@@ -14,7 +14,8 @@ from typing import Any
 from google.protobuf.message import Message
 from mlxd.v1 import mlxd_pb2 as pb
 
-from mlxd_client.client import Client, top_k
+from mlxd_client.client import Client
+from mlxd_client.wire import top_k
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
