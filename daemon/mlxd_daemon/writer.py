@@ -25,6 +25,8 @@ from mlxd_daemon.malloc import pin_mmap_threshold
 from mlxd_daemon.progress import Reporter
 from mlxd_daemon.quantize import QParams, QuantSpec, config_entry
 from mlxd_daemon.shards import DTYPE_NAMES, Plan, Shard, Unit, index_json
+from mlxd_daemon.torch_mlx import to_mlx as _to_mlx
+from mlxd_daemon.torch_mlx import to_torch as _to_torch
 
 FLOAT16_MAX = 65504.0
 RELEASE_MAPPED_BYTES = 256 << 20  # unmap the source after this much is read: mapped pages count as RSS
@@ -290,19 +292,6 @@ def _dequantize_unit(ckpt: Checkpoint, unit: Unit, p: QParams, packed: torch.Ten
         dtype=mx.float32,
     )
     return _to_torch(w)
-
-
-def _to_mlx(t: torch.Tensor) -> mx.array:
-    # numpy has no bfloat16: move the raw bits and reinterpret them on the MLX side.
-    if t.dtype == torch.bfloat16:
-        return mx.array(t.view(torch.int16).numpy()).view(mx.bfloat16)
-    return mx.array(t.numpy())
-
-
-def _to_torch(a: mx.array) -> torch.Tensor:
-    if a.dtype == mx.bfloat16:
-        return torch.from_numpy(np.array(a.view(mx.int16))).view(torch.bfloat16)
-    return torch.from_numpy(np.array(a))
 
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import mlx.core as mx
-import numpy as np
 import torch
 
 from mlxd_daemon.checkpoint import Checkpoint, TensorInfo
 from mlxd_daemon.errors import InvalidArgument
+from mlxd_daemon.torch_mlx import to_mlx, to_torch
 
 _TORCH = {mx.float32: torch.float32, mx.float16: torch.float16, mx.bfloat16: torch.bfloat16,
           mx.int64: torch.int64, mx.int32: torch.int32, mx.int16: torch.int16, mx.int8: torch.int8,
@@ -118,20 +118,6 @@ def split_fused_experts(weights: dict[str, mx.array], lm_type: str) -> dict[str,
             weights[f"{prefix}{e}.{names[1]}.weight"] = fused[e, half:]
             weights[f"{prefix}{e}.{names[2]}.weight"] = down[e]
     return weights
-
-
-def to_mlx(t: torch.Tensor) -> mx.array:
-    """A torch tensor as an MLX array of the same dtype (bfloat16 through its raw bits)."""
-    if t.dtype == torch.bfloat16:
-        return mx.array(t.view(torch.int16).numpy()).view(mx.bfloat16)
-    return mx.array(t.numpy())
-
-
-def to_torch(a: mx.array) -> torch.Tensor:
-    """An evaluated MLX array as a torch tensor that owns its memory (bfloat16 through its raw bits)."""
-    if a.dtype == mx.bfloat16:
-        return torch.from_numpy(np.array(a.view(mx.int16))).view(torch.bfloat16)
-    return torch.from_numpy(np.array(a))
 
 
 class LmCheckpoint:

@@ -35,6 +35,7 @@ from mlxd_daemon.errors import InvalidArgument
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
 from mlxd_daemon.quantize import QuantSpec
 from mlxd_daemon.shards import Plan, Unit
+from mlxd_daemon.torch_mlx import to_torch
 
 __all__ = ["METHODS", "Calibrated", "calibrate", "check_method"]
 
@@ -265,9 +266,7 @@ class _Job:
             deq = packed.dequantize()
             error = float(np.linalg.norm(w - deq) / max(float(np.linalg.norm(w)), 1e-30))
             outs = [o.name for o in unit.outputs]
-            tensors = dict(
-                zip(outs, (_to_torch(a) for a in (packed.weight, packed.scales, packed.biases)), strict=True)
-            )
+            tensors = dict(zip(outs, (to_torch(a) for a in (packed.weight, packed.scales, packed.biases)), strict=True))
             self.out.tensors[name] = (tensors, error)
             self.cur[name] = deq
             done.append(name)
@@ -288,7 +287,7 @@ class _Job:
                                     bits=unit.bits, mode=unit.mode)  # fmt: skip
                     mx.eval(q)
                     outs = [o.name for o in unit.outputs]
-                    self.out.tensors[name] = (dict(zip(outs, map(_to_torch, q), strict=True)), None)
+                    self.out.tensors[name] = (dict(zip(outs, map(to_torch, q), strict=True)), None)
                     v = np.array(mx.dequantize(*q, group_size=unit.group_size, bits=unit.bits, mode=unit.mode,
                                                dtype=mx.float32))  # fmt: skip
                 else:
@@ -308,9 +307,3 @@ def _get(module: nn.Module, path: str) -> Any:
 def _set(module: nn.Module, path: str, value: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(_get(module, parent) if parent else module, leaf, value)
-
-
-def _to_torch(a: mx.array) -> torch.Tensor:
-    if a.dtype == mx.bfloat16:  # numpy has no bfloat16: move the raw bits
-        return torch.from_numpy(np.array(a.view(mx.int16))).view(torch.bfloat16)
-    return torch.from_numpy(np.array(a))

@@ -1,0 +1,22 @@
+"""Torch tensors <-> MLX arrays of the same dtype, for the conversion paths that hold both (numpy, the usual
+bridge, has no bfloat16: those move as raw 16-bit words and are reinterpreted on the other side)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import torch
+
+
+def to_mlx(t: torch.Tensor) -> mx.array:
+    """A torch tensor as an MLX array of the same dtype."""
+    if t.dtype == torch.bfloat16:
+        return mx.array(t.view(torch.int16).numpy()).view(mx.bfloat16)
+    return mx.array(t.numpy())
+
+
+def to_torch(a: mx.array) -> torch.Tensor:
+    """An evaluated MLX array as a torch tensor of the same dtype that owns its memory."""
+    if a.dtype == mx.bfloat16:
+        return torch.from_numpy(np.array(a.view(mx.int16))).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))
