@@ -6,8 +6,8 @@ default", as it does for transformers' configs and image processors (mlx-lm's ``
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T")
 
@@ -25,3 +25,28 @@ class FromDict:
     def from_dict(cls: type[T], d: dict[str, Any]) -> T:
         """Build from a config dict, ignoring unknown keys; None takes the field's default."""
         return cls(**known_kwargs(cls, d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifierHead(FromDict):
+    """Base for configs of models that may carry a classification head: transformers' ``architectures`` says
+    whether the checkpoint is the ``HEAD_CLASS`` (e.g. BertForSequenceClassification), ``id2label`` names its
+    outputs. Subclasses that define ``__post_init__`` call this one."""
+
+    HEAD_CLASS: ClassVar[str] = ""
+    architectures: tuple[str, ...] = ()
+    id2label: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "architectures", tuple(self.architectures or ()))
+        object.__setattr__(self, "id2label", {str(k): str(v) for k, v in (self.id2label or {}).items()})
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.HEAD_CLASS in self.architectures
+
+    @property
+    def labels(self) -> list[str]:
+        """id2label in logit order (transformers' default names when config.json has none)."""
+        n = len(self.id2label) or 2
+        return [self.id2label.get(str(i), f"LABEL_{i}") for i in range(n)]

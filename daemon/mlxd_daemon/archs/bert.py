@@ -16,7 +16,7 @@ ignored at load: such models serve embeddings only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mlxd_daemon.archs._activations import activation
-from mlxd_daemon.archs._config import FromDict
+from mlxd_daemon.archs._config import ClassifierHead
 from mlxd_daemon.archs._loading import fill_model, read_weights, require_dir
 from mlxd_daemon.archs._loading import read_config as read_arch_config
 from mlxd_daemon.archs._tokenless import has_tokenizer, vocabulary_ids
@@ -48,7 +48,8 @@ _SEQ_CLS = "BertForSequenceClassification"
 
 
 @dataclass(frozen=True)
-class BertConfig(FromDict):
+class BertConfig(ClassifierHead):
+    HEAD_CLASS = _SEQ_CLS
     vocab_size: int = 30522
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -59,26 +60,13 @@ class BertConfig(FromDict):
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     position_embedding_type: str = "absolute"
-    architectures: tuple[str, ...] = ()
-    id2label: dict[str, str] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.position_embedding_type != "absolute":
             msg = f"position_embedding_type {self.position_embedding_type!r} is not supported: only 'absolute'"
             raise Unsupported(msg, reason="UNSUPPORTED_CONFIG", position_embedding_type=self.position_embedding_type)
-        object.__setattr__(self, "architectures", tuple(self.architectures or ()))
-        object.__setattr__(self, "id2label", {str(k): str(v) for k, v in (self.id2label or {}).items()})
-
-    @property
-    def is_classifier(self) -> bool:
-        return _SEQ_CLS in self.architectures
-
-    @property
-    def labels(self) -> list[str]:
-        """id2label in logit order (transformers' default names when config.json has none)."""
-        n = len(self.id2label) or 2
-        return [self.id2label.get(str(i), f"LABEL_{i}") for i in range(n)]
+        super().__post_init__()
 
 
 class BertEmbeddings(nn.Module):

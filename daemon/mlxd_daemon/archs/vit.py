@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from mlxd_daemon.archs._activations import activation
-from mlxd_daemon.archs._config import FromDict
+from mlxd_daemon.archs._config import ClassifierHead
 from mlxd_daemon.archs._loading import fill_model, read_weights, require_dir
 from mlxd_daemon.archs._loading import read_config as read_arch_config
 from mlxd_daemon.archs.contract import Stored
@@ -74,7 +74,8 @@ def _pair(value: Any, name: str) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class ViTConfig(FromDict):
+class ViTConfig(ClassifierHead):
+    HEAD_CLASS = _IMAGE_CLS
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
@@ -87,8 +88,6 @@ class ViTConfig(FromDict):
     qkv_bias: bool = True
     pooler_output_size: int | None = None  # None: hidden_size, as HF's ViTConfig
     pooler_act: str = "tanh"
-    architectures: tuple[str, ...] = ()
-    id2label: dict[str, str] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -99,22 +98,11 @@ class ViTConfig(FromDict):
         object.__setattr__(self, "image_size", image)
         object.__setattr__(self, "patch_size", patch)
         object.__setattr__(self, "pooler_output_size", self.pooler_output_size or self.hidden_size)
-        object.__setattr__(self, "architectures", tuple(self.architectures or ()))
-        object.__setattr__(self, "id2label", {str(k): str(v) for k, v in (self.id2label or {}).items()})
+        super().__post_init__()
 
     @property
     def num_patches(self) -> int:
         return (self.image_size[0] // self.patch_size[0]) * (self.image_size[1] // self.patch_size[1])
-
-    @property
-    def is_classifier(self) -> bool:
-        return _IMAGE_CLS in self.architectures
-
-    @property
-    def labels(self) -> list[str]:
-        """id2label in logit order (transformers' default names when config.json has none)."""
-        n = len(self.id2label) or 2
-        return [self.id2label.get(str(i), f"LABEL_{i}") for i in range(n)]
 
 
 class ViTPatchConv(nn.Module):
