@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 
 from mlxd_daemon.archs._loading import read_json, require_dir
 from mlxd_daemon.archs._quant import use_kernels
+from mlxd_daemon.archs.contract import Stored
 from mlxd_daemon.archs.decoder_validate import agreement, golden_inputs, run_mlx, run_reference
 from mlxd_daemon.errors import InvalidArgument
 
@@ -77,17 +78,12 @@ class TokenizedPrompts:
 
 
 @dataclass
-class DecoderBundle(TokenizedPrompts):
+class DecoderBundle(TokenizedPrompts, Stored):
     """A loaded mlx-lm model and its tokenizer (mlx-lm's ``TokenizerWrapper``; None without tokenizer files)."""
 
     model: nn.Module
     tokenizer: Any
     config: dict[str, Any]
-    model_dir: Path
-    dtype: str  # storage dtype of the float tensors on disk
-    nbytes: int
-    quantization: dict[str, Any] | None
-    compute_dtype: str
     total_parameters: int = 0
     active_parameters: int = 0  # per token: MoE models count only the routed experts a token uses
     stats: dict[str, Any] = field(default_factory=dict)  # of the last finished generate()

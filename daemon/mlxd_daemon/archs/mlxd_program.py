@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxd_daemon.archs._loading import read_json
+from mlxd_daemon.archs.contract import Stored
 from mlxd_daemon.errors import InvalidArgument, NotFound
 from mlxd_daemon.export.generate import Seq2SeqBundle
 from mlxd_daemon.export.program import (
@@ -41,15 +42,10 @@ def map_weight(name: str) -> str | None:
 
 
 @dataclass
-class ProgramBundle:
+class ProgramBundle(Stored):
     """A loaded program plus storage facts (the arch interface's bundle)."""
 
     program: Program
-    model_dir: Path
-    dtype: str  # storage dtype of the float tensors on disk
-    nbytes: int
-    compute_dtype: str = "float32"
-    quantization: dict[str, Any] | None = None
 
     @property
     def input_spec(self) -> list[dict[str, Any]]:
@@ -94,9 +90,9 @@ def load(model_dir: Path) -> ProgramBundle | Seq2SeqBundle:
     graphs, dtype, nbytes = load_graphs(model_dir)
     quantization = read_json(model_dir / "config.json", "program").get("quantization")  # validation's band
     if "" in graphs:
-        return ProgramBundle(graphs[""], model_dir, dtype, nbytes, quantization=quantization)
+        return ProgramBundle(graphs[""], model_dir=model_dir, dtype=dtype, nbytes=nbytes, quantization=quantization)
     spec = read_program(model_dir)
-    return Seq2SeqBundle(graphs["encoder"], graphs["decoder"], spec, model_dir, dtype, nbytes,
+    return Seq2SeqBundle(graphs["encoder"], graphs["decoder"], spec, model_dir=model_dir, dtype=dtype, nbytes=nbytes,
                          quantization=quantization)  # fmt: skip
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
 
+from mlxd_daemon.archs.contract import Stored
 from mlxd_daemon.errors import InvalidArgument, NotFound
 from mlxd_daemon.export.program import MX_DTYPES, Program, check_shape
 
@@ -50,18 +50,13 @@ def bucket(length: int, cap: int | None) -> int:
 
 
 @dataclass
-class Seq2SeqBundle:
+class Seq2SeqBundle(Stored):
     """An exported encoder-decoder: ``run`` (the whole model on named arrays, as validation needs) and
     ``generate`` (the interface of decoder Generate: token events, then finish_reason and stats)."""
 
     encoder: Program
     decoder: Program
     spec: dict[str, Any]
-    model_dir: Path
-    dtype: str
-    nbytes: int
-    compute_dtype: str = "float32"
-    quantization: dict[str, Any] | None = None
     _tokenizer: Any = field(default=None, repr=False)
 
     @property
