@@ -45,6 +45,9 @@ class TestToyArchitecture:
     def test_registered_module_goes_through_the_daemon(self, toy_client: Client, tmp_path: Path) -> None:
         """Convert takes route mlxd:toy_mlp; Validate passes with every layer paired; Infer equals the PyTorch
         reference; AWQ calibrates both blocks' Linears and the q4 model still validates and infers close."""
+        from mlxd_daemon.archs.contract import ArchModule, Calibrates
+
+        assert isinstance(toy_mlp, ArchModule) and isinstance(toy_mlp, Calibrates)  # what mypy checks structurally
         src = toy_mlp.make_checkpoint(tmp_path / "hf")
         assert "toy_mlp" in toy_client.initialize().capabilities.architectures
 
