@@ -2,8 +2,13 @@
 
 1. Llama-3.2-1B-shaped checkpoint (1.24B parameters, bf16, 1 GB shards; random weights, built once into
    .demo/): the plain-copy floor (copy the shard bytes + fsync), `mlx_lm.convert` and mlxd, to float16 and to
-   q4 g64: wall time and peak RSS (VmHWM of a fresh process each).
+   q4 g64: wall time and peak RSS (VmHWM of a fresh process each), and mlxd's profile: thread-seconds per phase
+   of its block pipeline (read, NaN/Inf scan, cast or quantize, quantization-error sample, write; summed over
+   its worker threads, so they add up to more than the wall time when the cores overlap), the wall time of the
+   weights and of the final fsync + rename. `mlx_lm.convert` does not fsync what it wrote; mlxd does.
 2. ViT-B/32 CLIP (float32 safetensors): mlxd to float32 / float16 / bfloat16 / q4 against the copy floor.
+
+`--llama-only` / `--clip-only` run one part.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from mlxd_daemon.quantize import QuantOptions
 opts = json.loads(sys.argv[4])
 q = opts.pop("quantize", None)
 t = time.perf_counter()
-convert(Path(sys.argv[1]), Path(sys.argv[2]), dtype=sys.argv[3], quantize=QuantOptions(**q) if q else None, **opts)
-print(json.dumps([time.perf_counter() - t, _peak()]))
+r = convert(Path(sys.argv[1]), Path(sys.argv[2]), dtype=sys.argv[3], quantize=QuantOptions(**q) if q else None, **opts)
+print(json.dumps([time.perf_counter() - t, _peak(), r["phases"]]))
 """
 )
 MLX_LM = (
@@ -42,7 +47,7 @@ import json, sys, time
 from mlx_lm.convert import convert
 t = time.perf_counter()
 convert(sys.argv[1], sys.argv[2], dtype=sys.argv[3], **json.loads(sys.argv[4]))
-print(json.dumps([time.perf_counter() - t, _peak()]))
+print(json.dumps([time.perf_counter() - t, _peak(), {}]))
 """
 )
 
@@ -66,12 +71,19 @@ def plain_copy(src: Path, dst: Path) -> float:
     return time.perf_counter() - start
 
 
-def run(script: str, src: Path, dst: Path, dtype: str, options: dict[str, object]) -> tuple[float, float]:
-    """(seconds, peak RSS bytes) of one conversion in a fresh process."""
+def run(script: str, src: Path, dst: Path, dtype: str, options: dict[str, object]) -> tuple[float, float, dict]:
+    """(seconds, peak RSS bytes, mlxd's phases) of one conversion in a fresh process."""
     out = subprocess.run([sys.executable, "-c", script, str(src), str(dst), dtype, json.dumps(options)],
                          check=True, capture_output=True, text=True).stdout  # fmt: skip
-    seconds, peak = json.loads(out.strip().splitlines()[-1])
-    return seconds, peak
+    seconds, peak, phases = json.loads(out.strip().splitlines()[-1])
+    return seconds, peak, phases
+
+
+def profile(phases: dict[str, float]) -> str:
+    """mlxd's per-phase profile as one line."""
+    busy = ", ".join(f"{k} {phases[k]:.2f}" for k in ("read", "scan", "convert", "error", "write") if k in phases)
+    return (f"{'':<30} thread-s: {busy}; walls: weights {phases['weights_wall']:.2f} s, "
+            f"fsync + rename {phases['sync_wall']:.2f} s")  # fmt: skip
 
 
 def row(label: str, seconds: float, peak: float, floor: float, other: tuple[float, float] | None = None) -> str:
@@ -93,10 +105,11 @@ def llama_section() -> None:
             ("q4 g64", "bfloat16", {"quantize": True, "q_bits": 4, "q_group_size": 64},
              {"quantize": {"bits": 4, "group_size": 64}}),
         ]:  # fmt: skip
-            lm = run(MLX_LM, src, Path(tmp) / f"lm-{dtype}-{label}", dtype, lm_opts)
+            lm = run(MLX_LM, src, Path(tmp) / f"lm-{dtype}-{label}", dtype, lm_opts)[:2]
             print(row(f"mlx_lm.convert {label}", *lm, floor))
-            ours = run(MLXD, src, Path(tmp) / f"mlxd-{dtype}-{label}", dtype, mlxd_opts)
+            *ours, phases = run(MLXD, src, Path(tmp) / f"mlxd-{dtype}-{label}", dtype, mlxd_opts)
             print(row(f"mlxd convert {label}", *ours, floor, lm))
+            print(profile(phases))
 
 
 def clip_section() -> None:
@@ -109,14 +122,15 @@ def clip_section() -> None:
         for label, dtype, opts in [("float32", "float32", {}), ("float16", "float16", {}),
                                    ("bfloat16", "bfloat16", {}),
                                    ("q4 g64", "float32", {"quantize": {"bits": 4}})]:  # fmt: skip
-            print(row(f"mlxd convert {label}", *run(MLXD, src, Path(tmp) / label, dtype, opts), floor))
+            print(row(f"mlxd convert {label}", *run(MLXD, src, Path(tmp) / label, dtype, opts)[:2], floor))
 
 
 def main() -> None:
     print(f"convert benchmark, {machine()}")
     if "--clip-only" not in sys.argv:
         llama_section()
-    clip_section()
+    if "--llama-only" not in sys.argv:
+        clip_section()
 
 
 if __name__ == "__main__":

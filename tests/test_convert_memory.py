@@ -68,7 +68,7 @@ def test_row_blocks_write_the_same_bytes(tmp_path: Path, monkeypatch: object) ->
                "text_model.b.weight": torch.randn(64, 128, generator=g)}, src / "model.safetensors")  # fmt: skip
     outputs = {}
     for label, chunk in (("whole", 1 << 30), ("blocks", 256 * 256 * 4 // 7)):  # ~43 rows per block
-        monkeypatch.setattr(writer, "CHUNK_BYTES", chunk)  # type: ignore[attr-defined]
+        monkeypatch.setattr(writer, "BLOCK_BYTES", chunk)  # type: ignore[attr-defined]
         for options in ({"dtype": "bfloat16"}, {"quantize": QuantOptions(bits=4, group_size=64)}):
             name = f"{label}-{'q' if 'quantize' in options else 'cast'}"
             result = convert(src, tmp_path / name, **options)  # type: ignore[arg-type]

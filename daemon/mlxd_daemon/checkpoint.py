@@ -7,10 +7,8 @@ with ``torch.load(..., weights_only=True, mmap=True)`` so tensor data stays on d
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +54,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: str
+    offset: int | None = None  # where its bytes start in ``file`` (safetensors), so blocks can be read by position
 
     @property
     def numel(self) -> int:
@@ -96,17 +95,6 @@ class Checkpoint:
         if self.weight_format == "safetensors":
             return handle.get_tensor(name)
         return handle[name]
-
-    def iter_rows(self, name: str, max_bytes: int) -> Iterator[torch.Tensor]:
-        """A safetensors tensor in blocks of whole rows of about ``max_bytes`` each, read straight from the file."""
-        info = self.tensors[name]
-        reader = self._open.get(info.file) or _open_safetensors(self.path / info.file)
-        self._open[info.file] = reader
-        rows = info.shape[0]
-        row_bytes = max(1, info.dtype.itemsize * math.prod(info.shape[1:]))
-        step = max(1, max_bytes // row_bytes)
-        for start in range(0, rows, step):
-            yield reader.get_rows(name, start, min(rows, start + step))
 
     def release(self) -> None:
         """Drop open files so their mapped pages stop counting against this process."""
@@ -209,10 +197,11 @@ def _scan_file(path: Path, fmt: str) -> list[TensorInfo]:
     if fmt == "safetensors":
         reader = _open_safetensors(path)
         return [
-            TensorInfo(name, _st_dtype(entry["dtype"], path), tuple(entry["shape"]), path.name)
+            TensorInfo(name, _st_dtype(entry["dtype"], path), tuple(entry["shape"]), path.name,
+                       reader.data_start + entry["data_offsets"][0])
             for name, entry in reader.header.items()
             if name != "__metadata__"
-        ]
+        ]  # fmt: skip
     state = _load_bin(path)
     return [TensorInfo(n, t.dtype, tuple(t.shape), path.name) for n, t in state.items()]
 

@@ -245,10 +245,13 @@ def _execute(
     if dry_run:
         return _finish(result, started)
     needed = needed_bytes(plan.total_bytes, [ckpt.path / name for name in result["copied_files"]])
+    phases: dict[str, float] = {}  # where the time went (writer.PHASES, summed over threads; walls)
     try:
         with staged(dst, needed, overwrite) as tmp:
+            begun = time.monotonic()
             errors = write_weights(ckpt, plan, tmp, reporter, stage, calibrated.tensors if calibrated else None,
-                                   strict=strict, non_finite=result["non_finite"])  # fmt: skip
+                                   strict=strict, non_finite=result["non_finite"], phases=phases)  # fmt: skip
+            phases["weights_wall"] = time.monotonic() - begun
             for report in result["layer_reports"]:
                 error = errors.get(report["name"], 0.0)
                 report["rel_error"] = error if math.isfinite(error) else None  # NaN/Inf weights: not measurable
@@ -258,8 +261,11 @@ def _execute(
                 shutil.copyfile(ckpt.path / name, tmp / name)
             check_tokenizer(ckpt.path, tmp)
             write_manifest(ckpt, plan, target, result, tmp)
+            synced = time.monotonic()
+        phases["sync_wall"] = time.monotonic() - synced  # staged's fsync of every file, and the rename
     finally:
         ckpt.release()
+    result["phases"] = {k: round(v, 3) for k, v in phases.items()}
     return _finish(result, started)
 
 

@@ -15,8 +15,9 @@ def to_mlx(t: torch.Tensor) -> mx.array:
     return mx.array(t.numpy())
 
 
-def to_torch(a: mx.array) -> torch.Tensor:
-    """An evaluated MLX array as a torch tensor of the same dtype that owns its memory."""
-    if a.dtype == mx.bfloat16:
-        return torch.from_numpy(np.array(a.view(mx.int16))).view(torch.bfloat16)
-    return torch.from_numpy(np.array(a))
+def to_torch(a: mx.array, copy: bool = True) -> torch.Tensor:
+    """An evaluated MLX array as a torch tensor of the same dtype: a copy that owns its memory, or (``copy=False``)
+    a view that keeps ``a`` alive."""
+    view = np.asarray(a.view(mx.int16)) if a.dtype == mx.bfloat16 else np.asarray(a)
+    t = torch.from_numpy(view.copy() if copy else view)
+    return t.view(torch.bfloat16) if a.dtype == mx.bfloat16 else t

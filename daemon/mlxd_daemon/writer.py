@@ -1,15 +1,27 @@
-"""Writing a planned conversion: tensors shard by shard (cast, quantize or dequantize one at a time), config.json
-and the manifest, into the temp dir ``staging.staged`` publishes. Used by every entry point in ``convert``.
+"""Writing a planned conversion: every tensor in row blocks through a small pool of threads, then config.json and
+the manifest, into the temp dir ``staging.staged`` publishes. Used by every entry point in ``convert``.
+
+The pipeline is bounded: at most ``DEPTH`` blocks are in flight, each at most ``BLOCK_BYTES`` read and as much
+written. The main thread walks the plan in order and submits one task per block; a task reads its rows by
+position into its thread's reused buffer (``blockio``), scans them for NaN/Inf and float16 overflow, casts them
+with torch or quantizes them with ``mx.quantize`` (on its thread's own MLX stream) and writes the result at its
+planned offset. So the next blocks are read and converted while earlier ones are written, on every core. The main
+thread takes the results back in plan order: per-tensor NaN/Inf, overflow, quantization error, progress and
+cancellation. Quantization groups run along rows, so a block of whole rows quantizes exactly as the whole matrix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import queue
-import struct
-import threading
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,25 +31,54 @@ import numpy as np
 import torch
 
 import mlxd_daemon
+from mlxd_daemon.blockio import Buffers, Flusher, ShardFile, SourceFiles
 from mlxd_daemon.checkpoint import Checkpoint
 from mlxd_daemon.errors import InvalidArgument
 from mlxd_daemon.malloc import pin_mmap_threshold
 from mlxd_daemon.progress import Reporter
 from mlxd_daemon.quantize import QParams, QuantSpec, config_entry
-from mlxd_daemon.shards import DTYPE_NAMES, Plan, Shard, Unit, index_json
+from mlxd_daemon.shards import DTYPE_NAMES, Plan, Unit, index_json
 from mlxd_daemon.torch_mlx import to_mlx as _to_mlx
 from mlxd_daemon.torch_mlx import to_torch as _to_torch
 
 FLOAT16_MAX = 65504.0
 RELEASE_MAPPED_BYTES = 256 << 20  # unmap the source after this much is read: mapped pages count as RSS
-CHUNK_BYTES = 64 << 20  # plain casts of bigger tensors stream in row blocks of about this size
+BLOCK_BYTES = 16 << 20  # a task reads (and writes) at most about this much: whole rows of one tensor
+WORKERS = max(1, min(4, os.cpu_count() or 1))  # block tasks run in parallel; each holds one block in, one out
+DEPTH = WORKERS + 2  # blocks in flight: every worker busy while the main thread takes a result back
 ERROR_SAMPLE_ROWS = 64  # rows of a weight used to measure its quantization error
+PHASES = ("read", "scan", "convert", "error", "write")  # per-block thread-seconds, summed (see write_weights)
 MANIFEST = "mlxd_manifest.json"
 Bad = tuple[int, int, list[int]]  # a tensor's NaN count, Inf count, index of its first non-finite value
 _HASH_LIMIT = 64 << 20  # sha256 only for small files; hashing multi-GB weights would double the run time.
 _MANIFEST_RESULT_KEYS = (
     "quantization", "skipped_layers", "layer_reports", "bits_per_weight", "bytes_before", "non_finite"
 )  # fmt: skip
+_buffers = Buffers()
+
+
+@dataclass
+class _Block:
+    """What one block task reports back: its scan, its share of the quantization error, its phase times."""
+
+    peak: float | None
+    bad: Bad | None
+    err2: float = 0.0
+    ref2: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Tensor:
+    """One unit while its blocks are in flight: what its blocks found so far."""
+
+    unit: Unit
+    blocks: int
+    peaks: list[float] = field(default_factory=list)
+    bad: Bad | None = None
+    err2: float = 0.0
+    ref2: float = 0.0
+    error: float | None = None  # given by calibration
 
 
 def write_weights(
@@ -49,155 +90,263 @@ def write_weights(
     precomputed: dict[str, tuple[dict[str, torch.Tensor], float | None]] | None = None,
     strict: bool = False,
     non_finite: list[dict[str, Any]] | None = None,
+    phases: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Stream tensors shard by shard; with a float16 target, scan everything before refusing an overflow.
+    """Stream tensors in blocks (see the module doc); with a float16 target, scan everything before refusing an
+    overflow.
 
-    Every floating source tensor is checked for NaN/Inf on the blocks already read; each one that has any is
-    appended to ``non_finite`` ({name, nan, inf, first_index}). With ``strict`` those refuse the conversion
-    (InvalidArgument NON_FINITE_WEIGHTS, after scanning the rest), like a float16 overflow does.
+    Every floating source tensor is checked for NaN/Inf on the blocks read; each one that has any is appended to
+    ``non_finite`` ({name, nan, inf, first_index}). With ``strict`` those refuse the conversion (InvalidArgument
+    NON_FINITE_WEIGHTS, after scanning the rest), like a float16 overflow does.
     ``precomputed`` (calibrated quantization) maps a unit's target to its final output tensors and weight error;
     those units are written as given (and dropped from the dict) instead of converted from the source.
+    ``phases`` (optional) receives the thread-seconds spent per phase (``PHASES``) over all blocks.
     Returns each quantized layer's relative reconstruction error ||W - dequant(q(W))|| / ||W||.
     """
     pin_mmap_threshold()  # so each freed tensor is returned to the system
     reporter.begin(stage, len(plan.units), plan.total_bytes)
-    done = done_bytes = mapped = 0
-    overflow: list[dict[str, Any]] = []
-    found = non_finite if non_finite is not None else []
-    errors: dict[str, float] = {}
-
-    def doomed() -> bool:  # the output will be refused: keep scanning, stop writing
-        return bool(overflow) or (strict and bool(found))
-
-    for shard in plan.shards:
-        # Each tensor goes to disk as soon as it is converted: memory holds one tensor, not one shard.
-        with ShardFile(out / shard.file, shard, plan.layouts) as writer:
+    run = _Run(ckpt, strict, non_finite if non_finite is not None else [], reporter, phases)
+    # Leaving the block stops the workers first, then closes the shard files, then the source files.
+    with contextlib.closing(run.files), _shard_files(plan, out, run) as files, _pool() as pool:
+        inflight: deque[tuple[Future[_Block], _Tensor]] = deque()
+        for shard, writer in zip(plan.shards, files, strict=True):
             for unit in shard.units:
-                if precomputed and unit.target in precomputed and not doomed():
-                    given, error = precomputed.pop(unit.target)
-                    for o in unit.outputs:
-                        writer.write(o.name, given[o.name])
-                    if error is not None:
-                        errors[unit.target.removesuffix(".weight")] = error
-                    done, done_bytes = done + 1, done_bytes + unit.nbytes
-                    reporter.report(done, done_bytes, unit.target)
-                    continue
-                if _streamable(ckpt, unit):  # a big tensor: row blocks, never the whole tensor in memory
-                    peaks: list[float] = []
-                    error = _stream_unit(ckpt, unit, writer, peaks, found, write=not doomed(), strict=strict)
-                    if peaks:
-                        overflow.append({"name": unit.source, "max_abs": max(peaks)})
-                    elif error is not None:
-                        errors[unit.target.removesuffix(".weight")] = error
-                    done, done_bytes = done + 1, done_bytes + unit.nbytes
-                    reporter.report(done, done_bytes, unit.target)
-                    continue
-                source = ckpt.get(unit.source)
-                if unit.dequant is not None:
-                    source = _dequantize_unit(ckpt, unit, unit.dequant, source)
-                peak, bad = _scan(source, unit.dtype)
-                if peak is not None:
-                    overflow.append({"name": unit.source, "max_abs": peak})  # doomed output: keep scanning only
-                if bad is not None:
-                    found.append(_non_finite_entry(unit, bad))
-                if not doomed():
-                    converted, error = _convert_unit(source, unit)
-                    for name, tensor in converted.items():
-                        writer.write(name, tensor)
-                    del converted
-                    if error is not None:
-                        errors[unit.target.removesuffix(".weight")] = error
-                del source
-                done, done_bytes, mapped = done + 1, done_bytes + unit.nbytes, mapped + unit.src_nbytes
-                if mapped >= min(plan.max_bytes, RELEASE_MAPPED_BYTES):
+                tasks, error = _tasks(ckpt, unit, writer, run, precomputed)
+                state = _Tensor(unit, len(tasks), error=error)
+                for task in tasks:
+                    inflight.append((pool.submit(task), state))
+                    while len(inflight) >= DEPTH:
+                        run.absorb(*_result(inflight.popleft()))
+                run.mapped += 0 if ckpt.tensors[unit.source].offset is not None else unit.src_nbytes
+                if run.mapped >= min(plan.max_bytes, RELEASE_MAPPED_BYTES):
                     # Read pages of mapped source files count as resident until unmapped: cap them too.
                     ckpt.release()
-                    mapped = 0
-                reporter.report(done, done_bytes, unit.target)
-            writer.complete = not doomed()
+                    run.mapped = 0
+        while inflight:
+            run.absorb(*_result(inflight.popleft()))
     ckpt.release()
-    if overflow:
-        worst = ", ".join(f"{o['name']} (max |x| {o['max_abs']:.6g})" for o in overflow[:10])
-        msg = (
-            f"{len(overflow)} tensor(s) exceed the float16 range ±{FLOAT16_MAX:g} and would become inf: "
-            f"{worst}; choose bfloat16 or float32"
-        )
-        raise InvalidArgument(
-            msg,
-            reason="FLOAT16_OVERFLOW",
-            tensors=",".join(o["name"] for o in overflow),
-            float16_overflow=json.dumps(overflow),
-        )
-    if strict and found:
-        listed = ", ".join(f"{b['name']} ({b['nan']} NaN, {b['inf']} Inf, first at {b['first_index']})"
-                           for b in found[:10])  # fmt: skip
-        msg = (
-            f"{len(found)} tensor(s) hold NaN or Inf values: {listed}; the checkpoint is damaged "
-            "(convert without --strict to write it anyway, with the tensors listed in the result)"
-        )
-        raise InvalidArgument(
-            msg, reason="NON_FINITE_WEIGHTS", tensors=",".join(b["name"] for b in found), non_finite=json.dumps(found)
-        )
+    run.raise_refusal()
     if len(plan.shards) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(index_json(plan), indent=2) + "\n")
     reporter.end(f"wrote {len(plan.shards)} shard(s)")
-    return errors
+    return run.errors
 
 
-def _streamable(ckpt: Checkpoint, unit: Unit) -> bool:
-    """Large safetensors matrices go through in row blocks (peak memory: one block). Quantization groups run
-    along rows, so quantizing a block of whole rows gives exactly the rows of quantizing the whole matrix."""
-    info = ckpt.tensors[unit.source]
-    return (unit.dequant is None and ckpt.weight_format == "safetensors" and len(info.shape) == 2
-            and unit.src_nbytes > CHUNK_BYTES)  # fmt: skip
+def _result(item: tuple[Future[_Block], _Tensor]) -> tuple[_Block, _Tensor]:
+    return item[0].result(), item[1]
 
 
-def _stream_unit(
+class _Run:
+    """The main thread's bookkeeping: what the scans found, the errors, progress; ``doomed`` (the output will be
+    refused: keep scanning, stop converting) is read by the block tasks."""
+
+    def __init__(self, ckpt: Checkpoint, strict: bool, found: list[dict[str, Any]], reporter: Reporter,
+                 phases: dict[str, float] | None) -> None:  # fmt: skip
+        self.ckpt, self.strict, self.found, self.reporter = ckpt, strict, found, reporter
+        self.phases = phases if phases is not None else {}
+        self.overflow: list[dict[str, Any]] = []
+        self.errors: dict[str, float] = {}
+        self.done = self.done_bytes = self.mapped = 0
+        self.doomed = False
+        self.files = SourceFiles()
+
+    def absorb(self, block: _Block, t: _Tensor) -> None:
+        """One block's result (in plan order); the last block of a tensor settles the tensor."""
+        for k, v in block.seconds.items():
+            self.phases[k] = self.phases.get(k, 0.0) + v
+        if block.peak is not None:
+            t.peaks.append(block.peak)
+        if block.bad is not None:
+            t.bad = block.bad if t.bad is None else (t.bad[0] + block.bad[0], t.bad[1] + block.bad[1], t.bad[2])
+        t.err2, t.ref2 = t.err2 + block.err2, t.ref2 + block.ref2
+        t.blocks -= 1
+        if t.blocks:
+            return
+        unit = t.unit
+        if t.peaks:
+            self.overflow.append({"name": unit.source, "max_abs": max(t.peaks)})  # doomed output: scan on
+        if t.bad is not None:
+            self.found.append(_non_finite_entry(unit, t.bad))
+        self.doomed = bool(self.overflow) or (self.strict and bool(self.found))
+        if t.error is not None:
+            self.errors[unit.target.removesuffix(".weight")] = t.error
+        elif unit.quantize and not t.peaks:
+            self.errors[unit.target.removesuffix(".weight")] = math.sqrt(t.err2 / max(t.ref2, 1e-60))
+        self.done, self.done_bytes = self.done + 1, self.done_bytes + unit.nbytes
+        self.reporter.report(self.done, self.done_bytes, unit.target)
+
+    def raise_refusal(self) -> None:
+        """A float16 overflow, or NaN/Inf with ``strict``: InvalidArgument naming the tensors."""
+        if self.overflow:
+            worst = ", ".join(f"{o['name']} (max |x| {o['max_abs']:.6g})" for o in self.overflow[:10])
+            msg = (
+                f"{len(self.overflow)} tensor(s) exceed the float16 range ±{FLOAT16_MAX:g} and would become inf: "
+                f"{worst}; choose bfloat16 or float32"
+            )
+            raise InvalidArgument(
+                msg,
+                reason="FLOAT16_OVERFLOW",
+                tensors=",".join(o["name"] for o in self.overflow),
+                float16_overflow=json.dumps(self.overflow),
+            )
+        if self.strict and self.found:
+            listed = ", ".join(f"{b['name']} ({b['nan']} NaN, {b['inf']} Inf, first at {b['first_index']})"
+                               for b in self.found[:10])  # fmt: skip
+            msg = (
+                f"{len(self.found)} tensor(s) hold NaN or Inf values: {listed}; the checkpoint is damaged "
+                "(convert without --strict to write it anyway, with the tensors listed in the result)"
+            )
+            raise InvalidArgument(msg, reason="NON_FINITE_WEIGHTS", tensors=",".join(b["name"] for b in self.found),
+                                  non_finite=json.dumps(self.found))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _shard_files(plan: Plan, out: Path, run: _Run) -> Iterator[list[ShardFile]]:
+    """Every shard file of the plan, open (headers written) for the whole run; each must be complete at the end
+    unless the output is refused or an error stopped the run."""
+    files: list[ShardFile] = []
+    flusher = Flusher()
+    try:
+        for shard in plan.shards:
+            files.append(ShardFile(out / shard.file, shard, plan.layouts, flusher))
+        yield files
+    except BaseException:
+        for f in files:
+            f.complete = False
+        raise
+    finally:
+        flusher.close()
+        for f in files:
+            f.complete = f.complete and not run.doomed
+            f.close()
+
+
+@contextlib.contextmanager
+def _pool() -> Iterator[ThreadPoolExecutor]:
+    """The block workers. Torch runs single-threaded inside each (the workers are the parallelism) and MLX may
+    keep a few blocks' buffers for reuse; both restored afterwards. Leaving waits for every started task."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cache = mx.set_cache_limit(2 * WORKERS * BLOCK_BYTES)
+    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="convert-block")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+        mx.set_cache_limit(cache)
+        mx.clear_cache()
+
+
+def _tasks(
     ckpt: Checkpoint,
     unit: Unit,
     writer: ShardFile,
-    peaks: list[float],
-    found: list[dict[str, Any]],
-    write: bool,
-    strict: bool,
-) -> float | None:
-    """Cast (or quantize) ``unit`` block by block straight into ``writer``; returns the quantization error
-    (over a row sample of every block). A float16 overflow is added to ``peaks`` and stops the writing; NaN/Inf
-    are counted over all blocks into one ``found`` entry (and stop the writing when ``strict``)."""
-    side: list[list[torch.Tensor]] = [[] for _ in unit.outputs[1:]]  # scales/biases: small, written after
-    err2 = ref2 = 0.0
-    row = 0
-    bad: Bad | None = None
-    for part in ckpt.iter_rows(unit.source, CHUNK_BYTES):
-        peak, part_bad = _scan(part, unit.dtype, row)
-        row += part.shape[0]
-        if peak is not None:
-            peaks.append(peak)
-        if part_bad is not None:
-            bad = part_bad if bad is None else (bad[0] + part_bad[0], bad[1] + part_bad[1], bad[2])
-        if not write or peaks or (strict and bad):
-            continue
-        cast = part.to(unit.dtype)
+    run: _Run,
+    precomputed: dict[str, tuple[dict[str, torch.Tensor], float | None]] | None,
+) -> tuple[list[Callable[[], _Block]], float | None]:
+    """One callable per block of ``unit`` (and the calibrated error when it was precomputed): rows read by
+    position (a safetensors tensor, also one an mlx-lm sanitize left untouched), else row views of the tensor
+    read (or evaluated, or dequantized) here on the main thread, once."""
+    if precomputed and unit.target in precomputed and not run.doomed:
+        given, error = precomputed.pop(unit.target)
+        return [lambda: _write_given(writer, unit, given)], error
+    info = ckpt.tensors[unit.source]
+    shape = info.shape
+    rows = shape[0] if shape else 1
+    row_elems = math.prod(shape[1:])
+    row_bytes = max(1, row_elems * max(info.dtype.itemsize, unit.dtype.itemsize))
+    step = max(1, BLOCK_BYTES // row_bytes)
+    spans = [(r, min(rows, r + step)) for r in range(0, rows, step)] or [(0, 0)]
+    rows_2d = max(1, math.prod(shape[:-1]))
+    per_row_2d = rows_2d // max(rows, 1)
+
+    def sample(a: int, b: int) -> int:  # about ERROR_SAMPLE_ROWS evenly spread over the whole tensor
+        if rows_2d <= ERROR_SAMPLE_ROWS:
+            return ERROR_SAMPLE_ROWS
+        return max(1, round(ERROR_SAMPLE_ROWS * (b - a) * per_row_2d / rows_2d))
+
+    if info.offset is not None and unit.dequant is None:
+        path, offset, in_row = ckpt.path / info.file, info.offset, row_elems * info.dtype.itemsize
+
+        def reader(a: int, b: int) -> Callable[[], torch.Tensor]:
+            return lambda: _read_rows(run.files, path, offset + a * in_row, info.dtype, (b - a, *shape[1:]), shape)
+
+        return [_block_task(run, unit, writer, a, reader(a, b), sample(a, b)) for a, b in spans], None
+    source = ckpt.get(unit.source)
+    if unit.dequant is not None:
+        source = _dequantize_unit(ckpt, unit, unit.dequant, source)
+
+    def view(a: int, b: int) -> Callable[[], torch.Tensor]:
+        part = source[a:b] if source.ndim else source
+        return lambda: part
+
+    return [_block_task(run, unit, writer, a, view(a, b), sample(a, b)) for a, b in spans], None
+
+
+def _read_rows(files: SourceFiles, path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
+               whole: tuple[int, ...]) -> torch.Tensor:  # fmt: skip
+    """Rows of a tensor (``shape``; ``()`` when ``whole`` is a scalar) into this thread's input buffer."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = _buffers.get("in", nbytes)
+    files.read_into(path, offset, buf.numpy().data)
+    return buf.view(dtype).reshape(shape if whole else ())
+
+
+def _block_task(run: _Run, unit: Unit, writer: ShardFile, row0: int, read: Callable[[], torch.Tensor],
+                sample_rows: int) -> Callable[[], _Block]:  # fmt: skip
+    def task() -> _Block:
+        clock = _Clock()
+        part = read()
+        clock.lap("read")
+        peak, bad = _scan(part, unit.dtype, row0)
+        clock.lap("scan")
+        block = _Block(peak, bad, seconds=clock.seconds)
+        if run.doomed or peak is not None or (run.strict and bad is not None):
+            return block  # the output will be refused: scan only
         if not unit.quantize:
-            writer.write_part(unit.target, cast)
-            continue
-        w = _to_mlx(cast)
+            cast = _cast(part, unit.dtype)
+            clock.lap("convert")
+            writer.write_rows(unit.target, row0, cast)
+            clock.lap("write")
+            return block
+        w = _to_mlx(part.to(unit.dtype))
         packed = mx.quantize(w, group_size=unit.group_size, bits=unit.bits, mode=unit.mode)
         mx.eval(packed)
-        e2, r2 = _squared_error(w, packed, unit, rows=max(1, ERROR_SAMPLE_ROWS * part.shape[0] // 4096))
-        err2, ref2 = err2 + e2, ref2 + r2
-        tensors = [_to_torch(a) for a in packed]
-        writer.write_part(unit.outputs[0].name, tensors[0])
-        for pieces, t in zip(side, tensors[1:], strict=True):
-            pieces.append(t)
-        del w, packed, tensors
-        mx.clear_cache()
-    if bad is not None:
-        found.append(_non_finite_entry(unit, bad))
-    if write and not peaks and not (strict and bad):
-        for out, pieces in zip(unit.outputs[1:], side, strict=True):
-            writer.write(out.name, torch.cat(pieces))
-    return math.sqrt(err2 / max(ref2, 1e-60)) if unit.quantize and not peaks else None
+        clock.lap("convert")
+        block.err2, block.ref2 = _squared_error(w, packed, unit, rows=sample_rows)
+        clock.lap("error")
+        for o, a in zip(unit.outputs, packed, strict=True):
+            writer.write_rows(o.name, row0, _to_torch(a, copy=False))
+        clock.lap("write")
+        return block
+
+    return task
+
+
+def _write_given(writer: ShardFile, unit: Unit, given: dict[str, torch.Tensor]) -> _Block:
+    for o in unit.outputs:
+        writer.write_rows(o.name, 0, given[o.name])
+    return _Block(None, None)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.t
+        self.t = now
+
+
+def _cast(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``part`` as ``dtype``: itself when it already is, else cast into this thread's output buffer."""
+    if part.dtype == dtype:
+        return part
+    out = _buffers.get("out", part.numel() * dtype.itemsize).view(dtype).reshape(part.shape)
+    return out.copy_(part)
 
 
 def _scan(t: torch.Tensor, out_dtype: torch.dtype, row0: int = 0) -> tuple[float | None, Bad | None]:
@@ -235,37 +384,12 @@ def _non_finite_entry(unit: Unit, bad: Bad) -> dict[str, Any]:
     return entry
 
 
-def _convert_unit(source: torch.Tensor, unit: Unit) -> tuple[dict[str, torch.Tensor], float | None]:
-    """Cast (and optionally quantize) one tensor into tensors that own their memory; with quantization, also
-    the relative reconstruction error of the cast weight."""
-    out = source.to(unit.dtype)
-    if out.data_ptr() == source.data_ptr() and not unit.quantize:
-        out = out.clone()  # same dtype: still a view of the mapped source file
-    out = out.contiguous()
-    if not unit.quantize:
-        return {unit.target: out}, None
-    w = _to_mlx(out)
-    packed = mx.quantize(w, group_size=unit.group_size, bits=unit.bits, mode=unit.mode)
-    mx.eval(packed)
-    error = _relative_error(w, packed, unit)
-    names = [o.name for o in unit.outputs]
-    result = dict(zip(names, (_to_torch(a) for a in packed), strict=True))
-    del w, packed
-    mx.clear_cache()  # MLX keeps freed buffers for reuse: give them back, a model's worth would pile up
-    return result, error
-
-
-def _relative_error(w: mx.array, packed: tuple[mx.array, ...], unit: Unit) -> float:
-    """||W - dequant(q(W))|| / ||W||, exact up to ``ERROR_SAMPLE_ROWS`` rows, else over evenly spaced rows
-    (groups run along rows, so a row sample is an unbiased estimate; dequantizing everything on the CPU
-    would cost more than the quantization itself)."""
-    err2, ref2 = _squared_error(w, packed, unit, rows=ERROR_SAMPLE_ROWS)
-    return math.sqrt(err2 / max(ref2, 1e-60))
-
-
 def _squared_error(w: mx.array, packed: tuple[mx.array, ...], unit: Unit, rows: int) -> tuple[float, float]:
-    """(||W - dequant(q(W))||², ||W||²) over at most ``rows`` evenly spaced rows."""
-    if w.ndim > 1 and w.shape[0] > rows:
+    """(||W - dequant(q(W))||², ||W||²) over at most ``rows`` evenly spaced rows of W as a matrix (groups run
+    along rows, so a row sample is an unbiased estimate; dequantizing everything would cost more than the
+    quantization itself)."""
+    w, packed = w.reshape(-1, w.shape[-1]), tuple(a.reshape(-1, a.shape[-1]) for a in packed)
+    if w.shape[0] > rows:
         idx = mx.array(np.linspace(0, w.shape[0] - 1, rows).astype(np.int32))
         w, packed = w[idx], tuple(a[idx] for a in packed)
     biases = packed[2] if len(packed) > 2 else None  # the microscaling modes have no biases
@@ -294,89 +418,6 @@ def _dequantize_unit(ckpt: Checkpoint, unit: Unit, p: QParams, packed: torch.Ten
     return _to_torch(w)
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.uint32: "U32", torch.uint16: "U16", torch.uint64: "U64", torch.bool: "BOOL"}  # fmt: skip
-
-
-class ShardFile:
-    """A safetensors file written tensor by tensor, in plan order. The header is computed from the plan (names,
-    dtypes, shapes) before any data, so the shard never has to be gathered in memory (mlx-lm#876)."""
-
-    def __init__(self, path: Path, shard: Shard, layouts: dict[str, str]) -> None:
-        self.expected = [o for u in shard.units for o in u.outputs]
-        names = {o.name for o in self.expected}
-        metadata = {"format": "mlx", "mlxd.layout": json.dumps({k: v for k, v in layouts.items() if k in names},
-                                                               sort_keys=True)}  # fmt: skip
-        header: dict[str, Any] = {"__metadata__": metadata}
-        offset = 0
-        for o in self.expected:
-            header[o.name] = {"dtype": _ST_DTYPES[o.dtype], "shape": list(o.shape),
-                              "data_offsets": [offset, offset + o.nbytes]}  # fmt: skip
-            offset += o.nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        self.path, self.next, self.complete = path, 0, True
-        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed in __exit__); big writes need no buffer
-        _write_all(self.file, memoryview(struct.pack("<Q", len(blob)) + blob))
-        # Disk writes overlap the next tensor's read and conversion; at most 2 tensors wait (bounded memory).
-        self._pending: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=2)
-        self._error: BaseException | None = None
-        self._rows = 0  # rows of the current tensor already queued (write_part)
-        self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        while (tensor := self._pending.get()) is not None:
-            try:
-                if self._error is None:
-                    _write_all(self.file, tensor.reshape(-1).view(torch.uint8).numpy().data)
-            except BaseException as e:  # reported by write() / __exit__ on the caller's thread
-                self._error = e
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor; it must be the one the plan said comes next, with its dtype and shape."""
-        want = self.expected[self.next]
-        if tuple(tensor.shape) != want.shape:
-            msg = f"writer expected {want.name} {want.shape}, got {name} {tuple(tensor.shape)}"
-            raise RuntimeError(msg)
-        self.write_part(name, tensor)
-
-    def write_part(self, name: str, part: torch.Tensor) -> None:
-        """Append the next rows of the planned tensor ``name``; it is complete once all its rows arrived."""
-        want = self.expected[self.next]
-        if (name, part.dtype, tuple(part.shape[1:])) != (want.name, want.dtype, want.shape[1:]) or (
-            self._rows + (part.shape[0] if part.ndim else 1) > (want.shape[0] if want.shape else 1)
-        ):
-            got = f"{name} {part.dtype} {tuple(part.shape)}"
-            msg = f"writer expected {want.name} {want.dtype} {want.shape} (row {self._rows}), got {got}"
-            raise RuntimeError(msg)
-        if self._error is not None:
-            raise self._error
-        self._pending.put(part.contiguous())
-        self._rows += part.shape[0] if part.ndim else 1
-        if self._rows == (want.shape[0] if want.shape else 1):
-            self.next, self._rows = self.next + 1, 0
-
-    def __enter__(self) -> ShardFile:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        self._pending.put(None)
-        self._thread.join()
-        self.file.close()
-        if exc_type is None and self._error is not None:
-            raise self._error
-        if exc_type is None and self.complete and self.next != len(self.expected):
-            msg = f"{self.path.name}: wrote {self.next} of {len(self.expected)} planned tensors"
-            raise RuntimeError(msg)
-
-
-def _write_all(file: Any, data: memoryview) -> None:
-    """An unbuffered write may stop short (a file size limit, a filling disk): write the rest, so the shortage
-    surfaces as its OSError (EFBIG, ENOSPC) instead of a silently truncated shard."""
-    while data:
-        data = data[file.write(data) :]
 
 
 def write_config(config: dict[str, Any], spec: QuantSpec | None, plan: Plan, out: Path) -> None:

@@ -144,8 +144,9 @@ class LmCheckpoint:
             raise InvalidArgument(msg, reason="BAD_CONFIG", model_type=config["model_type"]) from None
         self.lm_type = model_class.__module__.rsplit(".", 1)[-1]
         self.modules = dict(self.model.named_modules())
+        self._direct: dict[str, str] = {}
         self._lazy = self._sanitized()
-        self.tensors = {n: TensorInfo(n, _TORCH[a.dtype], tuple(a.shape), "") for n, a in self._lazy.items()}
+        self.tensors = {n: self._info(n, a) for n, a in self._lazy.items()}
         self.dropped = sorted(n for n in base.tensors if n.endswith(("rotary_emb.inv_freq", ".attn.bias",
                                                                       ".attn.masked_bias")))  # fmt: skip
         self._check_structure()
@@ -166,17 +167,28 @@ class LmCheckpoint:
         return {n: to_mlx(self.base.get(n)) for n in self.base.tensors}
 
     def _sanitized(self) -> dict[str, mx.array]:
-        weights = split_fused_experts(self._source(), self.lm_type)
+        source = self._source()
+        # Which loaded array is which source tensor (all held alive here, so no id is reused): an output that
+        # sanitize passes through untouched is then read straight from its file, in blocks, without MLX.
+        origin = {id(a): (n, a) for n, a in source.items()}
+        weights = split_fused_experts(dict(source), self.lm_type)
         strip = STRIP_PREFIX.get(self.lm_type)
         if strip:
             weights = {k.removeprefix(strip): v for k, v in weights.items()}
-        if not hasattr(self.model, "sanitize"):
-            return weights
         try:
-            return dict(self.model.sanitize(weights))
+            out = dict(self.model.sanitize(weights)) if hasattr(self.model, "sanitize") else weights
         except (KeyError, ValueError, IndexError) as e:
             msg = f"mlx-lm's {self.lm_type} sanitize cannot map the tensors of {self.path}: {e!r}"
             raise InvalidArgument(msg, reason="WEIGHTS_MISMATCH", model_type=self.model_type) from None
+        self._direct = {n: origin[id(a)][0] for n, a in out.items() if origin.get(id(a), (None, None))[1] is a}
+        return out
+
+    def _info(self, name: str, array: mx.array) -> TensorInfo:
+        """An untouched source tensor keeps its file and offset (read by position); others are evaluated."""
+        base = self.base.tensors.get(self._direct.get(name, ""))
+        if base is not None and base.offset is not None:
+            return TensorInfo(name, base.dtype, base.shape, base.file, base.offset)
+        return TensorInfo(name, _TORCH[array.dtype], tuple(array.shape), "")
 
     def _check_structure(self) -> None:
         from mlx.utils import tree_flatten
@@ -205,9 +217,6 @@ class LmCheckpoint:
         out = to_torch(array)
         del array
         return out
-
-    def iter_rows(self, name: str, max_bytes: int) -> Any:
-        yield self.get(name)
 
     def release(self) -> None:
         self.base.release()
