@@ -5,7 +5,8 @@
    q4 g64: wall time and peak RSS (VmHWM of a fresh process each), and mlxd's profile: thread-seconds per phase
    of its block pipeline (read, NaN/Inf scan, cast or quantize, quantization-error sample, write; summed over
    its worker threads, so they add up to more than the wall time when the cores overlap), the wall time of the
-   weights and of the final fsync + rename. `mlx_lm.convert` does not fsync what it wrote; mlxd does.
+   weights and of the final fsync + rename. `mlx_lm.convert` does not fsync what it wrote; mlxd does. Each side's
+   modules are imported before its clock starts (mlx_lm.convert; mlxd's convert, mlx_lm and the route's arch).
 2. ViT-B/32 CLIP (float32 safetensors): mlxd to float32 / float16 / bfloat16 / q4 against the copy floor.
 
 `--llama-only` / `--clip-only` run one part.
@@ -35,6 +36,10 @@ from mlxd_daemon.convert import convert
 from mlxd_daemon.quantize import QuantOptions
 opts = json.loads(sys.argv[4])
 q = opts.pop("quantize", None)
+# Imported before the clock starts, as the mlx_lm side imports mlx_lm.convert (a daemon's worker has them warm).
+import mlx_lm.utils
+from mlxd_daemon import archs
+archs.get_arch(json.loads((Path(sys.argv[1]) / "config.json").read_text())["model_type"])
 t = time.perf_counter()
 r = convert(Path(sys.argv[1]), Path(sys.argv[2]), dtype=sys.argv[3], quantize=QuantOptions(**q) if q else None, **opts)
 print(json.dumps([time.perf_counter() - t, _peak(), r["phases"]]))
