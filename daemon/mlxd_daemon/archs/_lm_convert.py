@@ -6,7 +6,9 @@ model's own ``sanitize`` names it, read one output tensor at a time.
 dropped, rotary buffers gone) and ``get(name)`` evaluates that one tensor. The trick that keeps memory bounded:
 safetensors sources are opened with ``mx.load``, which is lazy (each array reads its bytes only when evaluated),
 and ``sanitize`` runs on those lazy arrays, so the whole plan costs no tensor data and evaluating one output
-reads only its sources (a stacked expert tensor reads that layer's experts, nothing else).
+reads only its sources (a stacked expert tensor reads that layer's experts, nothing else). An output that
+``sanitize`` passes through untouched (the very array ``mx.load`` returned) keeps its source file and offset in
+``tensors``, so the writer reads it by position in row blocks and never evaluates it through MLX.
 """
 
 from __future__ import annotations
