@@ -13,6 +13,7 @@ cancellation. Quantization groups run along rows, so a block of whole rows quant
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -20,7 +21,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -107,8 +108,8 @@ def write_weights(
     reporter.begin(stage, len(plan.units), plan.total_bytes)
     run = _Run(ckpt, strict, non_finite if non_finite is not None else [], reporter, phases)
     # Leaving the block stops the workers first, then closes the shard files, then the source files.
-    with contextlib.closing(run.files), _shard_files(plan, out, run) as files, _pool() as pool:
-        inflight: deque[tuple[Future[_Block], _Tensor]] = deque()
+    inflight: deque[tuple[Future[_Block], _Tensor]] = deque()
+    with contextlib.closing(run.files), _shard_files(plan, out, run) as files, _pool(inflight) as pool:
         for shard, writer in zip(plan.shards, files, strict=True):
             for unit in shard.units:
                 tasks, error = _tasks(ckpt, unit, writer, run, precomputed)
@@ -222,20 +223,28 @@ def _shard_files(plan: Plan, out: Path, run: _Run) -> Iterator[list[ShardFile]]:
 
 
 @contextlib.contextmanager
-def _pool() -> Iterator[ThreadPoolExecutor]:
-    """The block workers. Torch runs single-threaded inside each (the workers are the parallelism) and MLX may
-    keep a few blocks' buffers for reuse; both restored afterwards. Leaving waits for every started task."""
+def _pool(inflight: deque[tuple[Future[_Block], _Tensor]]) -> Iterator[ThreadPoolExecutor]:
+    """The block workers, with torch single-threaded inside each (the workers are the parallelism) and MLX
+    allowed to keep a few blocks' buffers for reuse; both restored afterwards. Leaving cancels the blocks not
+    started and waits for the running ones (an error or a cancel: nothing writes after the files are closed)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cache = mx.set_cache_limit(2 * WORKERS * BLOCK_BYTES)
-    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="convert-block")
     try:
-        yield pool
+        yield _workers()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for future, _ in inflight:
+            future.cancel()
+        wait([f for f, _ in inflight])
         torch.set_num_threads(threads)
         mx.set_cache_limit(cache)
         mx.clear_cache()
+
+
+@functools.cache
+def _workers() -> ThreadPoolExecutor:
+    # One pool per process: each thread that runs MLX gets its own stream (and stream thread), kept for reuse.
+    return ThreadPoolExecutor(WORKERS, thread_name_prefix="convert-block")
 
 
 def _tasks(
