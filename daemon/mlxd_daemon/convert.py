@@ -26,11 +26,12 @@ from mlxd_daemon.calibrate import calibrate, check_method
 from mlxd_daemon.checkpoint import Checkpoint, dominant_float_dtype, open_checkpoint, read_config
 from mlxd_daemon.errors import FailedPrecondition, InvalidArgument, MlxdError
 from mlxd_daemon.malloc import peak_rss_bytes
+from mlxd_daemon.manifest import MANIFEST, write_config, write_manifest
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
 from mlxd_daemon.quantize import QuantOptions, QuantSpec
 from mlxd_daemon.shards import DTYPE_NAMES, DTYPES, Plan, make_plan, parse_size, plan_dequantize
 from mlxd_daemon.staging import check_destination, needed_bytes, staged
-from mlxd_daemon.writer import MANIFEST, write_config, write_manifest, write_weights
+from mlxd_daemon.writer import write_weights
 
 __all__ = ["convert", "dequantize", "parse_size", "quantize"]
 

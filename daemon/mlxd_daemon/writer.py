@@ -1,5 +1,6 @@
-"""Writing a planned conversion: every tensor in row blocks through a small pool of threads, then config.json and
-the manifest, into the temp dir ``staging.staged`` publishes. Used by every entry point in ``convert``.
+"""Writing a planned conversion's weights: every tensor in row blocks through a small pool of threads, into the
+temp dir ``staging.staged`` publishes (config.json and the manifest: ``manifest``). Used by every entry point in
+``convert`` and by the diffusion pipelines.
 
 The pipeline is bounded: at most ``DEPTH`` blocks are in flight, each at most ``BLOCK_BYTES`` read and as much
 written. The main thread walks the plan in order and submits one task per block; a task reads its rows by
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
@@ -23,7 +23,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,13 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-import mlxd_daemon
 from mlxd_daemon.blockio import Buffers, Flusher, ShardFile, SourceFiles
 from mlxd_daemon.checkpoint import Checkpoint
 from mlxd_daemon.errors import InvalidArgument
 from mlxd_daemon.malloc import pin_mmap_threshold
 from mlxd_daemon.progress import Reporter
-from mlxd_daemon.quantize import QParams, QuantSpec, config_entry
-from mlxd_daemon.shards import DTYPE_NAMES, Plan, Unit, index_json
+from mlxd_daemon.quantize import QParams
+from mlxd_daemon.shards import Plan, Unit, index_json
 from mlxd_daemon.torch_mlx import to_mlx as _to_mlx
 from mlxd_daemon.torch_mlx import to_torch as _to_torch
 
@@ -49,12 +47,7 @@ WORKERS = max(1, min(4, os.cpu_count() or 1))  # block tasks run in parallel; ea
 DEPTH = WORKERS + 2  # blocks in flight: every worker busy while the main thread takes a result back
 ERROR_SAMPLE_ROWS = 64  # rows of a weight used to measure its quantization error
 PHASES = ("read", "scan", "convert", "error", "write")  # per-block thread-seconds, summed (see write_weights)
-MANIFEST = "mlxd_manifest.json"
 Bad = tuple[int, int, list[int]]  # a tensor's NaN count, Inf count, index of its first non-finite value
-_HASH_LIMIT = 64 << 20  # sha256 only for small files; hashing multi-GB weights would double the run time.
-_MANIFEST_RESULT_KEYS = (
-    "quantization", "skipped_layers", "layer_reports", "bits_per_weight", "bytes_before", "non_finite"
-)  # fmt: skip
 _buffers = Buffers()
 
 
@@ -427,52 +420,3 @@ def _dequantize_unit(ckpt: Checkpoint, unit: Unit, p: QParams, packed: torch.Ten
     return _to_torch(w)
 
 
-
-
-def write_config(config: dict[str, Any], spec: QuantSpec | None, plan: Plan, out: Path) -> None:
-    """config.json with mlx-lm's ``quantization`` (defaults + per-layer entries that differ), also copied to
-    ``quantization_config`` (the key transformers-style loaders look for); float layers are absent."""
-    config = dict(config)
-    if spec is not None:
-        layers = {u.target.removesuffix(".weight"): p for u in plan.units if (p := u.params) is not None}
-        entry = config_entry(spec.default, layers)
-        config["quantization"] = entry
-        config["quantization_config"] = dict(entry)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def write_manifest(ckpt: Checkpoint, plan: Plan, dtype: torch.dtype, result: dict[str, Any], out: Path) -> None:
-    copied = result["copied_files"]
-    names = ["config.json", *([ckpt.index_file] if ckpt.index_file else []), *ckpt.weight_files, *copied]
-    files = []
-    for name in names:
-        path = ckpt.path / name
-        entry: dict[str, Any] = {"name": name, "bytes": path.stat().st_size}
-        if name not in ckpt.weight_files and entry["bytes"] <= _HASH_LIMIT:
-            entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-        files.append(entry)
-    import safetensors
-
-    manifest = {
-        "mlxd_version": mlxd_daemon.__version__,
-        "versions": {
-            "mlx": getattr(mx, "__version__", ""),
-            "torch": torch.__version__,
-            "safetensors": getattr(safetensors, "__version__", ""),
-        },
-        # hub: the Hugging Face Hub id, revision and commit the source snapshot came from (None for a directory)
-        "source": {
-            "path": str(ckpt.path.resolve()),
-            "weight_format": ckpt.weight_format,
-            "files": files,
-            "hub": result.get("hub"),
-        },
-        "model_type": ckpt.model_type,
-        "dtype": DTYPE_NAMES[dtype],
-        "tensor_dtypes": result.get("tensor_dtypes", {}),
-        "layouts": plan.layouts,
-        "dropped_tensors": plan.dropped,
-        **{k: result[k] for k in _MANIFEST_RESULT_KEYS},
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

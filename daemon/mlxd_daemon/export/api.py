@@ -25,10 +25,11 @@ from mlxd_daemon.export import program as fmt
 from mlxd_daemon.export.capture import Captured, capture
 from mlxd_daemon.export.lower import Lowered, dtype_name, lower
 from mlxd_daemon.export.seq2seq import capture_seq2seq, generation_config, is_seq2seq_dir
+from mlxd_daemon.manifest import MANIFEST
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
 from mlxd_daemon.shards import DTYPES
 from mlxd_daemon.staging import check_destination, needed_bytes, staged
-from mlxd_daemon.writer import FLOAT16_MAX, MANIFEST
+from mlxd_daemon.writer import FLOAT16_MAX
 
 
 def export_program(

@@ -29,11 +29,12 @@ from mlxd_daemon.checkpoint import Checkpoint, dominant_float_dtype, open_checkp
 from mlxd_daemon.convert import _check_dtype, _finish, _summary, check_tokenizer
 from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.malloc import peak_rss_bytes
+from mlxd_daemon.manifest import MANIFEST, write_config, write_manifest
 from mlxd_daemon.progress import NULL_REPORTER, Reporter
 from mlxd_daemon.quantize import QuantOptions, QuantSpec, make_spec
 from mlxd_daemon.shards import DTYPE_NAMES, DTYPES, Plan, make_plan, parse_size
 from mlxd_daemon.staging import check_destination, needed_bytes, staged
-from mlxd_daemon.writer import MANIFEST, write_config, write_manifest, write_weights
+from mlxd_daemon.writer import write_weights
 
 CONV_LAYOUT = "pytorch_conv2d_OIHW"
 WEIGHTED = ("text_encoder", "unet", "vae")
