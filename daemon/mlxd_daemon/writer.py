@@ -418,5 +418,3 @@ def _dequantize_unit(ckpt: Checkpoint, unit: Unit, p: QParams, packed: torch.Ten
         dtype=mx.float32,
     )
     return _to_torch(w)
-
-
