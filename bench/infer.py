@@ -3,8 +3,9 @@
 - CLIP ViT-B/32 image+text features, batch 1 and 8: mlxd (MLX, in process) vs transformers on PyTorch.
 - MiniLM (the real all-MiniLM-L6-v2) sentence embeddings, batch 32: mlxd vs sentence-transformers.
 - Llama-3.2-1B shape (random weights): prefill 128 tokens + 64 greedy decode steps: mlxd vs transformers.
-- The daemon: unary RPC round trip vs an in-process call; warm daemon vs a cold load-and-infer process;
-  throughput of 16 concurrent clients with dynamic batching on and off.
+- The daemon: CLIP batch 8 through gRPC Infer (PNG bytes in, what a client sends) vs the same torch baseline; unary
+  RPC round trip vs an in-process call; warm daemon vs a cold load-and-infer process; throughput of 16 concurrent
+  clients with dynamic batching on and off.
 
 PyTorch always runs in its own process: the OpenBLAS that MLX preloads would otherwise take over its BLAS calls.
 Run `python bench/infer.py [--skip-llama]`.
@@ -98,7 +99,8 @@ def line(label: str, torch_s: float, mlx_s: float) -> str:
 
 
 # -- sections ------------------------------------------------------------------------------------------------
-def models_section(skip_llama: bool) -> None:
+def models_section(skip_llama: bool) -> dict[str, float]:
+    """Each model in process vs its PyTorch baseline; returns CLIP's baseline times for the daemon section."""
     from mlxd_daemon.archs import bert, clip
     from mlxd_daemon.convert import convert
     from mlxd_daemon.fixtures import golden_images
@@ -108,10 +110,10 @@ def models_section(skip_llama: bool) -> None:
     clip_dir = CACHE / "bench-mlx-clip"
     if not (clip_dir / "config.json").exists():
         convert(base_clip(), clip_dir, dtype="float32")
-    torch_times, bundle, images = baseline("clip"), clip.load(clip_dir), golden_images(8, size=224)
+    clip_torch, bundle, images = baseline("clip"), clip.load(clip_dir), golden_images(8, size=224)
     for n in (1, 8):
         mlx_s = timeit(lambda n=n: bundle.embed(TEXTS[:n], images[:n]), repeat=5)
-        print(line(f"CLIP B/32 text+image, batch {n}", torch_times[f"clip{n}"], mlx_s))
+        print(line(f"CLIP B/32 text+image, batch {n}", clip_torch[f"clip{n}"], mlx_s))
 
     minilm_dir = CACHE / "bench-mlx-minilm"
     if not (minilm_dir / "config.json").exists():
@@ -121,7 +123,7 @@ def models_section(skip_llama: bool) -> None:
                timeit(lambda: bundle.embed(SENTENCES, []), repeat=5)))  # fmt: skip
 
     if skip_llama:
-        return
+        return clip_torch
     from mlxd_daemon.archs import decoder
 
     llama_dir = CACHE / "bench-mlx-llama-1b"
@@ -137,6 +139,7 @@ def models_section(skip_llama: bool) -> None:
                stats["prompt_tokens"] / stats["prompt_tps"]))  # fmt: skip
     print(line(f"Llama-1B shape: {DECODE_TOKENS} decode steps", torch_times["llama_decode"],
                DECODE_TOKENS / stats["generation_tps"]))  # fmt: skip
+    return clip_torch
 
 
 def start_daemon(address: str, *extra: str) -> subprocess.Popen[bytes]:
@@ -171,15 +174,17 @@ def throughput(address: str, model: Path, clients: int = 16, requests: int = 12)
     return rate
 
 
-def daemon_section() -> None:
+def daemon_section(clip_torch: dict[str, float]) -> None:
     from mlxd_client import Client
     from mlxd_daemon.fixtures import golden_images
 
     model = CACHE / "bench-mlx-clip"
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="mlxd-bench-") as run:
-        png = Path(run) / "image.png"
-        golden_images(1, size=224)[0].save(png)
+        pngs = [Path(run) / f"image{i}.png" for i in range(8)]
+        for image, path in zip(golden_images(8, size=224), pngs, strict=True):
+            image.save(path)
+        png = pngs[0]
         for label, extra in [("batching on", ()), ("batching off", ("--max-batch", "1"))]:
             address = f"unix://{run}/{label.split()[-1]}.sock"
             proc = start_daemon(address, *extra)
@@ -195,6 +200,8 @@ def daemon_section() -> None:
                         rtts.sort()
                         print(f"unary RPC round trip (ListModels): p50 {statistics.median(rtts) * 1e3:.2f} ms, "
                               f"p99 {rtts[int(len(rtts) * 0.99)] * 1e3:.2f} ms")  # fmt: skip
+                        batch8 = timeit(lambda: c.infer(model, texts=TEXTS, images=pngs), repeat=5)
+                        print(line("CLIP B/32 text+image, batch 8, through Infer", clip_torch["clip8"], batch8))
                         warm = timeit(lambda: c.infer(model, texts=TEXTS[:1], images=[png]), repeat=5)
                         warm_text = timeit(lambda: c.infer(model, texts=TEXTS[:1]), repeat=5)
                 throughput(address, model, requests=2)  # warm-up
@@ -228,8 +235,8 @@ def main() -> None:
 
     configure_mlx_for_inference()  # as the daemon's models worker does
     print(f"infer benchmark, {machine()}, {THREADS} threads, MLX BLAS {blas}, float32 compute")
-    models_section(skip_llama="--skip-llama" in sys.argv)
-    daemon_section()
+    clip_torch = models_section(skip_llama="--skip-llama" in sys.argv)
+    daemon_section(clip_torch)
 
 
 if __name__ == "__main__":

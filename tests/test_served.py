@@ -2,37 +2,71 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlxd_client import Client
 
-TEXTS = ["a photo of a cat", "two dogs playing in the snow near a red house", "x"]
+
+@pytest.fixture(scope="module", autouse=True)
+def optimized_blas() -> None:
+    """The BLAS the models worker uses; it must load before anything imports mlx.core."""
+    from mlxd_daemon import blas
+
+    blas.preload()
+
+
+TEXTS = ["a photo of a cat", "two dogs playing in the snow near a red house", "x", "a b", "the end of the text"]
 
 
 class TestBuckets:
     def test_batch_and_length_buckets(self) -> None:
-        """Batches round up to powers of two (then multiples of 64); lengths to multiples of 16, capped."""
-        from mlxd_daemon.archs._served import batch_bucket, length_bucket, pad_rows
+        """Batches round up to powers of two (then multiples of 64); lengths on the CPU to multiples of 8, capped."""
+        from mlxd_daemon.archs._served import batch_bucket, length_bucket, pad_length, pad_rows
 
         assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 64, 65, 130)] == [1, 2, 4, 8, 8, 16, 64, 128, 192]
-        assert [length_bucket(n, 77) for n in (1, 16, 17, 70, 77, 80)] == [16, 16, 32, 77, 77, 80]
+        assert [length_bucket(n, 77) for n in (1, 8, 9, 17, 70, 77, 80)] == [8, 8, 16, 24, 72, 77, 80]
         padded = pad_rows(np.arange(6).reshape(3, 2), 4)
         assert padded.tolist() == [[0, 1], [2, 3], [4, 5], [0, 1]]
+        ids, mask = pad_length(77, (np.full((2, 3), 7), 9), (np.ones((2, 3), np.int64), 0))
+        assert (ids.tolist(), mask.tolist()) == ([[7, 7, 7, 9, 9, 9, 9, 9]] * 2, [[1, 1, 1, 0, 0, 0, 0, 0]] * 2)
+
+    def test_cpu_chunks(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """On 2 cores a batch splits into at most 2 chunks, each at most the bucket of an even share."""
+        from mlxd_daemon.archs import _served
+
+        monkeypatch.setattr(_served, "_cores", lambda: 2)
+        assert [_served.chunks(n) for n in (0, 1, 2, 5, 7, 8, 12)] == [[], [1], [1, 1], [4, 1], [4, 3], [4, 4], [8, 4]]
+
+    def test_blas_threads_are_set_for_the_block_only(self) -> None:
+        """blas.threads(1) runs the preloaded BLAS on one thread inside the block and restores the count after
+        (in a fresh process: the BLAS must load before mlx.core, which other tests import)."""
+        code = (
+            "from mlxd_daemon import blas; blas.preload(); import sys\n"
+            "f = blas._thread_functions(blas._handle) if blas._handle else None\n"
+            "if f is None: sys.exit(3)\n"
+            "before = f[0]()\n"
+            "with blas.threads(1): inside = f[0]()\n"
+            "print(before, inside, f[0]())"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+        if done.returncode == 3:
+            pytest.skip("no BLAS with a thread setter is installed")
+        before, inside, after = map(int, done.stdout.split())
+        assert (inside, after) == (1, before)
 
 
 class TestClipServed:
     @pytest.fixture(scope="class")
     def bundle(self, tiny_clip: Path) -> object:
-        from mlxd_daemon import blas
-
-        blas.preload()
         from mlxd_daemon.archs import clip
 
         return clip.load(tiny_clip)
 
-    @pytest.mark.parametrize("n_texts,n_images", [(1, 1), (3, 3), (2, 0), (0, 3)])
+    @pytest.mark.parametrize("n_texts,n_images", [(1, 1), (3, 3), (2, 0), (0, 3), (5, 5)])
     def test_equal_to_the_eager_modules(self, bundle: object, n_texts: int, n_images: int) -> None:
         """Served embeddings and similarities equal the eager forward (the one validation checks) to 1e-5."""
         from mlxd_daemon.fixtures import golden_images
@@ -71,3 +105,71 @@ def test_load_reports_the_warm_up(client: Client, tiny_clip: Path, tmp_path: Pat
     info = client.load_model(tmp_path / "clip").model
     assert info.warmup_seconds > 0
     client.unload_model(tmp_path / "clip")
+
+
+class TestBertServed:
+    @pytest.fixture(scope="class")
+    def bundle(self, tmp_path_factory: pytest.TempPathFactory) -> object:
+        """A tiny BERT sequence classifier with max pooling: padded positions would raise a max if pooled."""
+        from mlxd_daemon.archs import bert
+        from mlxd_daemon.fixtures import make_bert
+
+        return bert.load(make_bert(tmp_path_factory.mktemp("bert") / "cls", classifier=True, pooling="max"))
+
+    @pytest.mark.parametrize("n", [1, 3, 5])
+    def test_equal_to_each_text_alone(self, bundle: object, n: int) -> None:
+        """Each text's served embedding and logits (its batch padded to a row bucket, its length to a length
+        bucket) equal the eager forward of that text alone, with no padding at all, to float32 tolerance."""
+        from mlxd_daemon.archs.bert_processing import tokenize
+
+        served = bundle.embed(TEXTS[:n], [])  # type: ignore[attr-defined]
+        for i, text in enumerate(TEXTS[:n]):
+            alone = bundle.forward_outputs(**tokenize(bundle.tokenizer, [text]))  # type: ignore[attr-defined]
+            np.testing.assert_allclose(served["text_embeds"][i], alone["text_embeds"][0], atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(served["logits"][i], alone["logits"][0], atol=1e-5, rtol=1e-5)
+
+    def test_padding_is_masked(self, bundle: object) -> None:
+        """The padded tokens would change a text's embedding if attended to and pooled: the mask keeps them out."""
+        from mlxd_daemon.archs._served import evaluate, pad_length
+        from mlxd_daemon.archs.bert_processing import tokenize
+
+        inputs = tokenize(bundle.tokenizer, ["x"])  # type: ignore[attr-defined]
+        ids, mask, types = pad_length(64, *((inputs[k], 0) for k in ("input_ids", "attention_mask", "token_type_ids")))
+        assert ids.shape[1] > inputs["input_ids"].shape[1]
+        compiled = bundle.served.fn.compiled  # type: ignore[attr-defined]
+        unmasked = evaluate({"text_embeds": compiled(ids, np.ones_like(mask), types)[0]}, 1)
+        masked = bundle.served.forward(inputs)  # type: ignore[attr-defined]
+        alone = bundle.forward_outputs(**inputs)  # type: ignore[attr-defined]
+        np.testing.assert_allclose(masked["text_embeds"], alone["text_embeds"], atol=1e-5, rtol=1e-5)
+        assert np.abs(unmasked["text_embeds"] - alone["text_embeds"]).max() > 1e-3
+
+    def test_empty_and_warm_up(self, bundle: object) -> None:
+        """No texts give empty arrays of the right widths; the warm-up traces the batch-1 graphs."""
+        out = bundle.embed([], [])  # type: ignore[attr-defined]
+        assert (out["text_embeds"].shape, out["logits"].shape) == ((0, 32), (0, 3))
+        assert bundle.warm_up() > 0  # type: ignore[attr-defined]
+        assert {shapes[0][0] for shapes in bundle.served.fn.compiled.shapes} >= {1}  # type: ignore[attr-defined]
+
+
+class TestVitServed:
+    @pytest.fixture(scope="class")
+    def bundle(self, tmp_path_factory: pytest.TempPathFactory) -> object:
+        from mlxd_daemon.archs import vit
+        from mlxd_daemon.fixtures import make_vit
+
+        return vit.load(make_vit(tmp_path_factory.mktemp("vit") / "cls"))
+
+    @pytest.mark.parametrize("n", [1, 3, 5])
+    def test_equal_to_the_eager_modules(self, bundle: object, n: int) -> None:
+        """Served embeddings and logits of n images (padded to row buckets, maybe split over CPU streams) equal
+        the eager forward of the same batch."""
+        from mlxd_daemon.archs.image_processing import preprocess_images
+        from mlxd_daemon.fixtures import golden_images
+
+        images = golden_images(n, 40)
+        served = bundle.embed([], images)  # type: ignore[attr-defined]
+        eager = bundle.forward_outputs(preprocess_images(images, bundle.image_config))  # type: ignore[attr-defined]
+        for name in ("image_embeds", "logits"):
+            assert served[name].shape == eager[name].shape
+            np.testing.assert_allclose(served[name], eager[name], atol=1e-5, rtol=1e-5)
+        assert served["labels"] == bundle.config.labels  # type: ignore[attr-defined]

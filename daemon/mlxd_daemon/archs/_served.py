@@ -1,12 +1,19 @@
 """The served path: what Infer runs. Forwards are ``mx.compile``d and inputs padded to shape buckets, so a new
 batch size or text length reuses one of a few compiled graphs instead of tracing (and, on a GPU, JIT-compiling
-kernels) again; padding rows repeat a real input, so they stay finite and are simply dropped afterwards.
+kernels) again; padding rows repeat a real input and padding tokens are masked, so they change nothing and are
+simply dropped afterwards.
 
-Validation keeps the eager modules (per-layer taps); a test holds the two paths equal.
+On the CPU, MLX runs every op of a stream on that stream's one thread: the GEMMs use every core through the BLAS,
+but softmax, layer norm, GELU and copies (a fifth of CLIP's time) use one, and the BLAS threads wait meanwhile.
+So a batch is split into chunks, one per CPU stream, each chunk's GEMMs on ``cores / chunks`` BLAS threads.
+
+Validation keeps the eager modules (per-layer taps); tests hold the two paths equal.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -15,8 +22,16 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mlxd_daemon import blas
+
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # then multiples of the last
-LENGTH_STEP = 16  # sequence lengths are padded to a multiple of this (capped at the model's maximum)
+# Sequence lengths are padded to a multiple of this (capped at the model's maximum). Every padded token costs a
+# CPU its full share of compute, while a GPU pays mostly for new shapes (a trace and kernel JIT): finer on the CPU.
+LENGTH_STEP = {"cpu": 8, "gpu": 16}
+
+
+def _on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
 
 
 def batch_bucket(n: int) -> int:
@@ -30,7 +45,8 @@ def batch_bucket(n: int) -> int:
 
 def length_bucket(n: int, limit: int) -> int:
     """The padded sequence length for ``n`` tokens (never below ``n``, at most ``limit`` when ``n`` fits)."""
-    return max(n, min(-(-n // LENGTH_STEP) * LENGTH_STEP, limit))
+    step = LENGTH_STEP["cpu" if _on_cpu() else "gpu"]
+    return max(n, min(-(-n // step) * step, limit))
 
 
 def pad_rows(a: np.ndarray, n: int) -> np.ndarray:
@@ -40,26 +56,93 @@ def pad_rows(a: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a, np.repeat(a[:1], n - len(a), axis=0)])
 
 
+def pad_length(limit: int, *arrays: tuple[np.ndarray, int]) -> list[np.ndarray]:
+    """Each ``(array [n, L], value)`` padded on the right with ``value`` to ``length_bucket(L, limit)`` columns;
+    the attention mask among them must pad with 0, so the extra positions are never attended to."""
+    width = length_bucket(arrays[0][0].shape[1], limit)
+    return [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value) for a, value in arrays]
+
+
+def to_nhwc(pixels_nchw: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Preprocessed NCHW pixels as the vision towers take them: cast on the device (float32 from the host, the
+    compute dtype there: fp16 on GPUs), channels last."""
+    return pixels_nchw.astype(dtype).transpose(0, 2, 3, 1)
+
+
 def can_compile() -> bool:
     """MLX's CPU backend builds fused kernels with the system C++ compiler (``g++``); without one, stay eager."""
-    return mx.default_device() != mx.cpu or shutil.which("g++") is not None
+    return not _on_cpu() or shutil.which("g++") is not None
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.cache
+def _cpu_streams(n: int) -> tuple[mx.Stream, ...]:
+    """``n`` CPU streams (each one MLX thread), the default stream first."""
+    return (mx.default_stream(mx.cpu), *(mx.new_stream(mx.cpu) for _ in range(n - 1)))
+
+
+def chunks(n: int) -> list[int]:
+    """How many of ``n`` rows each stream takes. A GPU takes all at once; on the CPU each of up to one chunk per
+    core is at most the bucket of an even share, so the chunks' padding stays small (8 rows: 4 + 4; 5: 4 + 1)."""
+    if not _on_cpu():
+        return [n] if n else []
+    cap = batch_bucket(-(-n // min(n, _cores()))) if n else 0
+    sizes = []
+    while n > 0:
+        sizes.append(min(cap, n))
+        n -= sizes[-1]
+    return sizes
 
 
 class Compiled:
-    """An ``mx.compile``d function (eager where ``can_compile`` says no) that records the input shapes it has been
-    traced for."""
+    """An ``mx.compile``d function (eager where ``can_compile`` says no) from batched arrays to a tuple of batched
+    outputs, run chunk by chunk (``chunks``) on row-padded inputs; it records the input shapes it was traced for."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., tuple[mx.array, ...]]) -> None:
         self._fn = mx.compile(fn) if can_compile() else fn
         self.shapes: set[tuple[tuple[int, ...], ...]] = set()
 
-    def __call__(self, *arrays: mx.array) -> Any:
-        self.shapes.add(tuple(tuple(a.shape) for a in arrays))
-        return self._fn(*arrays)
+    def __call__(self, *arrays: np.ndarray) -> tuple[mx.array, ...]:
+        """``fn`` over the rows of ``arrays`` (lazy: ``evaluate`` runs it); every output has one row per input row."""
+        streams = _cpu_streams(_cores()) if _on_cpu() else (mx.default_stream(mx.default_device()),)
+        parts, start = [], 0
+        for stream, size in zip(streams, chunks(len(arrays[0])), strict=False):
+            padded = [mx.array(pad_rows(a[start : start + size], batch_bucket(size))) for a in arrays]
+            self.shapes.add(tuple(tuple(a.shape) for a in padded))
+            with mx.stream(stream):  # compile caches a trace per stream, so each chunk has its own graph
+                parts.append([out[:size] for out in self._fn(*padded)])
+            start += size
+        return tuple(mx.concatenate(list(outs)) if len(outs) > 1 else outs[0] for outs in zip(*parts, strict=True))
+
+
+class Forward:
+    """A ``Compiled`` function whose outputs are named, in order, by ``widths`` (name -> last dimension): what a
+    one-input model (BERT texts, ViT images) serves; no rows give empty arrays of those widths."""
+
+    def __init__(self, fn: Callable[..., tuple[mx.array, ...]], widths: dict[str, int]) -> None:
+        self.compiled, self.widths = Compiled(fn), widths
+
+    def __call__(self, *arrays: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(arrays[0])
+        if not n:
+            return {name: np.zeros((0, width), np.float32) for name, width in self.widths.items()}
+        return evaluate(dict(zip(self.widths, self.compiled(*arrays), strict=True)), n)
+
+
+def evaluate(outputs: dict[str, mx.array], *rows: int) -> dict[str, np.ndarray]:
+    """Run ``outputs`` (built by ``Compiled`` calls over batches of ``rows``) and return them as float32 numpy.
+    With several CPU streams busy, each gets its share of the BLAS threads."""
+    busy = max((len(chunks(n)) for n in rows), default=1)
+    with blas.threads(max(1, _cores() // busy) if busy > 1 else None):
+        mx.eval(outputs)
+    return {k: np.array(v, dtype=np.float32) for k, v in outputs.items()}
 
 
 def warm_up(run: Callable[[], Any]) -> float:
     """Seconds ``run`` takes the first time (tracing, compiling kernels): paid at load, not by a request."""
     start = time.perf_counter()
-    mx.eval(run())
+    run()
     return time.perf_counter() - start

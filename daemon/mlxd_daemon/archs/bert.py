@@ -17,6 +17,7 @@ ignored at load: such models serve embeddings only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +27,13 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mlxd_daemon.archs._activations import activation
+from mlxd_daemon.archs._attention import attention
 from mlxd_daemon.archs._config import ClassifierHead
 from mlxd_daemon.archs._loading import fill_model, read_weights, require_dir
 from mlxd_daemon.archs._loading import read_config as read_arch_config
 from mlxd_daemon.archs._tokenless import has_tokenizer, vocabulary_ids
 from mlxd_daemon.archs.bert_processing import Pooling, load_tokenizer, max_length, pool, pool_torch, tokenize
+from mlxd_daemon.archs.bert_served import BertServed
 from mlxd_daemon.archs.contract import Stored
 from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.taps import tap
@@ -92,14 +95,7 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(dims, dims)
 
     def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
-        b, n, d = x.shape
-
-        def split(t: mx.array) -> mx.array:
-            return t.reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
-
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return out.transpose(0, 2, 1, 3).reshape(b, n, d)
+        return attention(self.query(x), self.key(x), self.value(x), self.heads, self.scale, mask)
 
 
 class BertSelfOutput(nn.Module):
@@ -182,14 +178,21 @@ class BertModel(nn.Module):
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> mx.array:
         """last_hidden_state [B, L, D]."""
+        self.check(input_ids)
+        arrays = (input_ids, attention_mask, token_type_ids)
+        return self.encode(*(mx.array(np.asarray(a).astype(np.int32)) for a in arrays))
+
+    def check(self, input_ids: np.ndarray) -> None:
         n = input_ids.shape[1]
         if n > self.cfg.max_position_embeddings:
             msg = f"text is {n} tokens, the model takes at most {self.cfg.max_position_embeddings}: truncate it"
             raise InvalidArgument(msg, reason="TEXT_TOO_LONG")
+
+    def encode(self, ids: mx.array, attention_mask: mx.array, token_type_ids: mx.array) -> mx.array:
+        """last_hidden_state from token arrays (pure MLX, so the served path can compile it)."""
         # Boolean key mask (True = attend), broadcast over heads and queries, like HF's padding mask.
-        mask = mx.array(np.asarray(attention_mask).astype(bool)[:, None, None, :])
-        x = self.embeddings(mx.array(input_ids.astype(np.int32)), mx.array(token_type_ids.astype(np.int32)))
-        x = tap("embeddings", x)
+        mask = (attention_mask != 0)[:, None, None, :]
+        x = tap("embeddings", self.embeddings(ids, token_type_ids))
         return self.encoder(x, mask)
 
 
@@ -232,17 +235,24 @@ class BertBundle(Stored):
         return {k: np.array(v) for k, v in out.items()}
 
     def embed(self, texts: list[str], images: list[Any]) -> dict[str, Any]:
-        """``text_embeds``; classifiers add ``logits`` [n, labels] and ``labels`` (id2label in order)."""
+        """``text_embeds``; classifiers add ``logits`` [n, labels] and ``labels`` (id2label in order): the served
+        path (a compiled forward over shape buckets, ``bert_served``)."""
         if images:
             msg = f"BERT is a text model: {len(images)} image(s) given, send texts only"
             raise InvalidArgument(msg, reason="IMAGES_NOT_SUPPORTED", images=len(images))
         tok = self.tokenizer or load_tokenizer(self.model_dir, 0)  # no tokenizer: TOKENIZER_NOT_FOUND
-        outs = self.forward_outputs(**tokenize(tok, list(texts)))
-        result: dict[str, Any] = {"text_embeds": outs["text_embeds"]}
+        result: dict[str, Any] = self.served.forward(tokenize(tok, list(texts)))
         if self.is_classifier:
-            result["logits"] = outs["logits"]
             result["labels"] = list(self.config.labels)
         return result
+
+    @cached_property
+    def served(self) -> BertServed:
+        return BertServed(self)
+
+    def warm_up(self) -> float:
+        """Compile the common graphs now (called at load), so the first request does not pay for it."""
+        return self.served.warm_up()
 
 
 def map_weight(name: str) -> str | None:

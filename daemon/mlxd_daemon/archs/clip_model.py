@@ -11,6 +11,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxd_daemon.archs._activations import activation
+from mlxd_daemon.archs._attention import attention
 from mlxd_daemon.archs._config import FromDict
 from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.taps import tap
@@ -83,14 +84,8 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(dims, dims)
 
     def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        b, n, d = x.shape
-
-        def split(t: mx.array) -> mx.array:
-            return t.reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
-
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.out_proj(attention(q, k, v, self.heads, self.scale, mask))
 
 
 class CLIPMLP(nn.Module):
@@ -149,12 +144,15 @@ class CLIPTextTransformer(nn.Module):
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[mx.array, mx.array]:
         """(pooled [B, D], last_hidden_state [B, L, D]); pooling at EOS exactly as transformers does."""
+        self.check(input_ids)
+        ids, keep, eos = self.prepare(input_ids, attention_mask)
+        return self.encode(mx.array(ids), mx.array(keep), mx.array(eos))
+
+    def check(self, input_ids: np.ndarray) -> None:
         n = input_ids.shape[1]
         if n > self.cfg.max_position_embeddings:
             msg = f"text is {n} tokens, the model takes at most {self.cfg.max_position_embeddings}: truncate it"
             raise InvalidArgument(msg, reason="TEXT_TOO_LONG")
-        ids, keep, eos = self.prepare(input_ids, attention_mask)
-        return self.encode(mx.array(ids), mx.array(keep), mx.array(eos))
 
     def prepare(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, ...]:
         """int32 ids, the boolean attention mask [B, 1, L, L] and each row's EOS position."""

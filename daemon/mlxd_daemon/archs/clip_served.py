@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlxd_daemon.archs._served import Compiled, batch_bucket, length_bucket, pad_rows, warm_up
+from mlxd_daemon.archs._served import Compiled, evaluate, pad_length, to_nhwc, warm_up
 from mlxd_daemon.archs.clip_model import l2_normalise
 
 if TYPE_CHECKING:
@@ -21,14 +21,13 @@ class ClipServed:
     def __init__(self, bundle: ClipBundle) -> None:
         self.bundle = bundle
         m = bundle.model
+        dtype = m.vision_model.embeddings.patch_embedding.weight.dtype
 
-        def text(ids: mx.array, keep: mx.array, eos: mx.array) -> mx.array:
-            return l2_normalise(m.text_projection(m.text_model.encode(ids, keep, eos)[0]))
+        def text(ids: mx.array, keep: mx.array, eos: mx.array) -> tuple[mx.array]:
+            return (l2_normalise(m.text_projection(m.text_model.encode(ids, keep, eos)[0])),)
 
-        def vision(pixels_nchw: mx.array) -> mx.array:
-            # Cast on the device to the compute dtype (fp16 on GPUs): the host sends float32 as preprocessed.
-            x = pixels_nchw.astype(m.vision_model.embeddings.patch_embedding.weight.dtype).transpose(0, 2, 3, 1)
-            return l2_normalise(m.visual_projection(m.vision_model.encode(x)[0]))
+        def vision(pixels_nchw: mx.array) -> tuple[mx.array]:
+            return (l2_normalise(m.visual_projection(m.vision_model.encode(to_nhwc(pixels_nchw, dtype))[0])),)
 
         self.text_fn, self.vision_fn = Compiled(text), Compiled(vision)
 
@@ -38,32 +37,29 @@ class ClipServed:
     def forward(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Embeddings and similarities from preprocessed inputs (``ClipBundle.preprocess``); either may be empty."""
         m, cfg = self.bundle.model, self.bundle.config
-        text = mx.zeros((0, cfg.projection_dim))
-        if len(inputs["input_ids"]):
-            ids, mask = inputs["input_ids"], inputs["attention_mask"]
-            n, length = ids.shape
-            if length > cfg.text.max_position_embeddings:
-                m.text_model(ids, mask)  # raises TEXT_TOO_LONG with the limit
-            width = length_bucket(length, cfg.text.max_position_embeddings)
+        text = image = mx.zeros((0, cfg.projection_dim))
+        ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+        if len(ids):
+            m.text_model.check(ids)
             # Extra key positions are masked: nothing changes in a causal tower that is read at each row's EOS.
-            ids = np.pad(ids, ((0, 0), (0, width - length)), constant_values=cfg.text.eos_token_id)
-            mask = np.pad(mask, ((0, 0), (0, width - length)))
-            rows = batch_bucket(n)
-            prepared = m.text_model.prepare(pad_rows(ids, rows), pad_rows(mask, rows))
-            text = self.text_fn(*(mx.array(a) for a in prepared))[:n]
-        image = mx.zeros((0, cfg.projection_dim))
-        if len(inputs["pixel_values"]):
-            pixels = inputs["pixel_values"]
+            ids, mask = pad_length(cfg.text.max_position_embeddings, (ids, cfg.text.eos_token_id), (mask, 0))
+            (text,) = self.text_fn(*m.text_model.prepare(ids, mask))
+        if len(pixels):
             m.vision_model.check(pixels)
-            image = self.vision_fn(mx.array(pad_rows(pixels, batch_bucket(len(pixels)))))[: len(pixels)]
+            (image,) = self.vision_fn(pixels)
         logits = mx.exp(m.logit_scale) * (image @ text.T)
-        mx.eval(text, image, logits)
-        return {"text_embeds": np.array(text, dtype=np.float32), "image_embeds": np.array(image, dtype=np.float32),
-                "logits_per_image": np.array(logits, dtype=np.float32)}  # fmt: skip
+        return evaluate({"text_embeds": text, "image_embeds": image, "logits_per_image": logits}, len(ids), len(pixels))
 
     def warm_up(self) -> float:
-        """Trace and compile the batch-1 graphs (a short and a longest text, one image); returns the seconds taken."""
-        size = self.bundle.config.vision.image_size
-        image = Image.fromarray(np.zeros((size, size, 3), dtype=np.uint8))
-        longest = " ".join(["a"] * self.bundle.config.text.max_position_embeddings)  # truncated to the limit
-        return warm_up(lambda: [mx.array(self.embed([t], [image])["logits_per_image"]) for t in ("a", longest)])
+        """Trace and compile the batch-1 graphs (a shortest and a longest text, one image); returns the seconds.
+        Token ids, not texts: a model without tokenizer files loads too."""
+        cfg = self.bundle.config
+        size = cfg.vision.image_size
+        pixels = np.zeros((1, cfg.vision.num_channels, size, size), np.float32)
+
+        def run() -> None:
+            for length in (1, cfg.text.max_position_embeddings):
+                ids = np.full((1, length), cfg.text.eos_token_id)
+                self.forward({"input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values": pixels})
+
+        return warm_up(run)

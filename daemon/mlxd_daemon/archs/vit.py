@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,11 +34,13 @@ import numpy as np
 from PIL import Image
 
 from mlxd_daemon.archs._activations import activation
+from mlxd_daemon.archs._attention import attention
 from mlxd_daemon.archs._config import ClassifierHead
 from mlxd_daemon.archs._loading import fill_model, read_weights, require_dir
 from mlxd_daemon.archs._loading import read_config as read_arch_config
 from mlxd_daemon.archs.contract import Stored
 from mlxd_daemon.archs.image_processing import VitImageConfig, preprocess_images
+from mlxd_daemon.archs.vit_served import VitServed
 from mlxd_daemon.errors import InvalidArgument, Unsupported
 from mlxd_daemon.taps import tap
 
@@ -150,14 +153,7 @@ class ViTSelfAttention(nn.Module):
         self.value = nn.Linear(dims, dims, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        b, n, d = x.shape
-
-        def split(t: mx.array) -> mx.array:
-            return t.reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
-
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return out.transpose(0, 2, 1, 3).reshape(b, n, d)
+        return attention(self.query(x), self.key(x), self.value(x), self.heads, self.scale)
 
 
 class ViTDense(nn.Module):
@@ -228,13 +224,18 @@ class ViTModel(nn.Module):
 
     def __call__(self, pixel_values: np.ndarray) -> mx.array:
         """last_hidden_state [B, 1 + patches, D] from NCHW pixels."""
+        self.check(pixel_values)
+        return self.encode(mx.array(pixel_values.astype(np.float32)).transpose(0, 2, 3, 1))
+
+    def check(self, pixel_values: np.ndarray) -> None:
         want = (self.cfg.num_channels, *self.cfg.image_size)
         if tuple(pixel_values.shape[1:]) != want:
             msg = f"pixel_values {tuple(pixel_values.shape)} do not match the model's [N, {', '.join(map(str, want))}]"
             raise InvalidArgument(msg, reason="BAD_IMAGE_SIZE")
-        x = mx.array(pixel_values.astype(np.float32)).transpose(0, 2, 3, 1)
-        x = tap("embeddings", self.embeddings(x))
-        return self.layernorm(self.encoder(x))
+
+    def encode(self, pixels_nhwc: mx.array) -> mx.array:
+        """last_hidden_state from NHWC pixels (pure MLX, so the served path can compile it)."""
+        return self.layernorm(self.encoder(tap("embeddings", self.embeddings(pixels_nhwc))))
 
 
 def _l2_normalise(x: mx.array) -> mx.array:
@@ -277,16 +278,23 @@ class ViTBundle(Stored):
         return {k: np.array(v) for k, v in out.items()}
 
     def embed(self, texts: list[str], images: list[Image.Image]) -> dict[str, Any]:
-        """``image_embeds``; classifiers add ``logits`` [n, labels] and ``labels`` (id2label in order)."""
+        """``image_embeds``; classifiers add ``logits`` [n, labels] and ``labels`` (id2label in order): the served
+        path (a compiled forward over batch buckets, ``vit_served``)."""
         if texts:
             msg = f"ViT is an image model: {len(texts)} text(s) given, send images only"
             raise InvalidArgument(msg, reason="TEXTS_NOT_SUPPORTED", texts=len(texts))
-        outs = self.forward_outputs(preprocess_images(list(images), self.image_config))
-        result: dict[str, Any] = {"image_embeds": outs["image_embeds"]}
+        result: dict[str, Any] = self.served.forward(preprocess_images(list(images), self.image_config))
         if self.is_classifier:
-            result["logits"] = outs["logits"]
             result["labels"] = list(self.config.labels)
         return result
+
+    @cached_property
+    def served(self) -> VitServed:
+        return VitServed(self)
+
+    def warm_up(self) -> float:
+        """Compile the common graphs now (called at load), so the first request does not pay for it."""
+        return self.served.warm_up()
 
 
 def map_weight(name: str) -> str | None:
