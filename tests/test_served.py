@@ -35,10 +35,10 @@ class TestBuckets:
         assert (ids.tolist(), mask.tolist()) == ([[7, 7, 7, 9, 9, 9, 9, 9]] * 2, [[1, 1, 1, 0, 0, 0, 0, 0]] * 2)
 
     def test_cpu_chunks(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """On 2 cores a batch splits into at most 2 chunks, each at most the bucket of an even share."""
+        """Over 2 CPU streams a batch splits into at most 2 chunks, each at most the bucket of an even share."""
         from mlxd_daemon.archs import _served
 
-        monkeypatch.setattr(_served, "_cores", lambda: 2)
+        monkeypatch.setattr(_served, "_streams", lambda: 2)
         assert [_served.chunks(n) for n in (0, 1, 2, 5, 7, 8, 12)] == [[], [1], [1, 1], [4, 1], [4, 3], [4, 4], [8, 4]]
 
     def test_blas_threads_are_set_for_the_block_only(self) -> None:
