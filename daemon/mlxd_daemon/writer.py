@@ -5,7 +5,8 @@ temp dir ``staging.staged`` publishes (config.json and the manifest: ``manifest`
 The pipeline is bounded: at most ``DEPTH`` blocks are in flight, each at most ``BLOCK_BYTES`` read and as much
 written. The main thread walks the plan in order and submits one task per block; a task reads its rows by
 position into its thread's reused buffer (``blockio``), scans them for NaN/Inf and float16 overflow, casts them
-with torch or quantizes them with ``mx.quantize`` (on its thread's own MLX stream) and writes the result at its
+with torch or quantizes them (``affine_kernel``: MLX's affine quantization byte for byte, vectorised; other modes,
+and blocks holding NaN/Inf, through ``mx.quantize`` on the thread's own MLX stream) and writes the result at its
 planned offset. So the next blocks are read and converted while earlier ones are written, on every core. The main
 thread takes the results back in plan order: per-tensor NaN/Inf, overflow, quantization error, progress and
 cancellation. Quantization groups run along rows, so a block of whole rows quantizes exactly as the whole matrix.
@@ -301,6 +302,17 @@ def _block_task(run: _Run, unit: Unit, writer: ShardFile, row0: int, read: Calla
         clock = _Clock()
         part = read()
         clock.lap("read")
+        if (
+            unit.quantize
+            and not run.doomed
+            and part.is_floating_point()
+            and _kernel().supported(unit.mode, unit.bits, unit.group_size, tuple(part.shape), unit.dtype)
+        ):
+            w = _cast(part, unit.dtype)
+            packed = _kernel().quantize(w, unit.bits, unit.group_size)
+            clock.lap("convert")
+            if packed is not None:  # else a group holds NaN/Inf (or float16 overflowed): scan and take MLX's path
+                return _finish_quantized(writer, unit, row0, w, packed, sample_rows, clock)
         peak, bad = _scan(part, unit.dtype, row0)
         clock.lap("scan")
         block = _Block(peak, bad, seconds=clock.seconds)
@@ -312,18 +324,34 @@ def _block_task(run: _Run, unit: Unit, writer: ShardFile, row0: int, read: Calla
             writer.write_rows(unit.target, row0, cast)
             clock.lap("write")
             return block
-        w = _to_mlx(part.to(unit.dtype))
-        packed = mx.quantize(w, group_size=unit.group_size, bits=unit.bits, mode=unit.mode)
-        mx.eval(packed)
+        w = part.to(unit.dtype)
+        arrays = mx.quantize(_to_mlx(w), group_size=unit.group_size, bits=unit.bits, mode=unit.mode)
+        mx.eval(arrays)
         clock.lap("convert")
-        block.err2, block.ref2 = _squared_error(w, packed, unit, rows=sample_rows)
-        clock.lap("error")
-        for o, a in zip(unit.outputs, packed, strict=True):
-            writer.write_rows(o.name, row0, _to_torch(a, copy=False))
-        clock.lap("write")
-        return block
+        return _finish_quantized(writer, unit, row0, w, tuple(_to_torch(a, copy=False) for a in arrays),
+                                 sample_rows, clock, block)  # fmt: skip
 
     return task
+
+
+def _kernel() -> Any:
+    # numba (~170 MB of RSS once loaded) is imported by the first quantized block, not by every converting process
+    from mlxd_daemon import affine_kernel
+
+    return affine_kernel
+
+
+def _finish_quantized(writer: ShardFile, unit: Unit, row0: int, w: torch.Tensor, packed: tuple[torch.Tensor, ...],
+                      sample_rows: int, clock: _Clock, block: _Block | None = None) -> _Block:  # fmt: skip
+    """Measure a quantized block's error on its row sample and write its packed weight, scales (and biases)."""
+    block = block or _Block(None, None)
+    block.err2, block.ref2 = _squared_error(w, packed, unit, rows=sample_rows)
+    clock.lap("error")
+    for o, a in zip(unit.outputs, packed, strict=True):
+        writer.write_rows(o.name, row0, a)
+    clock.lap("write")
+    block.seconds = clock.seconds
+    return block
 
 
 def _write_given(writer: ShardFile, unit: Unit, given: dict[str, torch.Tensor]) -> _Block:
@@ -386,18 +414,19 @@ def _non_finite_entry(unit: Unit, bad: Bad) -> dict[str, Any]:
     return entry
 
 
-def _squared_error(w: mx.array, packed: tuple[mx.array, ...], unit: Unit, rows: int) -> tuple[float, float]:
+def _squared_error(w: torch.Tensor, packed: tuple[torch.Tensor, ...], unit: Unit, rows: int) -> tuple[float, float]:
     """(||W - dequant(q(W))||², ||W||²) over at most ``rows`` evenly spaced rows of W as a matrix (groups run
     along rows, so a row sample is an unbiased estimate; dequantizing everything would cost more than the
-    quantization itself)."""
+    quantization itself). Only the sampled rows move to MLX."""
     w, packed = w.reshape(-1, w.shape[-1]), tuple(a.reshape(-1, a.shape[-1]) for a in packed)
     if w.shape[0] > rows:
-        idx = mx.array(np.linspace(0, w.shape[0] - 1, rows).astype(np.int32))
+        idx = torch.from_numpy(np.linspace(0, w.shape[0] - 1, rows).astype(np.int64))
         w, packed = w[idx], tuple(a[idx] for a in packed)
-    biases = packed[2] if len(packed) > 2 else None  # the microscaling modes have no biases
-    restored = mx.dequantize(packed[0], packed[1], biases, group_size=unit.group_size, bits=unit.bits,
-                             mode=unit.mode, dtype=mx.float32)  # fmt: skip
-    w32 = w.astype(mx.float32)
+    q = tuple(_to_mlx(a.contiguous()) for a in packed)
+    biases = q[2] if len(q) > 2 else None  # the microscaling modes have no biases
+    restored = mx.dequantize(q[0], q[1], biases, group_size=unit.group_size, bits=unit.bits, mode=unit.mode,
+                             dtype=mx.float32)  # fmt: skip
+    w32 = _to_mlx(w.contiguous()).astype(mx.float32)
     err2, ref2 = mx.sum(mx.square(w32 - restored)), mx.sum(mx.square(w32))
     mx.eval(err2, ref2)
     return float(np.asarray(err2)), float(np.asarray(ref2))
