@@ -116,7 +116,7 @@ class _Tap(nn.Module):
         if self._stats is not None:
             rows = a[self._ctx["valid"]] if a.ndim == 3 else a
             self._stats.add(rows.reshape(-1, a.shape[-1]))
-        y = a @ self._w
+        y = (a.reshape(-1, a.shape[-1]) @ self._w).reshape(*a.shape[:-1], -1)  # one GEMM (3-D @ is ~3x slower)
         return mx.array(y if self._b is None else y + self._b)
 
 
