@@ -227,10 +227,13 @@ def normalize_table(cfg: ImageConfig) -> np.ndarray:
 
 
 def look_up(crops: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """uint8 [..., C] -> float32 [..., C], each value replaced by its channel's entry of ``table`` [256, C]."""
+    """uint8 [..., H, W, C] -> float32, each value replaced by its channel's entry of ``table`` [256, C]."""
     out = np.empty(crops.shape, np.float32)
-    for c in range(crops.shape[-1]):
-        np.take(np.ascontiguousarray(table[:, c]), crops[..., c], out=out[..., c], mode="clip")  # clip: unbuffered
+    columns = [np.ascontiguousarray(table[:, c]) for c in range(crops.shape[-1])]
+    # Image by image: a whole batch's strided writes run at half the speed (cache misses).
+    for image, dest in zip(crops.reshape(-1, *crops.shape[-3:]), out.reshape(-1, *crops.shape[-3:]), strict=True):
+        for c, column in enumerate(columns):
+            np.take(column, image[..., c], out=dest[..., c], mode="clip")  # clip: unbuffered, and never out of range
     return out
 
 
