@@ -8,7 +8,8 @@ p10/p90 over interleaved rounds:
   torch e2e       the same from PNG bytes: decode, transformers' CLIPProcessor (tokenizer + image processor),
                   tensors to the device, forward: what a PyTorch server does with the request Infer gets
   torch.compile   the same module under torch.compile (default mode)
-  mlxd forward    ``ClipBundle.served`` on preprocessed inputs: the compiled towers Infer runs
+  mlxd forward    ``ClipBundle.served`` on preprocessed inputs (token ids, uint8 crops): the compiled towers Infer
+                  runs, the pixel normalization among them
   mlxd embed      ``ClipBundle.embed(texts, images)``: the in-process call Infer makes (tokenizing and image
                   preprocessing on the host included)
   gRPC Infer      the daemon over a unix socket (PNG bytes in, embeddings out)
@@ -138,7 +139,7 @@ def main() -> None:
                     "torch": torch_fn(tm, tin),
                     "compile": torch_fn(tc, tin),
                     "e2e": lambda ts=ts, n=n: torch_e2e(ts, pngs[:n]),
-                    "forward": lambda pre=pre: bundle.served.forward(pre),
+                    "forward": lambda si=bundle.served.inputs(texts(n), images[:n]): bundle.served.forward(si),
                     "embed": lambda ts=ts, ims=ims: bundle.embed(ts, ims),
                     "grpc": lambda n=n: c.infer(root / "mlx", texts=texts(n), images=pngs[:n]),
                 }

@@ -89,6 +89,13 @@ class TestClipServed:
         served = bundle.embed(TEXTS, [])  # type: ignore[attr-defined]
         np.testing.assert_allclose(eager.embed(TEXTS, [])["text_embeds"], served["text_embeds"], atol=1e-5)
 
+    def test_images_unchanged_by_the_table(self, bundle: object, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Image embeddings are bit-identical whether pixels are looked up on the host, in the graph, or computed
+        by HF's float64 arithmetic."""
+        from mlxd_daemon.fixtures import golden_images
+
+        served_images_unchanged(bundle.served, golden_images(5), monkeypatch)  # type: ignore[attr-defined]
+
     def test_new_sizes_reuse_a_few_graphs(self, bundle: object) -> None:
         """Batches of 1 to 8 images trace at most the four batch buckets 1, 2, 4, 8."""
         from mlxd_daemon.fixtures import golden_images
@@ -97,6 +104,47 @@ class TestClipServed:
         for n in range(1, 9):
             bundle.embed([], images[:n])  # type: ignore[attr-defined]
         assert {shapes[0][0] for shapes in bundle.served.vision_fn.shapes} <= {1, 2, 4, 8}  # type: ignore[attr-defined]
+
+
+class TestPixelTable:
+    @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+    def test_lookup_in_the_graph_is_the_float64_path(self, dtype: str) -> None:
+        """uint8 crops looked up in MLX (as on a GPU) give the compute-dtype cast of HF's float64 path, bit for bit."""
+        import mlx.core as mx
+        from mlxd_daemon.archs._served import PixelTable
+        from mlxd_daemon.archs.image_processing import ClipImageConfig, image_batch, rescale_normalize
+        from mlxd_daemon.fixtures import golden_images
+
+        cfg = ClipImageConfig(shortest_edge=40, crop_height=32, crop_width=32)
+        crops = image_batch(golden_images(4, size=40), cfg)
+        expected = mx.array(np.stack([rescale_normalize(c, cfg) for c in crops]).transpose(0, 2, 3, 1))
+        table = PixelTable(cfg, getattr(mx, dtype))
+        got = table(mx.array(crops))
+        assert got.dtype == getattr(mx, dtype)
+        assert mx.array_equal(expected.astype(got.dtype), got).item()
+        assert mx.array_equal(got, table(mx.array(table.host(crops)))).item()  # the CPU's numpy lookup
+
+
+def served_images_unchanged(served: object, images: list[object], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The served forward of ``images`` gives the same bits with the lookup on the host (the CPU's way), in the
+    graph (a GPU's way) and with pixels from HF's float64 path (what it took before the table)."""
+    from mlxd_daemon.archs import _served
+    from mlxd_daemon.archs.image_processing import rescale_normalize
+
+    def run() -> np.ndarray:
+        out = served.embed([], images) if hasattr(served, "text_fn") else served.embed(images)  # type: ignore[attr-defined]
+        return np.asarray(out["image_embeds"])
+
+    host = run()
+    crops = served.pixels.batch(images)  # type: ignore[attr-defined]
+    with monkeypatch.context() as m:
+        m.setattr(_served.PixelTable, "host", lambda self, crops: crops)
+        in_graph = run()
+        cfg = served.pixels.cfg  # type: ignore[attr-defined]
+        float64 = np.stack([rescale_normalize(c, cfg) for c in crops]).transpose(0, 2, 3, 1)
+        m.setattr(_served.PixelTable, "batch", lambda self, images: float64)
+        from_float64 = run()
+    assert host.tobytes() == in_graph.tobytes() == from_float64.tobytes()
 
 
 def test_load_reports_the_warm_up(client: Client, tiny_clip: Path, tmp_path: Path) -> None:
@@ -173,3 +221,10 @@ class TestVitServed:
             assert served[name].shape == eager[name].shape
             np.testing.assert_allclose(served[name], eager[name], atol=1e-5, rtol=1e-5)
         assert served["labels"] == bundle.config.labels  # type: ignore[attr-defined]
+
+    def test_images_unchanged_by_the_table(self, bundle: object, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Embeddings are bit-identical whether pixels are looked up on the host, in the graph, or computed by HF's
+        float64 arithmetic."""
+        from mlxd_daemon.fixtures import golden_images
+
+        served_images_unchanged(bundle.served, golden_images(3, 40), monkeypatch)  # type: ignore[attr-defined]

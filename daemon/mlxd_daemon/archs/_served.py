@@ -22,8 +22,10 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from PIL import Image
 
 from mlxd_daemon import blas
+from mlxd_daemon.archs.image_processing import ImageConfig, image_batch, look_up, normalize_table
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # then multiples of the last
 # Sequence lengths are padded to a multiple of this (capped at the model's maximum). Every padded token costs a
@@ -64,10 +66,31 @@ def pad_length(limit: int, *arrays: tuple[np.ndarray, int]) -> list[np.ndarray]:
     return [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value) for a, value in arrays]
 
 
-def to_nhwc(pixels_nchw: mx.array, dtype: mx.Dtype) -> mx.array:
-    """Preprocessed NCHW pixels as the vision towers take them: cast on the device (float32 from the host, the
-    compute dtype there: fp16 on GPUs), channels last."""
-    return pixels_nchw.astype(dtype).transpose(0, 2, 3, 1)
+class PixelTable:
+    """Images as the vision towers take them: uint8 NHWC crops (``image_processing.image_batch``) to normalized
+    NHWC pixels in the compute dtype by ``normalize_table`` (bit-identical to HF's float64 rescale, then
+    normalize). On a GPU the lookup runs in the compiled graph, so a quarter of the bytes cross to the device and
+    the host does no float pass; MLX's CPU gather is about 5x slower than numpy's (64 CLIP crops, 2026-12-04), so on
+    the CPU numpy looks the crops up and the graph gets float32."""
+
+    def __init__(self, cfg: ImageConfig, dtype: mx.Dtype) -> None:
+        self.cfg, self.dtype, self.table = cfg, dtype, normalize_table(cfg)
+        self.flat = mx.array(self.table).astype(dtype).reshape(-1)  # rounding to fp16 commutes with the lookup
+
+    def batch(self, images: list[Image.Image]) -> np.ndarray:
+        """uint8 [n, H, W, 3] crops of ``images``: what the served forwards take."""
+        return image_batch(images, self.cfg)
+
+    def host(self, crops: np.ndarray) -> np.ndarray:
+        """What goes to the compiled graph: the uint8 crops on a GPU, looked up on the CPU (``__call__`` takes both)."""
+        return look_up(crops, self.table) if _on_cpu() else crops
+
+    def __call__(self, pixels: mx.array) -> mx.array:
+        """Inside the graph: ``host``'s output -> normalized NHWC pixels in the compute dtype."""
+        if pixels.dtype != mx.uint8:
+            return pixels.astype(self.dtype)
+        channels = self.table.shape[1]
+        return mx.take(self.flat, pixels.astype(mx.uint32) * channels + mx.arange(channels, dtype=mx.uint32))
 
 
 def can_compile() -> bool:

@@ -61,10 +61,14 @@ class ClipBundle(Stored):
     image_config: ClipImageConfig
     output_rows: ClassVar[dict[str, str]] = {"logits_per_image": "images x texts"}  # Infer's split (contract)
 
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids, attention_mask)`` as CLIPProcessor(padding=True) gives them."""
+        tok = self.tokenizer or load_tokenizer(self.model_dir, 0)  # no tokenizer: TOKENIZER_NOT_FOUND
+        return tokenize(tok, list(texts))
+
     def preprocess(self, texts: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
         """``input_ids``, ``attention_mask``, ``pixel_values`` as CLIPProcessor(padding=True) gives them."""
-        tok = self.tokenizer or load_tokenizer(self.model_dir, 0)  # no tokenizer: TOKENIZER_NOT_FOUND
-        ids, mask = tokenize(tok, list(texts))
+        ids, mask = self.tokenize(texts)
         return {
             "input_ids": ids,
             "attention_mask": mask,

@@ -283,7 +283,7 @@ class ViTBundle(Stored):
         if texts:
             msg = f"ViT is an image model: {len(texts)} text(s) given, send images only"
             raise InvalidArgument(msg, reason="TEXTS_NOT_SUPPORTED", texts=len(texts))
-        result: dict[str, Any] = self.served.forward(preprocess_images(list(images), self.image_config))
+        result: dict[str, Any] = self.served.embed(list(images))
         if self.is_classifier:
             result["labels"] = list(self.config.labels)
         return result

@@ -1,6 +1,6 @@
 """ViT's served path (what Infer runs): the encoder and classifier ``mx.compile``d over batch buckets
-(``_served``), pixels cast on the device; only the embeddings (and logits) leave MLX. Validation uses the eager
-modules in ``vit``.
+(``_served``), images as uint8 crops normalized by table lookup (``_served.PixelTable``); only the embeddings (and
+logits) leave MLX. Validation uses the eager modules in ``vit``.
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
+from PIL import Image
 
-from mlxd_daemon.archs._served import Forward, to_nhwc, warm_up
+from mlxd_daemon.archs._served import Forward, PixelTable, warm_up
 
 if TYPE_CHECKING:
     from mlxd_daemon.archs.vit import ViTBundle
@@ -22,21 +23,24 @@ class VitServed:
 
         self.bundle = bundle
         m, classifier = bundle.model, bundle.is_classifier
-        dtype = m.embeddings.patch_embeddings.projection.weight.dtype
+        pixels = self.pixels = PixelTable(bundle.image_config, m.embeddings.patch_embeddings.projection.weight.dtype)
 
-        def forward(pixels_nchw: mx.array) -> tuple[mx.array, ...]:
-            cls = m.encode(to_nhwc(pixels_nchw, dtype))[:, 0]
+        def forward(crops: mx.array) -> tuple[mx.array, ...]:
+            cls = m.encode(pixels(crops))[:, 0]
             return (_l2_normalise(cls), m.classifier(cls)) if classifier else (_l2_normalise(cls),)
 
         widths = {"image_embeds": m.cfg.hidden_size} | ({"logits": len(m.cfg.labels)} if classifier else {})
         self.fn = Forward(forward, widths)
 
-    def forward(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """``image_embeds`` (and ``logits`` for classifiers) from preprocessed NCHW pixels."""
-        self.bundle.model.check(pixel_values)
-        return self.fn(pixel_values)
+    def embed(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
+        return self.forward(self.pixels.batch(images))
+
+    def forward(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        """``image_embeds`` (and ``logits`` for classifiers) from uint8 [n, H, W, 3] crops (``PixelTable.batch``)."""
+        self.bundle.model.check(crops.transpose(0, 3, 1, 2))  # it checks NCHW shapes: a view
+        return self.fn(self.pixels.host(crops))
 
     def warm_up(self) -> float:
         """Trace and compile the batch-1 graph; returns the seconds taken."""
         cfg = self.bundle.config
-        return warm_up(lambda: self.forward(np.zeros((1, cfg.num_channels, *cfg.image_size), np.float32)))
+        return warm_up(lambda: self.forward(np.zeros((1, *cfg.image_size, cfg.num_channels), np.uint8)))
