@@ -110,3 +110,19 @@ class TestDecode:
         with pytest.raises(InvalidArgument) as e:
             decode_images([blobs[0], b"not an image", blobs[1], b"nor this"])
         assert (e.value.reason, e.value.metadata["index"]) == ("BAD_IMAGE", "1")
+
+    def test_transparency_is_composited_onto_white_as_hf_does(self) -> None:
+        """An RGBA PNG decodes to what transformers' ``convert_to_rgb`` makes of it (not its RGB with alpha dropped)."""
+        from mlxd_daemon.handlers import decode_images
+        from transformers.image_transforms import convert_to_rgb
+
+        rgba = np.zeros((8, 8, 4), np.uint8)
+        rgba[..., 0] = 200
+        rgba[..., 3] = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4  # every alpha level from clear to opaque
+        buf = io.BytesIO()
+        Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+        (decoded,) = decode_images([buf.getvalue()])
+        want = convert_to_rgb(Image.open(io.BytesIO(buf.getvalue())), return_numpy=True)
+        assert decoded.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(decoded), want)
+        assert not np.array_equal(np.asarray(decoded), rgba[..., :3])

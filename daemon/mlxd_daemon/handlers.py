@@ -25,10 +25,13 @@ _residency: Residency | None = None
 
 
 def decode_images(images: list[bytes]) -> list[Any]:
-    """Encoded image bytes -> RGB PIL images; InvalidArgument naming the first one that is not an image."""
+    """Encoded image bytes -> RGB PIL images; InvalidArgument naming the first one that is not an image. Other
+    modes become RGB as HF's ``convert_rgb`` does it (transparency composited onto white, not dropped)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image, UnidentifiedImageError
+
+    from mlxd_daemon.archs.image_processing import to_rgb
 
     def decode(i: int) -> Any:
         try:
@@ -37,7 +40,7 @@ def decode_images(images: list[bytes]) -> list[Any]:
         except (UnidentifiedImageError, OSError) as e:
             msg = f"image {i} ({len(images[i])} bytes) could not be decoded: {e}"
             raise InvalidArgument(msg, reason="BAD_IMAGE", index=i) from None
-        return image if image.mode == "RGB" else image.convert("RGB")  # convert("RGB") of RGB is a copy
+        return to_rgb(image)
 
     if len(images) <= 1:
         return [decode(i) for i in range(len(images))]
