@@ -7,11 +7,12 @@
    its worker threads, so they add up to more than the wall time when the cores overlap), the wall time of the
    weights and of the final fsync + rename. `mlx_lm.convert` does not fsync what it wrote; mlxd does (so a
    second mlx_lm row adds the fsync of its output, timed after its clock stops). Every side reads the source
-   from the page cache (it is read once before the floor). Each side's
+   from the page cache (it is read once before the floor). A second floor writes the same number of bytes from
+   memory + fsync (the disk alone: a float16 output is as large as the bf16 source). Each side's
    modules are imported before its clock starts (mlx_lm.convert; mlxd's convert, mlx_lm and the route's arch).
 2. ViT-B/32 CLIP (float32 safetensors): mlxd to float32 / float16 / bfloat16 / q4 against the copy floor.
 
-`--llama-only` / `--clip-only` run one part.
+`--llama-only` / `--clip-only` run one part; MLXD_BENCH_ROUNDS (default 3) sets the Llama rounds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, base_clip, machine
+from common import CACHE, base_clip, machine, spread
 
 PEAK = "from mlxd_daemon.malloc import peak_rss_bytes as _peak"
 MLXD = (
@@ -89,6 +91,23 @@ def plain_copy(src: Path, dst: Path) -> float:
     return time.perf_counter() - start
 
 
+def write_floor(nbytes: int, dst: Path) -> float:
+    """Writing ``nbytes`` from memory (16 MB pwrites of non-zero bytes) + fsync: what any converter that makes
+    its output durable pays for the disk alone, with no reading or converting."""
+    block = os.urandom(16 << 20)
+    start = time.perf_counter()
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for offset in range(0, nbytes, len(block)):
+            os.pwrite(fd, block[: nbytes - offset], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - start
+    dst.unlink()
+    return seconds
+
+
 def run(script: str, src: Path, dst: Path, dtype: str, options: dict[str, object]) -> tuple[float, float, dict]:
     """(seconds, peak RSS bytes, mlxd's phases) of one conversion in a fresh process."""
     out = subprocess.run([sys.executable, "-c", script, str(src), str(dst), dtype, json.dumps(options)],
@@ -111,26 +130,42 @@ def row(label: str, seconds: float, peak: float, floor: float, other: tuple[floa
     return text
 
 
-def llama_section() -> None:
+def llama_section(rounds: int) -> None:
+    """``rounds`` interleaved rounds (floor, then each side of each target), each output deleted once measured;
+    medians with p10/p90 of the seconds, and ratios of the medians."""
     src = llama_1b()
     size = sum(f.stat().st_size for f in src.iterdir())
-    print(f"\nLlama-3.2-1B shape, 1.24B parameters, {size / 1e9:.2f} GB bf16 in 1 GB shards")
+    print(f"\nLlama-3.2-1B shape, 1.24B parameters, {size / 1e9:.2f} GB bf16 in 1 GB shards, {rounds} rounds")
+    targets = [
+        ("float16", "float16", {}, {}),
+        ("q4 g64", "bfloat16", {"quantize": True, "q_bits": 4, "q_group_size": 64},
+         {"quantize": {"bits": 4, "group_size": 64}}),
+    ]  # fmt: skip
+    runs: dict[str, list[tuple[float, float, dict]]] = {}
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        floor = plain_copy(src, Path(tmp) / "copy")
-        print(f"{'plain copy + fsync (floor)':<30} {floor:7.2f} s")
-        for label, dtype, lm_opts, mlxd_opts in [
-            ("float16", "float16", {}, {}),
-            ("q4 g64", "bfloat16", {"quantize": True, "q_bits": 4, "q_group_size": 64},
-             {"quantize": {"bits": 4, "group_size": 64}}),
-        ]:  # fmt: skip
-            *lm, lm_sync = run(MLX_LM, src, Path(tmp) / f"lm-{dtype}-{label}", dtype, lm_opts)
-            print(row(f"mlx_lm.convert {label}", *lm, floor))
-            durable = (lm[0] + lm_sync["fsync"], lm[1])
-            print(row("  + fsync of its output", *durable, floor))
-            *ours, phases = run(MLXD, src, Path(tmp) / f"mlxd-{dtype}-{label}", dtype, mlxd_opts)
-            print(row(f"mlxd convert {label}", *ours, floor, (lm[0], lm[1])))
-            print(f"{'':<30} vs mlx_lm + fsync: {durable[0] / ours[0]:4.2f}x faster")
-            print(profile(phases))
+        for _ in range(rounds):
+            runs.setdefault("floor", []).append((plain_copy(src, Path(tmp) / "copy"), 0.0, {}))
+            shutil.rmtree(Path(tmp) / "copy")
+            runs.setdefault("write", []).append((write_floor(size, Path(tmp) / "write"), 0.0, {}))
+            for label, dtype, lm_opts, mlxd_opts in targets:
+                for side, script, opts in (("mlx_lm", MLX_LM, lm_opts), ("mlxd", MLXD, mlxd_opts)):
+                    out = Path(tmp) / f"{side}-{label}"
+                    runs.setdefault(f"{side} {label}", []).append(run(script, src, out, dtype, opts))
+                    shutil.rmtree(out)
+    med = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
+    peak = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
+    floor = med["floor"]
+    print(f"{'plain copy + fsync (floor)':<30} {floor:7.2f} s   {spread([r[0] for r in runs['floor']])}")
+    print(f"{'write same bytes + fsync':<30} {med['write']:7.2f} s   {spread([r[0] for r in runs['write']])}")
+    for label, *_ in targets:
+        lm, ours = f"mlx_lm {label}", f"mlxd {label}"
+        durable = statistics.median(r[0] + r[2]["fsync"] for r in runs[lm])
+        print(row(f"mlx_lm.convert {label}", med[lm], peak[lm], floor) + f"   {spread([r[0] for r in runs[lm]])}")
+        print(row("  + fsync of its output", durable, peak[lm], floor))
+        print(row(f"mlxd convert {label}", med[ours], peak[ours], floor, (med[lm], peak[lm]))
+              + f"   {spread([r[0] for r in runs[ours]])}")  # fmt: skip
+        print(f"{'':<30} vs mlx_lm + fsync: {durable / med[ours]:4.2f}x faster")
+        print(profile(min(runs[ours], key=lambda r: abs(r[0] - med[ours]))[2]))
 
 
 def clip_section() -> None:
@@ -149,7 +184,7 @@ def clip_section() -> None:
 def main() -> None:
     print(f"convert benchmark, {machine()}")
     if "--clip-only" not in sys.argv:
-        llama_section()
+        llama_section(int(os.environ.get("MLXD_BENCH_ROUNDS", "3")))
     if "--llama-only" not in sys.argv:
         clip_section()
 
