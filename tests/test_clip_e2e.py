@@ -23,7 +23,7 @@ def hf_reference(src: Path, texts: list[str], images: list[Path]) -> dict[str, n
 
     model = CLIPModel.from_pretrained(src, torch_dtype=torch.float32).eval()
     processor = CLIPProcessor.from_pretrained(src)
-    pil = [Image.open(p).convert("RGB") for p in images]
+    pil = [Image.open(p) for p in images]  # the processor makes them RGB (transparency onto white)
     inputs = processor(text=texts, images=pil, padding=True, return_tensors="pt")
     with torch.no_grad():
         out = model(**inputs)

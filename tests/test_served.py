@@ -24,15 +24,15 @@ TEXTS = ["a photo of a cat", "two dogs playing in the snow near a red house", "x
 
 class TestBuckets:
     def test_batch_and_length_buckets(self) -> None:
-        """Batches round up to powers of two (then multiples of 64); lengths on the CPU to multiples of 8, capped."""
+        """Batches round up to powers of two (then multiples of 64); lengths on the CPU to multiples of 4, capped."""
         from mlxd_daemon.archs._served import batch_bucket, length_bucket, pad_length, pad_rows
 
         assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 64, 65, 130)] == [1, 2, 4, 8, 8, 16, 64, 128, 192]
-        assert [length_bucket(n, 77) for n in (1, 8, 9, 17, 70, 77, 80)] == [8, 8, 16, 24, 72, 77, 80]
+        assert [length_bucket(n, 77) for n in (1, 4, 5, 17, 75, 77, 80)] == [4, 4, 8, 20, 76, 77, 80]
         padded = pad_rows(np.arange(6).reshape(3, 2), 4)
         assert padded.tolist() == [[0, 1], [2, 3], [4, 5], [0, 1]]
         ids, mask = pad_length(77, (np.full((2, 3), 7), 9), (np.ones((2, 3), np.int64), 0))
-        assert (ids.tolist(), mask.tolist()) == ([[7, 7, 7, 9, 9, 9, 9, 9]] * 2, [[1, 1, 1, 0, 0, 0, 0, 0]] * 2)
+        assert (ids.tolist(), mask.tolist()) == ([[7, 7, 7, 9]] * 2, [[1, 1, 1, 0]] * 2)
 
     def test_cpu_chunks(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Over 2 CPU streams a batch splits into at most 2 chunks, each at most the bucket of an even share."""

@@ -24,9 +24,10 @@ Handler = Callable[[dict[str, Any], Reporter], Any]
 _residency: Residency | None = None
 
 
-def decode_images(images: list[bytes]) -> list[Any]:
+def decode_images(images: list[bytes], composite: bool = True) -> list[Any]:
     """Encoded image bytes -> RGB PIL images; InvalidArgument naming the first one that is not an image. Other
-    modes become RGB as HF's ``convert_rgb`` does it (transparency composited onto white, not dropped)."""
+    modes become RGB as transformers' ``convert_to_rgb`` does it (transparency composited onto white), or with
+    ``composite=False`` as diffusers' image processor does it (``convert("RGB")``: alpha dropped)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image, UnidentifiedImageError
@@ -40,7 +41,7 @@ def decode_images(images: list[bytes]) -> list[Any]:
         except (UnidentifiedImageError, OSError) as e:
             msg = f"image {i} ({len(images[i])} bytes) could not be decoded: {e}"
             raise InvalidArgument(msg, reason="BAD_IMAGE", index=i) from None
-        return to_rgb(image)
+        return to_rgb(image) if composite else image.convert("RGB")
 
     if len(images) <= 1:
         return [decode(i) for i in range(len(images))]
@@ -317,7 +318,7 @@ def generate_image(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     if not hasattr(bundle, "generate_image"):
         msg = f"{resident.model_type} is not a diffusion pipeline: convert a diffusers pipeline directory"
         raise InvalidArgument(msg, reason="NOT_A_PIPELINE", model_type=resident.model_type)
-    image = decode_images([args["image"]])[0] if args.get("image") else None
+    image = decode_images([args["image"]], composite=False)[0] if args.get("image") else None
     fields = ("prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height", "num_images",
               "latents", "scheduler", "strength")  # fmt: skip
     start = time.perf_counter()

@@ -37,12 +37,12 @@ softmax = mx.compile(_softmax)
 def attention(
     q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float, mask: mx.array | None = None
 ) -> mx.array:
-    """Scaled dot-product attention of [B, N, D] projections split into ``heads`` heads; returns [B, N, D].
-    ``mask`` (boolean, True = attend) broadcasts to [B, heads, N, N]."""
+    """Scaled dot-product attention of projections split into ``heads`` heads: queries [B, Nq, D], keys and values
+    [B, Nk, D]; returns [B, Nq, D]. ``mask`` (boolean, True = attend) broadcasts to [B, heads, Nq, Nk]."""
     b, n, d = q.shape
 
     def split(t: mx.array) -> mx.array:
-        return t.reshape(b, n, heads, -1).transpose(0, 2, 1, 3)
+        return t.reshape(b, t.shape[1], heads, -1).transpose(0, 2, 1, 3)
 
     q, k, v = split(q), split(k), split(v)
     if mx.default_device() != mx.cpu or q.dtype != mx.float32:

@@ -83,8 +83,10 @@ class CLIPAttention(nn.Module):
         self.v_proj = nn.Linear(dims, dims)
         self.out_proj = nn.Linear(dims, dims)
 
-    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def __call__(self, x: mx.array, mask: mx.array | None, keys: mx.array | None = None) -> mx.array:
+        """Attention of ``x``'s positions over ``keys``' (default: ``x``'s own)."""
+        keys = x if keys is None else keys
+        q, k, v = self.q_proj(x), self.k_proj(keys), self.v_proj(keys)
         return self.out_proj(attention(q, k, v, self.heads, self.scale, mask))
 
 
@@ -110,6 +112,14 @@ class CLIPEncoderLayer(nn.Module):
     def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
         x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
+
+    def at(self, x: mx.array, rows: mx.array, mask: mx.array | None) -> mx.array:
+        """The layer's output at positions ``rows`` [B, R] only (``mask``: those rows' keys, [B, 1, R, L]); every
+        position is still a key and value. What a pooled output needs of the last layer, at a fraction of its cost."""
+        h = self.layer_norm1(x)
+        picked = mx.take_along_axis(x, rows[..., None], axis=1)
+        picked = picked + self.self_attn(mx.take_along_axis(h, rows[..., None], axis=1), mask, keys=h)
+        return picked + self.mlp(self.layer_norm2(picked))
 
 
 class CLIPEncoder(nn.Module):
@@ -173,6 +183,14 @@ class CLIPTextTransformer(nn.Module):
         x = self.final_layer_norm(self.encoder(x, keep))
         return x[mx.arange(x.shape[0]), eos_pos], x
 
+    def pooled(self, ids: mx.array, keep: mx.array, eos_pos: mx.array) -> mx.array:
+        """``encode``'s pooled output alone: the last layer runs at each row's EOS only (the served path)."""
+        x = self.embeddings(ids)
+        for layer in self.encoder.layers[:-1]:
+            x = layer(x, keep)
+        eos_keep = mx.take_along_axis(keep, eos_pos[:, None, None, None], axis=2)  # the keys each EOS attends to
+        return self.final_layer_norm(self.encoder.layers[-1].at(x, eos_pos[:, None], eos_keep)[:, 0])
+
 
 class CLIPPatchEmbedding(nn.Module):
     """A stride=kernel conv, done as patchify + matmul; ``weight`` is MLX conv layout [O, kH, kW, I]."""
@@ -228,6 +246,14 @@ class CLIPVisionTransformer(nn.Module):
         x = tap("vision_model.embeddings", self.embeddings(pixels_nhwc))
         x = self.encoder(self.pre_layrnorm(x))
         return self.post_layernorm(x[:, 0]), x
+
+    def pooled(self, pixels_nhwc: mx.array) -> mx.array:
+        """``encode``'s pooled output alone: the last layer runs at the class token only (the served path)."""
+        x = self.pre_layrnorm(self.embeddings(pixels_nhwc))
+        for layer in self.encoder.layers[:-1]:
+            x = layer(x, None)
+        cls = mx.zeros((x.shape[0], 1), mx.int32)
+        return self.post_layernorm(self.encoder.layers[-1].at(x, cls, None)[:, 0])
 
 
 class CLIPModel(nn.Module):

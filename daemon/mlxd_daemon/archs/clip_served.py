@@ -25,10 +25,10 @@ class ClipServed:
         pixels = self.pixels = PixelTable(bundle.image_config, m.vision_model.embeddings.patch_embedding.weight.dtype)
 
         def text(ids: mx.array, keep: mx.array, eos: mx.array) -> tuple[mx.array]:
-            return (l2_normalise(m.text_projection(m.text_model.encode(ids, keep, eos)[0])),)
+            return (l2_normalise(m.text_projection(m.text_model.pooled(ids, keep, eos))),)
 
         def vision(crops: mx.array) -> tuple[mx.array]:
-            return (l2_normalise(m.visual_projection(m.vision_model.encode(pixels(crops))[0])),)
+            return (l2_normalise(m.visual_projection(m.vision_model.pooled(pixels(crops)))),)
 
         self.text_fn, self.vision_fn = Compiled(text), Compiled(vision)
 

@@ -152,8 +152,10 @@ class ViTSelfAttention(nn.Module):
         self.key = nn.Linear(dims, dims, bias=bias)
         self.value = nn.Linear(dims, dims, bias=bias)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return attention(self.query(x), self.key(x), self.value(x), self.heads, self.scale)
+    def __call__(self, x: mx.array, keys: mx.array | None = None) -> mx.array:
+        """Attention of ``x``'s positions over ``keys``' (default: ``x``'s own)."""
+        keys = x if keys is None else keys
+        return attention(self.query(x), self.key(keys), self.value(keys), self.heads, self.scale)
 
 
 class ViTDense(nn.Module):
@@ -175,8 +177,8 @@ class ViTAttention(nn.Module):
         self.attention = ViTSelfAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.qkv_bias)  # sic: HF's
         self.output = ViTDense(cfg.hidden_size, cfg.hidden_size)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.output(self.attention(x))
+    def __call__(self, x: mx.array, keys: mx.array | None = None) -> mx.array:
+        return self.output(self.attention(x, keys))
 
 
 class ViTLayer(nn.Module):
@@ -192,6 +194,13 @@ class ViTLayer(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         x = x + self.attention(self.layernorm_before(x))
+        return x + self.output(self.intermediate(self.layernorm_after(x)))
+
+    def cls(self, x: mx.array) -> mx.array:
+        """The layer's output at the class token only [B, 1, D]; every position is still a key and value. What
+        the embedding and classifier need of the last layer, at a fraction of its cost."""
+        h = self.layernorm_before(x)
+        x = x[:, :1] + self.attention(h[:, :1], keys=h)
         return x + self.output(self.intermediate(self.layernorm_after(x)))
 
 
@@ -236,6 +245,13 @@ class ViTModel(nn.Module):
     def encode(self, pixels_nhwc: mx.array) -> mx.array:
         """last_hidden_state from NHWC pixels (pure MLX, so the served path can compile it)."""
         return self.layernorm(self.encoder(tap("embeddings", self.embeddings(pixels_nhwc))))
+
+    def encode_cls(self, pixels_nhwc: mx.array) -> mx.array:
+        """``encode``'s class token alone [B, D]: the last layer runs at that token only (the served path)."""
+        x = self.embeddings(pixels_nhwc)
+        for layer in self.encoder.layer[:-1]:
+            x = layer(x)
+        return self.layernorm(self.encoder.layer[-1].cls(x)[:, 0])
 
 
 def _l2_normalise(x: mx.array) -> mx.array:

@@ -26,7 +26,7 @@ class VitServed:
         pixels = self.pixels = PixelTable(bundle.image_config, m.embeddings.patch_embeddings.projection.weight.dtype)
 
         def forward(crops: mx.array) -> tuple[mx.array, ...]:
-            cls = m.encode(pixels(crops))[:, 0]
+            cls = m.encode_cls(pixels(crops))
             return (_l2_normalise(cls), m.classifier(cls)) if classifier else (_l2_normalise(cls),)
 
         widths = {"image_embeds": m.cfg.hidden_size} | ({"logits": len(m.cfg.labels)} if classifier else {})
