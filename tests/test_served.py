@@ -96,6 +96,22 @@ class TestClipServed:
 
         served_images_unchanged(bundle.served, golden_images(5), monkeypatch)  # type: ignore[attr-defined]
 
+    def test_a_model_without_tokenizer_files_warms_up(self, tiny_clip: Path, tmp_path: Path) -> None:
+        """The warm-up runs on token ids: a CLIP without tokenizer files loads and embeds images."""
+        import shutil
+
+        from mlxd_daemon.archs import clip
+        from mlxd_daemon.archs._tokenless import TOKENIZER_FILES
+        from mlxd_daemon.fixtures import golden_images
+
+        bare = tmp_path / "bare"
+        shutil.copytree(tiny_clip, bare)
+        for name in TOKENIZER_FILES:
+            (bare / name).unlink(missing_ok=True)
+        bundle = clip.load(bare)
+        assert bundle.tokenizer is None and bundle.warm_up() > 0
+        assert bundle.embed([], golden_images(2))["image_embeds"].shape[0] == 2
+
     def test_new_sizes_reuse_a_few_graphs(self, bundle: object) -> None:
         """Batches of 1 to 8 images trace at most the four batch buckets 1, 2, 4, 8."""
         from mlxd_daemon.fixtures import golden_images
@@ -228,3 +244,8 @@ class TestVitServed:
         from mlxd_daemon.fixtures import golden_images
 
         served_images_unchanged(bundle.served, golden_images(3, 40), monkeypatch)  # type: ignore[attr-defined]
+
+    def test_warm_up_traces_batch_one(self, bundle: object) -> None:
+        """The load-time warm-up traces the batch-1 graph and says how long it took."""
+        assert bundle.warm_up() > 0  # type: ignore[attr-defined]
+        assert (1, 32, 32, 3) in {shapes[0] for shapes in bundle.served.fn.compiled.shapes}  # uint8 NHWC crops  # type: ignore[attr-defined]

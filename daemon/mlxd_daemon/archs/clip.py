@@ -62,9 +62,11 @@ class ClipBundle(Stored):
     output_rows: ClassVar[dict[str, str]] = {"logits_per_image": "images x texts"}  # Infer's split (contract)
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``(input_ids, attention_mask)`` as CLIPProcessor(padding=True) gives them."""
-        tok = self.tokenizer or load_tokenizer(self.model_dir, 0)  # no tokenizer: TOKENIZER_NOT_FOUND
-        return tokenize(tok, list(texts))
+        """``(input_ids, attention_mask)`` as CLIPProcessor(padding=True) gives them. Only texts need the tokenizer:
+        without one, TOKENIZER_NOT_FOUND (image-only requests and the warm-up, which runs on ids, work)."""
+        if not texts:
+            return np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64)
+        return tokenize(self.tokenizer or load_tokenizer(self.model_dir, 0), list(texts))
 
     def preprocess(self, texts: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
         """``input_ids``, ``attention_mask``, ``pixel_values`` as CLIPProcessor(padding=True) gives them."""
