@@ -6,7 +6,8 @@ CPU). Reported: the converted model's load time (mlxd's decoder.load and mlx_lm.
 (mlx-lm's own generation_tps on both sides), end-to-end tokens/s seen by the client, and the ratio.
 
 Run `python bench/generate.py` (or `--tiny` for a quick check on a tiny model; `--dtype bfloat16` on a GPU, where
-MLX computes in half precision at full speed).
+MLX computes in half precision at full speed; `--torch` adds transformers' greedy generate on the source checkpoint,
+on the GPU when torch sees one).
 """
 
 from __future__ import annotations
@@ -62,6 +63,34 @@ def in_process(path: Path) -> tuple[float, float]:
     return load_s, statistics.median(tps)
 
 
+def torch_decode(src: Path, dtype: str) -> float:
+    """transformers' greedy ``generate`` on the source checkpoint (the GPU if torch sees one): median decode
+    tokens/s, the prefill taken out by timing 1 and ``TOKENS`` new tokens from the same prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=getattr(torch, dtype)).to(device).eval()
+    ids = AutoTokenizer.from_pretrained(src)(PROMPT, return_tensors="pt").input_ids.to(device)
+
+    def run(n: int) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(TOKENS)  # warm-up
+    tps = []
+    for _ in range(REPEAT):
+        one, full = run(1), run(TOKENS)
+        tps.append((TOKENS - 1) / (full - one))
+    return statistics.median(tps)
+
+
 def through_daemon(path: Path) -> tuple[float, float, float]:
     """(LoadModel seconds, median daemon-reported decode tokens/s, median client-side tokens/s)."""
     from mlxd_client import Client
@@ -89,6 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama (a quick check, not a benchmark)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--torch", action="store_true", help="also transformers' generate on the source checkpoint")
     a = parser.parse_args()
     tiny = a.tiny
     path = model_dir(tiny, a.dtype)
@@ -103,6 +133,11 @@ def main() -> None:
     print(f"load: decoder.load {mlxd_load:.2f}s, mlx_lm.load {lm_load:.2f}s, daemon LoadModel {d_load:.2f}s")
     print(f"decode tokens/s: mlx_lm.generate {lm_tps:.1f}, daemon Generate {d_tps:.1f} ({d_tps / lm_tps:.2f}x), "
           f"client-side end to end {d_wall:.1f}")  # fmt: skip
+    if a.torch and not tiny:
+        from convert import llama_1b
+
+        t_tps = torch_decode(llama_1b(), a.dtype)
+        print(f"transformers generate (greedy, {a.dtype}): {t_tps:.1f} tok/s; Generate / torch {d_tps / t_tps:.2f}x")
 
 
 if __name__ == "__main__":
