@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 from mlxd_client import Client
+from mlxd_client.discovery import is_serving
 from mlxd_daemon import blas
 
 # In-process tests (convert, calibrate, the served forwards) run MLX here as the workers do: on the optimized
 # BLAS, loaded before anything imports mlx.core (the wheel's reference BLAS is ~30x slower).
 blas.preload()
-from mlxd_client.discovery import is_serving
 
 
 class DaemonProcess:
