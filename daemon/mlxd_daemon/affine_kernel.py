@@ -73,56 +73,6 @@ def quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor,
     return q, s.reshape(*lead, -1), b.reshape(*lead, -1)
 
 
-def sample_error(w: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rows: np.ndarray, bits: int,
-                 group_size: int) -> tuple[float, float]:  # fmt: skip
-    """(||W - dequant(q(W))||², ||W||²) over ``rows`` of W as a matrix [-1, d], dequantized as ``mx.dequantize``
-    does it (``scale * q + bias`` in the scales' dtype: for bfloat16 each step rounded to it), summed in float64.
-    bfloat16 and float32 only (the caller measures float16 with ``mx.dequantize``)."""
-    if w.dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"sample_error takes bfloat16 or float32, not {w.dtype}")
-    d = w.shape[-1]
-    src = w.contiguous().reshape(-1, d).float().numpy()
-    q = packed[0].contiguous().reshape(src.shape[0], -1).numpy().view(np.uint8)
-    scales = packed[1].contiguous().reshape(src.shape[0], -1).float().numpy()
-    biases = packed[2].contiguous().reshape(src.shape[0], -1).float().numpy()
-    out = np.zeros(2, np.float64)
-    _error(src, q, scales, biases, rows.astype(np.int64), bits, group_size, w.dtype == torch.bfloat16, out)
-    return float(out[0]), float(out[1])
-
-
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def _error(src, q, scales, biases, rows, bits, group, bf16, out):  # type: ignore[no-untyped-def]
-    mask = (1 << bits) - 1
-    width = q.shape[1]
-    step = np.empty(1, np.float32)
-    step_bits = step.view(np.uint32)
-    for r in rows:
-        for j in range(src.shape[1]):
-            pos = j * bits
-            byte = pos >> 3
-            word = np.int64(q[r, byte])
-            if byte + 1 < width:
-                word |= np.int64(q[r, byte + 1]) << 8
-            level = np.float32((word >> (pos & 7)) & mask)
-            g = j // group
-            x = src[r, j]
-            restored = scales[r, g] * level
-            if bf16:  # round to bfloat16 (nearest even) after the product and after the sum, as bf16 math does
-                step[0] = restored
-                u = step_bits[0]
-                step_bits[0] = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-                restored = step[0] + biases[r, g]
-                step[0] = restored
-                u = step_bits[0]
-                step_bits[0] = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-                restored = step[0]
-            else:
-                restored = restored + biases[r, g]
-            diff = np.float64(x) - np.float64(restored)
-            out[0] += diff * diff
-            out[1] += np.float64(x) * np.float64(x)
-
-
 @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"nnan", "ninf", "nsz"})
 def _minmax(x: np.ndarray) -> tuple[float, float]:
     # Only compares: reordering them (what the flags allow, so it vectorises) cannot change a finite result, and

@@ -312,7 +312,7 @@ def _block_task(run: _Run, unit: Unit, writer: ShardFile, row0: int, read: Calla
             packed = _kernel().quantize(w, unit.bits, unit.group_size)
             clock.lap("convert")
             if packed is not None:  # else a group holds NaN/Inf (or float16 overflowed): scan and take MLX's path
-                return _finish_quantized(writer, unit, row0, w, packed, sample_rows, clock, _Block(None, None), True)
+                return _finish_quantized(writer, unit, row0, w, packed, sample_rows, clock)
         peak, bad = _scan(part, unit.dtype, row0)
         clock.lap("scan")
         block = _Block(peak, bad, seconds=clock.seconds)
@@ -342,14 +342,10 @@ def _kernel() -> Any:
 
 
 def _finish_quantized(writer: ShardFile, unit: Unit, row0: int, w: torch.Tensor, packed: tuple[torch.Tensor, ...],
-                      sample_rows: int, clock: _Clock, block: _Block, by_kernel: bool = False) -> _Block:  # fmt: skip
-    """Measure a quantized block's error on its row sample (``by_kernel``: with ``affine_kernel``, except float16,
-    whose sample ``mx.dequantize`` measures) and write its packed weight, scales (and biases)."""
-    if by_kernel and w.dtype != torch.float16:
-        block.err2, block.ref2 = _kernel().sample_error(w, packed, _sampled(w, sample_rows), unit.bits,
-                                                        unit.group_size)  # fmt: skip
-    else:
-        block.err2, block.ref2 = _squared_error(w, packed, unit, rows=sample_rows)
+                      sample_rows: int, clock: _Clock, block: _Block | None = None) -> _Block:  # fmt: skip
+    """Measure a quantized block's error on its row sample and write its packed weight, scales (and biases)."""
+    block = block or _Block(None, None)
+    block.err2, block.ref2 = _squared_error(w, packed, unit, rows=sample_rows)
     clock.lap("error")
     for o, a in zip(unit.outputs, packed, strict=True):
         writer.write_rows(o.name, row0, a)
@@ -418,18 +414,14 @@ def _non_finite_entry(unit: Unit, bad: Bad) -> dict[str, Any]:
     return entry
 
 
-def _sampled(w: torch.Tensor, rows: int) -> np.ndarray:
-    """The rows of ``w`` as a matrix that its error is measured on: at most ``rows``, evenly spaced."""
-    total = w.numel() // max(w.shape[-1], 1)
-    return np.linspace(0, total - 1, rows).astype(np.int64) if total > rows else np.arange(total)
-
-
 def _squared_error(w: torch.Tensor, packed: tuple[torch.Tensor, ...], unit: Unit, rows: int) -> tuple[float, float]:
     """(||W - dequant(q(W))||², ||W||²) over at most ``rows`` evenly spaced rows of W as a matrix (groups run
     along rows, so a row sample is an unbiased estimate; dequantizing everything would cost more than the
     quantization itself). Only the sampled rows move to MLX."""
-    idx = torch.from_numpy(_sampled(w, rows))
-    w, packed = w.reshape(-1, w.shape[-1])[idx], tuple(a.reshape(-1, a.shape[-1])[idx] for a in packed)
+    w, packed = w.reshape(-1, w.shape[-1]), tuple(a.reshape(-1, a.shape[-1]) for a in packed)
+    if w.shape[0] > rows:
+        idx = torch.from_numpy(np.linspace(0, w.shape[0] - 1, rows).astype(np.int64))
+        w, packed = w[idx], tuple(a[idx] for a in packed)
     q = tuple(_to_mlx(a.contiguous()) for a in packed)
     biases = q[2] if len(q) > 2 else None  # the microscaling modes have no biases
     restored = mx.dequantize(q[0], q[1], biases, group_size=unit.group_size, bits=unit.bits, mode=unit.mode,
