@@ -4,17 +4,15 @@ kernels) again; padding rows repeat a real input and padding tokens are masked, 
 simply dropped afterwards.
 
 On the CPU, MLX runs every op of a stream on that stream's one thread: the GEMMs use every core through the BLAS,
-but softmax, layer norm, GELU and copies (a fifth of CLIP's time) use one, and the BLAS threads wait meanwhile.
-Splitting a batch into chunks, one per CPU stream, each chunk's GEMMs on ``cores / chunks`` BLAS threads, would
-keep every core busy; the machinery is here but set to one stream (``_streams`` says why).
+but softmax, layer norm, GELU and copies (a fifth of CLIP's time) use one. Splitting a batch over one CPU stream per
+core was tried and left ``mx.eval`` waiting forever, every thread asleep, in a test process running BERT over
+MLX's own BLAS (the MiniLM calibration test, 2026-12-04): a batch runs on one stream.
 
 Validation keeps the eager modules (per-layer taps); tests hold the two paths equal.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -24,7 +22,6 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlxd_daemon import blas
 from mlxd_daemon.archs.image_processing import ImageConfig, image_batch, look_up, normalize_table
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # then multiples of the last
@@ -99,39 +96,9 @@ def can_compile() -> bool:
     return not _on_cpu() or shutil.which("g++") is not None
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _streams() -> int:
-    """CPU streams a batch splits over: one for now. A stream per core (each chunk's GEMMs on a share of the BLAS
-    threads) left ``mx.eval`` waiting forever, every thread asleep, in a test process running BERT over MLX's own
-    BLAS (the MiniLM calibration test, 2026-12-04); until that is understood, batches run on one stream."""
-    return 1
-
-
-@functools.cache
-def _cpu_streams(n: int) -> tuple[mx.Stream, ...]:
-    """``n`` CPU streams (each one MLX thread), the default stream first."""
-    return (mx.default_stream(mx.cpu), *(mx.new_stream(mx.cpu) for _ in range(n - 1)))
-
-
-def chunks(n: int) -> list[int]:
-    """How many of ``n`` rows each stream takes. A GPU takes all at once; on the CPU each of up to one chunk per
-    core is at most the bucket of an even share, so the chunks' padding stays small (8 rows: 4 + 4; 5: 4 + 1)."""
-    if not _on_cpu():
-        return [n] if n else []
-    cap = batch_bucket(-(-n // min(n, _streams()))) if n else 0
-    sizes = []
-    while n > 0:
-        sizes.append(min(cap, n))
-        n -= sizes[-1]
-    return sizes
-
-
 class Compiled:
     """An ``mx.compile``d function (eager where ``can_compile`` says no) from batched arrays to a tuple of batched
-    outputs, run chunk by chunk (``chunks``) on row-padded inputs; it records the input shapes it was traced for."""
+    outputs, run on row-padded inputs (``batch_bucket``); it records the input shapes it was traced for."""
 
     def __init__(self, fn: Callable[..., tuple[mx.array, ...]]) -> None:
         self._fn = mx.compile(fn) if can_compile() else fn
@@ -139,15 +106,10 @@ class Compiled:
 
     def __call__(self, *arrays: np.ndarray) -> tuple[mx.array, ...]:
         """``fn`` over the rows of ``arrays`` (lazy: ``evaluate`` runs it); every output has one row per input row."""
-        streams = _cpu_streams(_streams()) if _on_cpu() else (mx.default_stream(mx.default_device()),)
-        parts, start = [], 0
-        for stream, size in zip(streams, chunks(len(arrays[0])), strict=False):
-            padded = [mx.array(pad_rows(a[start : start + size], batch_bucket(size))) for a in arrays]
-            self.shapes.add(tuple(tuple(a.shape) for a in padded))
-            with mx.stream(stream):  # compile caches a trace per stream, so each chunk has its own graph
-                parts.append([out[:size] for out in self._fn(*padded)])
-            start += size
-        return tuple(mx.concatenate(list(outs)) if len(outs) > 1 else outs[0] for outs in zip(*parts, strict=True))
+        n = len(arrays[0])
+        padded = [mx.array(pad_rows(a, batch_bucket(n))) for a in arrays]
+        self.shapes.add(tuple(tuple(a.shape) for a in padded))
+        return tuple(out[:n] for out in self._fn(*padded))
 
 
 class Forward:
@@ -161,15 +123,12 @@ class Forward:
         n = len(arrays[0])
         if not n:
             return {name: np.zeros((0, width), np.float32) for name, width in self.widths.items()}
-        return evaluate(dict(zip(self.widths, self.compiled(*arrays), strict=True)), n)
+        return evaluate(dict(zip(self.widths, self.compiled(*arrays), strict=True)))
 
 
-def evaluate(outputs: dict[str, mx.array], *rows: int) -> dict[str, np.ndarray]:
-    """Run ``outputs`` (built by ``Compiled`` calls over batches of ``rows``) and return them as float32 numpy.
-    With several CPU streams busy, each gets its share of the BLAS threads."""
-    busy = max((len(chunks(n)) for n in rows), default=1)
-    with blas.threads(max(1, _cores() // busy) if busy > 1 else None):
-        mx.eval(outputs)
+def evaluate(outputs: dict[str, mx.array]) -> dict[str, np.ndarray]:
+    """Run ``outputs`` (built by ``Compiled`` calls) and return them as float32 numpy."""
+    mx.eval(outputs)
     return {k: np.array(v, dtype=np.float32) for k, v in outputs.items()}
 
 
