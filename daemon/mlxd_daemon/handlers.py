@@ -8,7 +8,6 @@ cancel). "models" worker: load, unload, list, infer_many, run, generate, hub_cac
 from __future__ import annotations
 
 import io
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,11 +27,9 @@ def decode_images(images: list[bytes], composite: bool = True) -> list[Any]:
     """Encoded image bytes -> RGB PIL images; InvalidArgument naming the first one that is not an image. Other
     modes become RGB as transformers' ``convert_to_rgb`` does it (transparency composited onto white), or with
     ``composite=False`` as diffusers' image processor does it (``convert("RGB")``: alpha dropped)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from PIL import Image, UnidentifiedImageError
 
-    from mlxd_daemon.archs.image_processing import to_rgb
+    from mlxd_daemon.archs.image_processing import map_images, to_rgb
 
     def decode(i: int) -> Any:
         try:
@@ -43,11 +40,7 @@ def decode_images(images: list[bytes], composite: bool = True) -> list[Any]:
             raise InvalidArgument(msg, reason="BAD_IMAGE", index=i) from None
         return to_rgb(image) if composite else image.convert("RGB")
 
-    if len(images) <= 1:
-        return [decode(i) for i in range(len(images))]
-    # PIL's decoders release the GIL: a batch decodes on every core (map raises the first failure in order).
-    with ThreadPoolExecutor(max_workers=min(len(images), os.cpu_count() or 1)) as pool:
-        return list(pool.map(decode, range(len(images))))
+    return map_images(decode, len(images))
 
 
 def _resolve_hub(args: dict[str, Any], key: str, check: Callable[[Path], object], reporter: Reporter) -> Any:

@@ -302,17 +302,15 @@ def _block_task(run: _Run, unit: Unit, writer: ShardFile, row0: int, read: Calla
         clock = _Clock()
         part = read()
         clock.lap("read")
-        if (
-            unit.quantize
-            and not run.doomed
-            and part.is_floating_point()
-            and _kernel().supported(unit.mode, unit.bits, unit.group_size, tuple(part.shape), unit.dtype)
-        ):
+        kernel = _kernel() if unit.quantize and not run.doomed and part.is_floating_point() else None
+        if kernel and kernel.supported(unit.mode, unit.bits, unit.group_size, tuple(part.shape), unit.dtype):
             w = _cast(part, unit.dtype)
-            packed = _kernel().quantize(w, unit.bits, unit.group_size)
+            packed = kernel.quantize(w, unit.bits, unit.group_size)
             clock.lap("convert")
             if packed is not None:  # else a group holds NaN/Inf (or float16 overflowed): scan and take MLX's path
-                return _finish_quantized(writer, unit, row0, w, packed, sample_rows, clock)
+                return _finish_quantized(
+                    writer, unit, row0, w, packed, sample_rows, _Block(None, None, seconds=clock.seconds), clock
+                )
         peak, bad = _scan(part, unit.dtype, row0)
         clock.lap("scan")
         block = _Block(peak, bad, seconds=clock.seconds)
@@ -329,7 +327,7 @@ def _block_task(run: _Run, unit: Unit, writer: ShardFile, row0: int, read: Calla
         mx.eval(arrays)
         clock.lap("convert")
         return _finish_quantized(writer, unit, row0, w, tuple(_to_torch(a, copy=False) for a in arrays),
-                                 sample_rows, clock, block)  # fmt: skip
+                                 sample_rows, block, clock)  # fmt: skip
 
     return task
 
@@ -342,15 +340,14 @@ def _kernel() -> Any:
 
 
 def _finish_quantized(writer: ShardFile, unit: Unit, row0: int, w: torch.Tensor, packed: tuple[torch.Tensor, ...],
-                      sample_rows: int, clock: _Clock, block: _Block | None = None) -> _Block:  # fmt: skip
-    """Measure a quantized block's error on its row sample and write its packed weight, scales (and biases)."""
-    block = block or _Block(None, None)
+                      sample_rows: int, block: _Block, clock: _Clock) -> _Block:  # fmt: skip
+    """Measure a quantized block's error on its row sample and write its packed weight, scales (and biases);
+    ``block`` times its phases with ``clock``."""
     block.err2, block.ref2 = _squared_error(w, packed, unit, rows=sample_rows)
     clock.lap("error")
     for o, a in zip(unit.outputs, packed, strict=True):
         writer.write_rows(o.name, row0, a)
     clock.lap("write")
-    block.seconds = clock.seconds
     return block
 
 

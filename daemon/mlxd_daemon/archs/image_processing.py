@@ -17,10 +17,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -33,6 +34,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+T = TypeVar("T")
 CHANNELS = 3  # what every processor gives (see the module docstring)
 
 
@@ -261,14 +263,17 @@ def image_batch(images: list[Image.Image], cfg: ImageConfig) -> np.ndarray:
             raise InvalidArgument(msg, reason="BAD_IMAGE_SIZE", index=i)
         out[i] = crop
 
-    if len(images) <= 1:
-        for i in range(len(images)):
-            one(i)
-        return out
-    # PIL's resampling (and decoding, of images not yet loaded) and numpy's copies release the GIL: every core works.
-    with ThreadPoolExecutor(max_workers=min(len(images), os.cpu_count() or 1)) as pool:
-        list(pool.map(one, range(len(images))))
+    map_images(one, len(images))
     return out
+
+
+def map_images(fn: Callable[[int], T], n: int) -> list[T]:
+    """``[fn(0), ..., fn(n - 1)]`` on a thread per core: PIL's decoding and resampling and numpy's copies release
+    the GIL. The first failure, in index order, is raised; one image runs on the calling thread."""
+    if n <= 1:
+        return [fn(i) for i in range(n)]
+    with ThreadPoolExecutor(max_workers=min(n, os.cpu_count() or 1)) as pool:
+        return list(pool.map(fn, range(n)))
 
 
 def preprocess_images(images: list[Image.Image], cfg: ImageConfig) -> np.ndarray:
