@@ -13,6 +13,10 @@ p10/p90 over interleaved rounds:
   mlxd embed      ``ClipBundle.embed(texts, images)``: the in-process call Infer makes (tokenizing and image
                   preprocessing on the host included)
   gRPC Infer      the daemon over a unix socket (PNG bytes in, embeddings out)
+  gRPC tensors    the daemon given the tensors torch eager gets (Infer's ``inputs``: input_ids, attention_mask and
+                  fp16 pixel_values), so no host preprocessing on either side
+  gRPC pixels     the same with the uint8 crops (``pixels``) instead of pixel_values: a quarter of the bytes, the
+                  daemon normalizes them
 
 Also: the first request after LoadModel vs steady state (the warm-up is paid at load). Run where MLX sees a GPU:
 ``PYTHONPATH=<site>:client:daemon python3 bench/gpu_served.py``.
@@ -68,6 +72,7 @@ def texts(n: int) -> list[str]:
 
 def main() -> None:
     import mlx.core as mx
+    import numpy as np
     import torch
     from mlxd_client import Client
     from mlxd_client.discovery import start_daemon
@@ -128,9 +133,12 @@ def main() -> None:
             print(f"LoadModel {load_s:.1f} s (warm-up {loaded.warmup_seconds:.1f} s in it; in-process warm-up "
                   f"{first:.1f} s); first Infer after load {first_ms:.1f} ms", flush=True)  # fmt: skip
             print("batch | torch eager | torch.compile | torch e2e | mlxd forward | mlxd embed | gRPC Infer "
-                  "(ms, median (p10-p90))")  # fmt: skip
+                  "| gRPC tensors | gRPC pixels (ms, median (p10-p90))")  # fmt: skip
             for n in BATCHES:
                 pre = bundle.preprocess(texts(n), images[:n])
+                tokens = {"input_ids": pre["input_ids"], "attention_mask": pre["attention_mask"]}
+                half = {**tokens, "pixel_values": pre["pixel_values"].astype(np.float16)}
+                crops = {**tokens, "pixels": bundle.served.inputs([], images[:n])["pixels"]}
                 tin = {"ids": torch.from_numpy(pre["input_ids"]).cuda(),
                        "mask": torch.from_numpy(pre["attention_mask"]).cuda(),
                        "px": torch.from_numpy(pre["pixel_values"]).half().cuda()}  # fmt: skip
@@ -142,6 +150,8 @@ def main() -> None:
                     "forward": lambda si=bundle.served.inputs(texts(n), images[:n]): bundle.served.forward(si),
                     "embed": lambda ts=ts, ims=ims: bundle.embed(ts, ims),
                     "grpc": lambda n=n: c.infer(root / "mlx", texts=texts(n), images=pngs[:n]),
+                    "tensors": lambda half=half: c.infer(root / "mlx", inputs=half),
+                    "pixels": lambda crops=crops: c.infer(root / "mlx", inputs=crops),
                 }
                 times: dict[str, list[float]] = {k: [] for k in fns}
                 for fn in fns.values():
@@ -155,6 +165,8 @@ def main() -> None:
                             times[k].append((time.perf_counter() - t0) * 1e3)
                 med = {k: statistics.median(v) for k, v in times.items()}
                 ratios = (f"gRPC/torch {med['grpc'] / med['torch']:.2f}, "
+                          f"gRPC tensors/torch {med['tensors'] / med['torch']:.2f}, "
+                          f"gRPC pixels/torch {med['pixels'] / med['torch']:.2f}, "
                           f"gRPC/torch e2e {med['grpc'] / med['e2e']:.2f}, "
                           f"forward/torch {med['forward'] / med['torch']:.2f}, "
                           f"gRPC/compile {med['grpc'] / med['compile']:.2f}")  # fmt: skip

@@ -3,9 +3,10 @@
 - CLIP ViT-B/32 image+text features, batch 1 and 8: mlxd (MLX, in process) vs transformers on PyTorch.
 - MiniLM (the real all-MiniLM-L6-v2) sentence embeddings, batch 32: mlxd vs sentence-transformers.
 - Llama-3.2-1B shape (random weights): prefill 128 tokens + 64 greedy decode steps: mlxd vs transformers.
-- The daemon: CLIP batch 8 through gRPC Infer (PNG bytes in, what a client sends) vs the same torch baseline; unary
-  RPC round trip vs an in-process call; warm daemon vs a cold load-and-infer process; throughput of 16 concurrent
-  clients with dynamic batching on and off.
+- The daemon: CLIP batch 8 through gRPC Infer (PNG bytes in, what a client sends) vs the same torch baseline, and
+  through Infer with tensors (CLIPProcessor's input_ids, attention_mask, pixel_values) vs torch's forward alone on
+  them; unary RPC round trip vs an in-process call; warm daemon vs a cold load-and-infer process; throughput of 16
+  concurrent clients with dynamic batching on and off.
 
 PyTorch always runs in its own process: the OpenBLAS that MLX preloads would otherwise take over its BLAS calls.
 Run `python bench/infer.py [--skip-llama]`.
@@ -53,13 +54,17 @@ def torch_clip() -> dict[str, float]:
     model, processor = CLIPModel.from_pretrained(base_clip()).eval(), CLIPProcessor.from_pretrained(base_clip())
     images = golden_images(8, size=224)
 
-    def embed(n: int) -> None:
-        inputs = processor(text=TEXTS[:n], images=images[:n], padding=True, return_tensors="pt")
+    def forward(inputs: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
             model.get_image_features(pixel_values=inputs["pixel_values"])
 
-    return {f"clip{n}": timeit(lambda n=n: embed(n), repeat=5) for n in (1, 8)}
+    def embed(n: int) -> None:
+        forward(processor(text=TEXTS[:n], images=images[:n], padding=True, return_tensors="pt"))
+
+    tensors = processor(text=TEXTS, images=images, padding=True, return_tensors="pt")
+    times = {f"clip{n}": timeit(lambda n=n: embed(n), repeat=5) for n in (1, 8)}
+    return {**times, "clip8_tensors": timeit(lambda: forward(tensors), repeat=5)}
 
 
 def torch_minilm() -> dict[str, float]:
@@ -176,9 +181,12 @@ def throughput(address: str, model: Path, clients: int = 16, requests: int = 12)
 
 def daemon_section(clip_torch: dict[str, float]) -> None:
     from mlxd_client import Client
+    from mlxd_daemon.archs import clip
     from mlxd_daemon.fixtures import golden_images
 
     model = CACHE / "bench-mlx-clip"
+    prepared = clip.golden_inputs(model, texts=TEXTS, images=golden_images(8, size=224))  # what CLIPProcessor gives
+    tensors = {k: prepared[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="mlxd-bench-") as run:
         pngs = [Path(run) / f"image{i}.png" for i in range(8)]
@@ -202,6 +210,9 @@ def daemon_section(clip_torch: dict[str, float]) -> None:
                               f"p99 {rtts[int(len(rtts) * 0.99)] * 1e3:.2f} ms")  # fmt: skip
                         batch8 = timeit(lambda: c.infer(model, texts=TEXTS, images=pngs), repeat=5)
                         print(line("CLIP B/32 text+image, batch 8, through Infer", clip_torch["clip8"], batch8))
+                        tensors8 = timeit(lambda: c.infer(model, inputs=tensors), repeat=5)
+                        print(line("CLIP B/32 batch 8, through Infer with tensors", clip_torch["clip8_tensors"],
+                                   tensors8))  # fmt: skip
                         warm = timeit(lambda: c.infer(model, texts=TEXTS[:1], images=[png]), repeat=5)
                         warm_text = timeit(lambda: c.infer(model, texts=TEXTS[:1]), repeat=5)
                 throughput(address, model, requests=2)  # warm-up

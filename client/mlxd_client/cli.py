@@ -189,7 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model_dir")
     i.add_argument("--text", action="append")
     i.add_argument("--image", action="append")
-    i.add_argument("--inputs", metavar="NPZ", help="named input arrays for an exported program (mlxd_program)")
+    i.add_argument(
+        "--inputs",
+        metavar="NPZ",
+        help="named input arrays: an exported program's, or preprocessed "
+        "ones instead of texts/images (input_ids, attention_mask, pixel_values, pixels)",
+    )
     i.add_argument("--save", metavar="NPZ", help="with --inputs: also save the outputs to this .npz")
     i.add_argument("--top-k", type=int, default=5, metavar="N", help="classifiers: the N best labels per input")
     g = add("generate", cmd_generate, "generate text with a decoder LM (any mlx-lm model type; tokens streamed)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,10 +42,17 @@ class InferResult:
     logits: np.ndarray
     labels: list[str]
     batch_requests: int = 1
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # an exported program's, or those with no field
 
     def top_k(self, k: int = 5) -> list[list[tuple[str, float]]]:
         """Classifiers: per input, the ``k`` most probable labels with their softmax probabilities, best first."""
         return top_k(self.logits, self.labels, k)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every non-empty output by name: the fields above, then ``outputs``."""
+        fields = {"text_embeds": self.text_embeds, "image_embeds": self.image_embeds,
+                  "logits_per_image": self.logits_per_image, "logits": self.logits}  # fmt: skip
+        return {k: v for k, v in fields.items() if v.size} | self.outputs
 
 
 class Client:
@@ -277,15 +284,21 @@ class Client:
 
     # -- models ----------------------------------------------------------------------------------
     def infer(
-        self, model: str | Path, *, texts: Iterable[str] = (), images: Iterable[bytes | str | Path] = ()
+        self,
+        model: str | Path,
+        *,
+        texts: Iterable[str] = (),
+        images: Iterable[bytes | str | Path] = (),
+        inputs: Mapping[str, Any] | None = None,
     ) -> InferResult:
-        """Embed texts and images with a resident model (loaded on first use)."""
-        reply: pb.InferResponse = self._unary(
-            self._stub.Infer,
-            pb.InferRequest(
-                model=str(Path(model).resolve()), texts=list(texts), images=[image_bytes(i) for i in images]
-            ),
+        """Embed texts and images with a resident model (loaded on first use), or instead of them preprocessed
+        ``inputs`` by name (numpy arrays, or anything ``np.asarray`` takes): ``input_ids``, ``attention_mask``,
+        ``pixel_values``, ... as Hugging Face's processors give them (``InferRequest.inputs`` in the proto)."""
+        tensors = {k: numpy_to_tensor(np.asarray(v)) for k, v in (inputs or {}).items()}
+        request = pb.InferRequest(
+            model=str(Path(model).resolve()), texts=list(texts), images=[image_bytes(i) for i in images], inputs=tensors
         )
+        reply: pb.InferResponse = self._unary(self._stub.Infer, request)
         return InferResult(
             reply.model,
             tensor_to_numpy(reply.text_embeds),
@@ -295,15 +308,12 @@ class Client:
             tensor_to_numpy(reply.logits),
             list(reply.labels),
             reply.batch_requests,
+            {name: tensor_to_numpy(t) for name, t in reply.outputs.items()},
         )
 
     def run(self, model: str | Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Named tensors through an exported program (``mlxd_program``); its named outputs."""
-        request = pb.InferRequest(
-            model=str(Path(model).resolve()), inputs={k: numpy_to_tensor(v) for k, v in inputs.items()}
-        )
-        reply: pb.InferResponse = self._unary(self._stub.Infer, request)
-        return {name: tensor_to_numpy(t) for name, t in reply.outputs.items()}
+        return self.infer(model, inputs=inputs).outputs
 
     def generate_events(
         self,

@@ -222,17 +222,18 @@ def cmd_validate(client: Client, a: argparse.Namespace) -> Outcome:
 
 
 def cmd_infer(client: Client, a: argparse.Namespace) -> Outcome:
-    if a.inputs:  # an exported program: named arrays from an .npz
+    if a.inputs:  # named arrays from an .npz: an exported program's, or preprocessed ones (CLIP, BERT, ViT)
         import numpy as np
 
         with np.load(a.inputs) as npz:
-            outputs = client.run(a.model_dir, {k: npz[k] for k in npz.files})
+            res = client.infer(a.model_dir, inputs={k: npz[k] for k in npz.files})
+        outputs = res.arrays()
         r = {"model": a.model_dir, "outputs": {k: v.tolist() for k, v in outputs.items()}}
         if a.save:
             np.savez(a.save, **outputs)  # type: ignore[arg-type]
         text = "\n".join(f"{k}: {list(v.shape)} {v.dtype}" for k, v in outputs.items())
-        if "logits" in outputs and outputs["logits"].ndim == 2:  # a classifier program: its best classes (indices)
-            best = top_k(outputs["logits"], [], a.top_k)
+        if "logits" in outputs and outputs["logits"].ndim == 2:  # a classifier: its best classes (labels or indices)
+            best = top_k(outputs["logits"], res.labels, a.top_k)
             r["top_k"] = [[{"label": name, "probability": p} for name, p in row] for row in best]
             text += "\n" + "\n".join(_top_k_lines([f"input {i}" for i in range(len(best))], best))
         return r, text + (f"\nsaved to {a.save}" if a.save else ""), 0

@@ -174,15 +174,18 @@ def list_models(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
 
 
 def run(args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
-    """Named inputs through an exported program; its named outputs back."""
+    """Named arrays in, one request (no dynamic batching): an exported program's named outputs (``program``), or an
+    architecture's Infer outputs from preprocessed tensors (its bundle's ``embed_tensors``, the served path)."""
     resident, _ = _models().get(args["model"])
-    if not hasattr(resident.bundle, "run"):
+    bundle = resident.bundle
+    program = hasattr(bundle, "run")
+    if not program and not hasattr(bundle, "embed_tensors"):
         msg = f"{resident.model_type} takes texts/images, not named tensors: leave `inputs` empty"
         raise InvalidArgument(msg, reason="USE_TEXTS_IMAGES", model_type=resident.model_type)
     start = time.perf_counter()
-    outputs = resident.bundle.run(args["inputs"])
+    outputs = bundle.run(args["inputs"]) if program else bundle.embed_tensors(args["inputs"])
     resident.last_used, resident.infer_count = time.time(), resident.infer_count + 1
-    return {"model": resident.id, "outputs": outputs, "seconds": time.perf_counter() - start}
+    return {"model": resident.id, "outputs": outputs, "seconds": time.perf_counter() - start, "program": program}
 
 
 def infer_many(args: dict[str, Any], reporter: Reporter) -> list[dict[str, Any]]:

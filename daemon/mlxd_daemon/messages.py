@@ -76,9 +76,12 @@ def tensor(array: np.ndarray) -> pb.Tensor:
 
 
 def infer_response(reply: dict[str, Any]) -> pb.InferResponse:
-    """An Infer reply (outputs of texts/images): outputs with a field go there, any other named output of the
-    architecture into ``outputs``; ``labels`` (classifiers) as strings."""
+    """An Infer reply: an exported program's outputs (``program``) all into ``outputs``; an architecture's outputs
+    with a field there, any other into ``outputs``; ``labels`` (classifiers) as strings."""
     out = reply["outputs"]
+    if reply.get("program"):
+        named = {k: tensor(v) for k, v in out.items()}
+        return pb.InferResponse(model=reply["model"], seconds=reply["seconds"], outputs=named, batch_requests=1)
     fields = {k: tensor(v) for k, v in out.items() if k in INFER_TENSORS}
     others = {k: tensor(np.asarray(v)) for k, v in out.items() if k not in INFER_TENSORS and k != "labels"}
     return pb.InferResponse(model=reply["model"], seconds=reply["seconds"], labels=out.get("labels", []),

@@ -34,7 +34,6 @@ from mlxd_daemon.messages import (
     job_info,
     job_result,
     progress_message,
-    tensor,
     validation_report,
 )
 from mlxd_daemon.quantize import MODES, RECIPES, QuantOptions
@@ -331,11 +330,12 @@ class MlxdServicer(pb_grpc.MlxdServicer):
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferResponse:
         self._require_paths(context, request.model)
-        if request.inputs:  # an exported program: named tensors in and out, static shapes, no batching
+        if request.inputs:  # named tensors: an exported program, or an architecture's preprocessed inputs; unbatched
+            if request.texts or request.images:
+                msg = "send texts/images or named tensors (`inputs`), not both in one request"
+                abort(context, InvalidArgument(msg, reason="MIXED_INPUTS"))
             inputs = {name: numpy_of(context, name, t) for name, t in request.inputs.items()}
-            ran = self._models_call(context, "run", {"model": request.model, "inputs": inputs})
-            outputs = {name: tensor(v) for name, v in ran["outputs"].items()}
-            return pb.InferResponse(model=ran["model"], seconds=ran["seconds"], outputs=outputs, batch_requests=1)
+            return infer_response(self._models_call(context, "run", {"model": request.model, "inputs": inputs}))
         try:
             reply = self.service.infer(request.model, list(request.texts), list(request.images))
         except MlxdError as e:

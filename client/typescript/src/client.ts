@@ -28,6 +28,7 @@ import type {
   LoadModelResponse,
   Progress,
   QuantizationSpec,
+  TensorMessage,
   ValidationReport,
 } from "./types.js";
 
@@ -58,6 +59,11 @@ export interface InferInput {
   texts?: string[];
   /** Encoded images (PNG, JPEG, ...). */
   images?: Uint8Array[];
+  /**
+   * Instead of texts and images: preprocessed tensors by name (`encodeTensor`), as Hugging Face's processors give
+   * them: `input_ids`, `attention_mask`, `token_type_ids`, `pixel_values` or uint8 `pixels` (InferRequest.inputs).
+   */
+  inputs?: Record<string, TensorMessage>;
 }
 
 export interface InferOutput {
@@ -208,12 +214,13 @@ export class MlxdClient {
     return this.unary<GetJobResponse>("GetJob", { jobId });
   }
 
-  /** Run a model on texts and/or encoded images; tensors come back decoded to Float32Array. */
+  /** Run a model on texts and/or encoded images, or on preprocessed tensors; tensors come back decoded to Float32Array. */
   async infer(model: string, input: InferInput = {}): Promise<InferOutput> {
     const res = await this.unary<InferResponseMessage>("Infer", {
       model,
       texts: input.texts ?? [],
       images: (input.images ?? []).map(toBuffer),
+      inputs: input.inputs ?? {},
     });
     return {
       model: res.model,

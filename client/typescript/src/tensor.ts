@@ -29,11 +29,27 @@ export function row(t: Tensor, i: number): Float32Array {
   return t.data.subarray(i * width, (i + 1) * width);
 }
 
-/** Encode float32 values of `shape` as a wire Tensor (dense, little-endian). */
-export function encodeTensor(shape: number[], data: Float32Array): TensorMessage {
+/**
+ * Encode `data` of `shape` as a wire Tensor (dense, little-endian); the dtype follows the array: Float32Array
+ * float32, Int32Array int32, BigInt64Array int64, Uint8Array uint8 (token ids, masks, pixels for Infer's `inputs`).
+ */
+export function encodeTensor(shape: number[], data: Float32Array | Int32Array | BigInt64Array | Uint8Array): TensorMessage {
   const count = shape.reduce((a, b) => a * b, 1);
   if (data.length !== count) throw new Error(`${data.length} values do not make shape [${shape}]`);
-  const buffer = Buffer.alloc(count * 4);
-  for (let i = 0; i < count; i++) buffer.writeFloatLE(data[i] ?? 0, i * 4);
+  const buffer = Buffer.alloc(count * data.BYTES_PER_ELEMENT);
+  const view = new DataView(buffer.buffer, buffer.byteOffset, buffer.byteLength);
+  if (data instanceof BigInt64Array) {
+    data.forEach((x, i) => view.setBigInt64(i * 8, x, true));
+    return { shape, dtype: "int64", data: buffer };
+  }
+  if (data instanceof Int32Array) {
+    data.forEach((x, i) => view.setInt32(i * 4, x, true));
+    return { shape, dtype: "int32", data: buffer };
+  }
+  if (data instanceof Uint8Array) {
+    buffer.set(data);
+    return { shape, dtype: "uint8", data: buffer };
+  }
+  data.forEach((x, i) => view.setFloat32(i * 4, x, true));
   return { shape, dtype: "float32", data: buffer };
 }

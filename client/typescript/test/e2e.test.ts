@@ -18,7 +18,7 @@ import {
 } from "../src/index.js";
 import { convertModel, inferModel, lazyClient, validateModel, type ProgressStep, type Ui } from "../src/extension/commands.js";
 import { Daemon, makeFixtures, norm, removeDir, tempDir } from "./helpers.js";
-import { row } from "../src/tensor.js";
+import { encodeTensor, row } from "../src/tensor.js";
 
 let root: string;
 let daemon: Daemon;
@@ -162,6 +162,22 @@ describe("MlxdClient", () => {
     for (let i = 0; i < 2; i++) assert.ok(Math.abs(norm(row(out.imageEmbeds!, i)) - 1) < 1e-4);
     const models = await client.listModels();
     assert.ok(models.models.some((m) => m.id === mlx && m.inferCount >= 1));
+  });
+
+  it("infers from token ids and uint8 pixels as from texts and images", async () => {
+    const vocab = JSON.parse(readFileSync(path.join(mlx, "vocab.json"), "utf8")) as Record<string, number>;
+    const size = JSON.parse(readFileSync(path.join(mlx, "config.json"), "utf8")).vision_config.image_size as number;
+    const ids = new BigInt64Array([vocab["<|startoftext|>"]!, vocab["<|endoftext|>"]!].map(BigInt)); // the text ""
+    const pixels = encodeTensor([1, size, size, 3], new Uint8Array(size * size * 3).fill(128));
+    const out = await client.infer(mlx, { inputs: { input_ids: encodeTensor([1, 2], ids), pixels } });
+    const same = await client.infer(mlx, { texts: [""] });
+    const d = same.textEmbeds!.shape[1]!;
+    assert.deepEqual(out.textEmbeds?.shape, [1, d]);
+    assert.deepEqual(out.imageEmbeds?.shape, [1, d]);
+    assert.deepEqual(out.logitsPerImage?.shape, [1, 1]);
+    out.textEmbeds!.data.forEach((x, i) => assert.ok(Math.abs(x - same.textEmbeds!.data[i]!) < 1e-6));
+    const floatIds = { input_ids: encodeTensor([1, 2], new Float32Array(2)) };
+    await rejectsWith(client.infer(mlx, { inputs: floatIds }), InvalidArgumentError, "BAD_INPUT_DTYPE");
   });
 
   it("maps errors to typed errors carrying the daemon's reason", async () => {

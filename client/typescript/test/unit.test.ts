@@ -6,6 +6,7 @@ import { Metadata, status } from "@grpc/grpc-js";
 import protobuf from "protobufjs";
 import {
   decodeTensor,
+  encodeTensor,
   FailedPreconditionError,
   fromServiceError,
   MlxdError,
@@ -94,6 +95,19 @@ describe("decodeTensor", () => {
     assert.equal(decodeTensor(null), undefined);
     assert.throws(() => decodeTensor({ shape: [2], dtype: "float32", data: Buffer.alloc(4) }), /needs 8 bytes/);
     assert.throws(() => decodeTensor({ shape: [1], dtype: "float16", data: Buffer.alloc(2) }), /float16/);
+  });
+});
+
+describe("encodeTensor", () => {
+  it("writes little-endian values with the typed array's dtype", () => {
+    const int64 = encodeTensor([2], new BigInt64Array([1n, -2n]));
+    assert.equal(int64.dtype, "int64");
+    assert.deepEqual([...int64.data], [1, 0, 0, 0, 0, 0, 0, 0, 254, 255, 255, 255, 255, 255, 255, 255]);
+    assert.deepEqual([...encodeTensor([1], new Int32Array([258])).data], [2, 1, 0, 0]);
+    assert.deepEqual(encodeTensor([1, 2], new Uint8Array([7, 255])), { shape: [1, 2], dtype: "uint8", data: Buffer.from([7, 255]) });
+    const float32 = encodeTensor([2], new Float32Array([1.5, -2]));
+    assert.deepEqual(Array.from(decodeTensor(float32)!.data), [1.5, -2]);
+    assert.throws(() => encodeTensor([3], new Uint8Array(2)), /do not make shape/);
   });
 });
 

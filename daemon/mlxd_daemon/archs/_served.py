@@ -90,6 +90,11 @@ class PixelTable:
         channels = self.table.shape[1]
         return mx.take(self.flat, pixels.astype(mx.uint32) * channels + mx.arange(channels, dtype=mx.uint32))
 
+    def values(self, pixel_values: mx.array) -> mx.array:
+        """Inside the graph: normalized NCHW ``pixel_values`` (what HF's image processors output, and a client may
+        send instead of images) -> NHWC pixels in the compute dtype."""
+        return pixel_values.transpose(0, 2, 3, 1).astype(self.dtype)
+
 
 def can_compile() -> bool:
     """MLX's CPU backend builds fused kernels with the system C++ compiler (``g++``); without one, stay eager."""

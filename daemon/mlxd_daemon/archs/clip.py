@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
 
+from mlxd_daemon.archs import _tensors
 from mlxd_daemon.archs._loading import (
     LAYOUT_METADATA_KEY as LAYOUT_METADATA_KEY,  # re-exported: clip.LAYOUT_METADATA_KEY stays public
 )
@@ -104,6 +105,15 @@ class ClipBundle(Stored):
         """``text_embeds``, ``image_embeds`` (L2-normalised) and ``logits_per_image`` [n_images, n_texts]:
         the served path (compiled towers over shape buckets, ``clip_served``)."""
         return self.served.embed(texts, images)
+
+    def embed_tensors(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``embed``'s outputs from preprocessed arrays (``_tensors``): ``input_ids`` (+ ``attention_mask``) for
+        texts, ``pixel_values`` or ``pixels`` for images, through the same served path."""
+        t, v = self.config.text, self.config.vision
+        _tensors.check_names(inputs, ("input_ids", "attention_mask", "pixel_values", "pixels"), "CLIP")
+        texts = _tensors.tokens(inputs, vocab=t.vocab_size, positions=t.max_position_embeddings)
+        pixels = _tensors.images(inputs, (v.image_size, v.image_size), v.num_channels)
+        return self.served.forward({**texts, **pixels})
 
     @cached_property
     def served(self) -> ClipServed:

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from mlxd_daemon.archs.clip import ClipBundle
 
 
+_NONE = np.zeros((0, 0))  # an input left out
+
+
 class ClipServed:
     def __init__(self, bundle: ClipBundle) -> None:
         self.bundle = bundle
@@ -27,10 +30,12 @@ class ClipServed:
         def text(ids: mx.array, keep: mx.array, eos: mx.array) -> tuple[mx.array]:
             return (l2_normalise(m.text_projection(m.text_model.pooled(ids, keep, eos))),)
 
-        def vision(crops: mx.array) -> tuple[mx.array]:
-            return (l2_normalise(m.visual_projection(m.vision_model.pooled(pixels(crops)))),)
+        def vision(nhwc: mx.array) -> tuple[mx.array]:
+            return (l2_normalise(m.visual_projection(m.vision_model.pooled(nhwc))),)
 
-        self.text_fn, self.vision_fn = Compiled(text), Compiled(vision)
+        self.text_fn = Compiled(text)
+        self.vision_fn = Compiled(lambda crops: vision(pixels(crops)))
+        self.values_fn = Compiled(lambda pixel_values: vision(pixels.values(pixel_values)))
 
     def embed(self, texts: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
         return self.forward(self.inputs(texts, images))
@@ -42,18 +47,24 @@ class ClipServed:
         return {"input_ids": ids, "attention_mask": mask, "pixels": self.pixels.batch(list(images))}
 
     def forward(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Embeddings and similarities from ``inputs``' arrays; either batch may be empty."""
+        """Embeddings and similarities from ``inputs``' arrays: ``input_ids`` + ``attention_mask`` for texts, and
+        ``pixels`` (uint8 crops) or ``pixel_values`` (normalized NCHW floats) for images; any may be absent or empty."""
         m, cfg = self.bundle.model, self.bundle.config
         text = image = mx.zeros((0, cfg.projection_dim))
-        ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixels"]
+        ids, pixels, values = (inputs.get(k, _NONE) for k in ("input_ids", "pixels", "pixel_values"))
         if len(ids):
             m.text_model.check(ids)
             # Extra key positions are masked: nothing changes in a causal tower that is read at each row's EOS.
-            ids, mask = pad_length(cfg.text.max_position_embeddings, (ids, cfg.text.eos_token_id), (mask, 0))
+            ids, mask = pad_length(
+                cfg.text.max_position_embeddings, (ids, cfg.text.eos_token_id), (inputs["attention_mask"], 0)
+            )
             (text,) = self.text_fn(*m.text_model.prepare(ids, mask))
         if len(pixels):
             m.vision_model.check(pixels.transpose(0, 3, 1, 2))  # it checks NCHW shapes: a view
             (image,) = self.vision_fn(self.pixels.host(pixels))
+        elif len(values):
+            m.vision_model.check(values)
+            (image,) = self.values_fn(values)
         logits = mx.exp(m.logit_scale) * (image @ text.T)
         return evaluate({"text_embeds": text, "image_embeds": image, "logits_per_image": logits})
 

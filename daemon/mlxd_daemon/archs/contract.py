@@ -14,7 +14,8 @@ default in ``DEFAULTS`` below (callers read them with ``optional``, never with t
   ``calibration_streams``  ``(config, weights, data, seed) -> list[calibrate.models.Stream]``: the float model
                            block by block for AWQ/GPTQ (``Calibrates``); without it, UNSUPPORTED_CALIBRATION.
 A bundle may also have ``output_rows`` (how Infer splits a batched output per request, over ``OUTPUT_ROWS``),
-``warm_up()``, ``close()``, ``run()`` (named arrays), ``generate()``/``encode()``/``apply_chat_template()`` (text
+``warm_up()``, ``close()``, ``run()`` (an exported program's named arrays), ``embed_tensors()`` (``embed``'s outputs
+from preprocessed named arrays, ``_tensors``), ``generate()``/``encode()``/``apply_chat_template()`` (text
 generation) and ``quantization`` (the config's record, for Validate's tolerance band).
 """
 

@@ -33,6 +33,7 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
+from mlxd_daemon.archs import _tensors
 from mlxd_daemon.archs._activations import activation
 from mlxd_daemon.archs._attention import attention
 from mlxd_daemon.archs._config import ClassifierHead
@@ -299,7 +300,18 @@ class ViTBundle(Stored):
         if texts:
             msg = f"ViT is an image model: {len(texts)} text(s) given, send images only"
             raise InvalidArgument(msg, reason="TEXTS_NOT_SUPPORTED", texts=len(texts))
-        result: dict[str, Any] = self.served.embed(list(images))
+        return self._labelled(self.served.embed(list(images)))
+
+    def embed_tensors(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        """``embed``'s outputs from ``pixel_values`` or ``pixels`` (``_tensors``), through the same served path."""
+        cfg = self.config
+        _tensors.check_names(inputs, _tensors.IMAGE_INPUTS, "ViT")
+        given = _tensors.images(inputs, cfg.image_size, cfg.num_channels)
+        if "pixels" in given:
+            return self._labelled(self.served.forward(given["pixels"]))
+        return self._labelled(self.served.forward_values(given["pixel_values"]))
+
+    def _labelled(self, result: dict[str, Any]) -> dict[str, Any]:
         if self.is_classifier:
             result["labels"] = list(self.config.labels)
         return result

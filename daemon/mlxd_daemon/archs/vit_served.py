@@ -25,12 +25,13 @@ class VitServed:
         m, classifier = bundle.model, bundle.is_classifier
         pixels = self.pixels = PixelTable(bundle.image_config, m.embeddings.patch_embeddings.projection.weight.dtype)
 
-        def forward(crops: mx.array) -> tuple[mx.array, ...]:
-            cls = m.encode_cls(pixels(crops))
+        def outputs(nhwc: mx.array) -> tuple[mx.array, ...]:
+            cls = m.encode_cls(nhwc)
             return (_l2_normalise(cls), m.classifier(cls)) if classifier else (_l2_normalise(cls),)
 
         widths = {"image_embeds": m.cfg.hidden_size} | ({"logits": len(m.cfg.labels)} if classifier else {})
-        self.fn = Forward(forward, widths)
+        self.fn = Forward(lambda crops: outputs(pixels(crops)), widths)
+        self.values_fn = Forward(lambda pixel_values: outputs(pixels.values(pixel_values)), widths)
 
     def embed(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
         return self.forward(self.pixels.batch(images))
@@ -39,6 +40,11 @@ class VitServed:
         """``image_embeds`` (and ``logits`` for classifiers) from uint8 [n, H, W, 3] crops (``PixelTable.batch``)."""
         self.bundle.model.check(crops.transpose(0, 3, 1, 2))  # it checks NCHW shapes: a view
         return self.fn(self.pixels.host(crops))
+
+    def forward_values(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """The same from normalized NCHW float ``pixel_values`` (what HF's image processor outputs)."""
+        self.bundle.model.check(pixel_values)
+        return self.values_fn(pixel_values)
 
     def warm_up(self) -> float:
         """Trace and compile the batch-1 graph; returns the seconds taken."""
