@@ -83,6 +83,22 @@ class TestClip:
             assert getattr(out, name).shape == getattr(same, name).shape
         np.testing.assert_allclose(out.image_embeds, same.image_embeds, atol=1e-6)
 
+    def test_large_payloads_answer_as_small_ones(
+        self, client: Client, clip_mlx: Path, clip_processor: Any, golden_pngs: list[Path]
+    ) -> None:
+        """pixel_values above ``spool.MIN_BYTES`` (8 images, 86 KB: they cross to the models worker in a /dev/shm
+        file where there is one) answer as each image sent alone (in the message); no spool file is left behind."""
+        from mlxd_daemon import spool
+
+        images = [Image.open(p) for p in golden_pngs]
+        values = clip_processor.image_processor((images * 3)[:8], return_tensors="np")["pixel_values"]
+        assert values.nbytes >= spool.MIN_BYTES
+        out = client.infer(clip_mlx, inputs={"pixel_values": values})
+        alone = [client.infer(clip_mlx, inputs={"pixel_values": values[i : i + 1]}).image_embeds for i in range(8)]
+        np.testing.assert_allclose(out.image_embeds, np.concatenate(alone), atol=1e-6)
+        if spool.DIR.is_dir():
+            assert not list(spool.DIR.glob(f"{spool.PREFIX}*"))
+
     def test_int32_ids_without_a_mask(self, client: Client, clip_mlx: Path, clip_processor: Any) -> None:
         """int32 token ids of one text with no attention_mask (all ones) give the text's embedding."""
         ids = clip_processor.tokenizer(TEXTS[:1], return_tensors="np")["input_ids"].astype(np.int32)

@@ -20,7 +20,7 @@ from mlxd.v1 import mlxd_pb2 as pb
 from mlxd.v1 import mlxd_pb2_grpc as pb_grpc
 from mlxd_common.endpoint import CHANNEL_OPTIONS, is_serving
 
-from mlxd_daemon import PROTOCOL_VERSION, __version__
+from mlxd_daemon import PROTOCOL_VERSION, __version__, spool
 from mlxd_daemon.batching import InferBatcher
 from mlxd_daemon.blas import find_blas, warning
 from mlxd_daemon.errors import Unauthenticated
@@ -189,6 +189,7 @@ class Daemon:
         self.idle_timeout = idle_timeout
         self.state_dir = state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        spool.remove_stale()  # request payloads a killed daemon left in /dev/shm
         self.discovery = discovery_path(address, state_dir)
         self.jobs_worker = WorkerProcess("jobs", options)
         self.models_worker = WorkerProcess("models", options)

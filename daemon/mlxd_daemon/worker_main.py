@@ -17,6 +17,7 @@ from mlxd_daemon import blas, logs
 from mlxd_daemon.errors import MlxdError
 from mlxd_daemon.malloc import pin_mmap_threshold
 from mlxd_daemon.progress import Reporter
+from mlxd_daemon.spool import unpack
 from mlxd_daemon.staging import os_error
 
 log = structlog.get_logger()
@@ -48,7 +49,7 @@ def worker_main(conn: Any, cancel_event: Any, role: str, options: dict[str, Any]
 
         reporter = Reporter(emit=emit, is_cancelled=cancel_event.is_set)
         try:
-            conn.send(("result", handlers[op](args, reporter)))
+            conn.send(("result", handlers[op](unpack(args), reporter)))
         except MlxdError as e:
             conn.send(("error", e.to_dict()))
         except OSError as e:  # a full or read-only disk met outside the staged writers (validation.json, ...)

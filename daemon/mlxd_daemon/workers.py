@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from mlxd_daemon.errors import Cancelled, MlxdError, WorkerCrashed
+from mlxd_daemon.spool import Spool
 
 log = structlog.get_logger()
 
@@ -83,10 +84,12 @@ class WorkerProcess:
                 msg = f"{op} cancelled before it started"
                 raise Cancelled(msg)
             self.busy_with = op
+            spool = Spool()
             try:
-                self._conn.send((op, args))
+                self._conn.send((op, spool.pack(args)))  # large payloads through a tmpfs file, not the pipe
                 return self._receive(op, on_event)
             finally:
+                spool.close()
                 self.busy_with = None
 
     def _receive(self, op: str, on_event: EventCallback | None) -> Any:
