@@ -32,6 +32,16 @@ class TestBuckets:
         ids, mask = pad_length(77, (np.full((2, 3), 7), 9), (np.ones((2, 3), np.int64), 0))
         assert (ids.tolist(), mask.tolist()) == ([[7, 7, 7, 9]] * 2, [[1, 1, 1, 0]] * 2)
 
+    def test_warm_up_lengths(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The warm-up traces the shortest and longest text on the CPU, and every length bucket on a GPU, so a
+        first request of any length finds its batch-1 graph compiled there."""
+        from mlxd_daemon.archs import _served
+
+        assert _served.warm_lengths(77) == [1, 77]
+        monkeypatch.setattr(_served, "_on_cpu", lambda: False)
+        assert _served.warm_lengths(77) == [16, 32, 48, 64, 77]
+        assert {_served.length_bucket(n, 77) for n in range(1, 78)} == set(_served.warm_lengths(77))
+
 
 class TestClipServed:
     @pytest.fixture(scope="class")

@@ -23,6 +23,16 @@ Handler = Callable[[dict[str, Any], Reporter], Any]
 _residency: Residency | None = None
 
 
+def _warm_image_decoding() -> None:
+    """Decode one small PNG: PIL imports its format plugins on the first image it opens (~10 ms), which the first
+    Infer with images would otherwise pay."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buf, format="PNG")
+    decode_images([buf.getvalue()])
+
+
 def decode_images(images: list[bytes], composite: bool = True) -> list[Any]:
     """Encoded image bytes -> RGB PIL images; InvalidArgument naming the first one that is not an image. Other
     modes become RGB as transformers' ``convert_to_rgb`` does it (transparency composited onto white), or with
@@ -350,6 +360,7 @@ def handlers(role: str, options: dict[str, Any]) -> dict[str, Handler]:
         return {"convert": convert, "quantize": quantize, "validate": validate}
     _residency = Residency(int(options["memory_budget"]))
     configure_mlx_for_inference(memory_limit=int(options["memory_budget"]))
+    _warm_image_decoding()
     return {
         "load": load,
         "unload": unload,

@@ -57,6 +57,16 @@ def pad_rows(a: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a, np.repeat(a[:1], n - len(a), axis=0)])
 
 
+def warm_lengths(limit: int) -> list[int]:
+    """The sequence lengths a warm-up traces at batch 1: on a GPU every length bucket up to ``limit`` (a new shape
+    costs a trace and kernel compilation there, the first request should not), on the CPU the shortest and longest
+    (a new shape costs a trace of ~0.1 s; each padded token costs compute)."""
+    if _on_cpu():
+        return sorted({1, limit})
+    step = LENGTH_STEP["gpu"]
+    return sorted({*range(step, limit, step), limit})
+
+
 def pad_length(limit: int, *arrays: tuple[np.ndarray, int]) -> list[np.ndarray]:
     """Each ``(array [n, L], value)`` padded on the right with ``value`` to ``length_bucket(L, limit)`` columns;
     the attention mask among them must pad with 0, so the extra positions are never attended to."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 
-from mlxd_daemon.archs._served import Forward, pad_length, warm_up
+from mlxd_daemon.archs._served import Forward, pad_length, warm_lengths, warm_up
 from mlxd_daemon.archs.bert_processing import max_length, pool
 
 if TYPE_CHECKING:
@@ -38,13 +38,13 @@ class BertServed:
                                    (inputs["attention_mask"], 0), (inputs["token_type_ids"], 0)))  # fmt: skip
 
     def warm_up(self) -> float:
-        """Trace and compile the batch-1 graphs for a shortest and a longest text; returns the seconds taken.
+        """Trace and compile the batch-1 graphs for texts of ``warm_lengths``; returns the seconds taken.
         Token ids, not texts: a model without tokenizer files loads too."""
         b = self.bundle
         longest = max_length(b.model_dir, b.config.max_position_embeddings, b.pooling)
 
         def run() -> None:
-            for length in (1, longest):
+            for length in warm_lengths(longest):
                 ids = np.zeros((1, length), np.int64)
                 self.forward({"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": ids})
 

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlxd_daemon.archs._served import Compiled, PixelTable, evaluate, pad_length, warm_up
+from mlxd_daemon.archs._served import Compiled, PixelTable, evaluate, pad_length, warm_lengths, warm_up
 from mlxd_daemon.archs.clip_model import l2_normalise
 
 if TYPE_CHECKING:
@@ -69,14 +69,14 @@ class ClipServed:
         return evaluate({"text_embeds": text, "image_embeds": image, "logits_per_image": logits})
 
     def warm_up(self) -> float:
-        """Trace and compile the batch-1 graphs (a shortest and a longest text, one image); returns the seconds.
+        """Trace and compile the batch-1 graphs (texts of ``warm_lengths``, one image); returns the seconds.
         Token ids, not texts: a model without tokenizer files loads too."""
         cfg = self.bundle.config
         size = cfg.vision.image_size
         pixels = np.zeros((1, size, size, cfg.vision.num_channels), np.uint8)
 
         def run() -> None:
-            for length in (1, cfg.text.max_position_embeddings):
+            for length in warm_lengths(cfg.text.max_position_embeddings):
                 ids = np.full((1, length), cfg.text.eos_token_id)
                 self.forward({"input_ids": ids, "attention_mask": np.ones_like(ids), "pixels": pixels})
 
