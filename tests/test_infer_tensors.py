@@ -128,6 +128,7 @@ class TestClip:
         for reason, inputs in cases.items():
             assert refused(client, clip_mlx, inputs=inputs) == reason, inputs.keys()
         assert refused(client, clip_mlx, inputs={"input_ids": ids, "attention_mask": mask * 2}) == "BAD_INPUT_VALUE"
+        assert refused(client, clip_mlx, inputs={"input_ids": ids, "attention_mask": mask * 0}) == "BAD_INPUT_VALUE"
         assert refused(client, clip_mlx, inputs={"input_ids": ids[0]}) == "BAD_INPUT_SHAPE"
         assert refused(client, clip_mlx, inputs={"pixels": pixels.astype(np.float32)}) == "BAD_INPUT_DTYPE"
         assert refused(client, clip_mlx, inputs={"pixels": pixels}, texts=["a cat"]) == "MIXED_INPUTS"

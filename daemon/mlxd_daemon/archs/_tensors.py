@@ -72,6 +72,9 @@ def tokens(
             raise _bad(name, f"shape {list(x.shape)} is not input_ids' {list(ids.shape)}")
         out[name] = x.astype(np.int64)
         _check_range(name, out[name], 2 if name == "attention_mask" else type_vocab, what)
+    empty = np.flatnonzero(out["attention_mask"].sum(axis=1) == 0)
+    if len(empty):  # its attention would be a softmax over nothing: NaN
+        raise _bad("attention_mask", f"row {int(empty[0])} attends to no token: each row needs a 1", "BAD_INPUT_VALUE")
     return out
 
 

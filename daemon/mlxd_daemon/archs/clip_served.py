@@ -69,7 +69,8 @@ class ClipServed:
         return evaluate({"text_embeds": text, "image_embeds": image, "logits_per_image": logits})
 
     def warm_up(self) -> float:
-        """Trace and compile the batch-1 graphs (texts of ``warm_lengths``, one image); returns the seconds.
+        """Trace and compile the batch-1 graphs (texts of ``warm_lengths``, one image as crops and as float32
+        ``pixel_values``); returns the seconds.
         Token ids, not texts: a model without tokenizer files loads too."""
         cfg = self.bundle.config
         size = cfg.vision.image_size
@@ -79,5 +80,7 @@ class ClipServed:
             for length in warm_lengths(cfg.text.max_position_embeddings):
                 ids = np.full((1, length), cfg.text.eos_token_id)
                 self.forward({"input_ids": ids, "attention_mask": np.ones_like(ids), "pixels": pixels})
+            # Infer with tensors: float32 pixel_values, as HF's image processors give them
+            self.forward({"pixel_values": np.zeros((1, cfg.vision.num_channels, size, size), np.float32)})
 
         return warm_up(run)

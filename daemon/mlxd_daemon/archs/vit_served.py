@@ -47,6 +47,12 @@ class VitServed:
         return self.values_fn(pixel_values)
 
     def warm_up(self) -> float:
-        """Trace and compile the batch-1 graph; returns the seconds taken."""
+        """Trace and compile the batch-1 graphs (one image as crops and as float32 ``pixel_values``, as HF's image
+        processors give them); returns the seconds taken."""
         cfg = self.bundle.config
-        return warm_up(lambda: self.forward(np.zeros((1, *cfg.image_size, cfg.num_channels), np.uint8)))
+
+        def run() -> None:
+            self.forward(np.zeros((1, *cfg.image_size, cfg.num_channels), np.uint8))
+            self.forward_values(np.zeros((1, cfg.num_channels, *cfg.image_size), np.float32))
+
+        return warm_up(run)
