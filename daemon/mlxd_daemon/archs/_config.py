@@ -50,3 +50,10 @@ class ClassifierHead(FromDict):
         """id2label in logit order (transformers' default names when config.json has none)."""
         n = len(self.id2label) or 2
         return [self.id2label.get(str(i), f"LABEL_{i}") for i in range(n)]
+
+
+def labelled(result: dict[str, Any], config: ClassifierHead, classifier: bool) -> dict[str, Any]:
+    """An Infer result with ``labels`` (``config.labels``, in logit order) added when the model is a classifier."""
+    if classifier:
+        result["labels"] = list(config.labels)
+    return result

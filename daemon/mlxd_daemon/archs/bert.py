@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 from mlxd_daemon.archs import _tensors
 from mlxd_daemon.archs._activations import activation
 from mlxd_daemon.archs._attention import attention
-from mlxd_daemon.archs._config import ClassifierHead
+from mlxd_daemon.archs._config import ClassifierHead, labelled
 from mlxd_daemon.archs._loading import fill_model, read_weights, require_dir
 from mlxd_daemon.archs._loading import read_config as read_arch_config
 from mlxd_daemon.archs._tokenless import has_tokenizer, vocabulary_ids
@@ -242,7 +242,7 @@ class BertBundle(Stored):
             msg = f"BERT is a text model: {len(images)} image(s) given, send texts only"
             raise InvalidArgument(msg, reason="IMAGES_NOT_SUPPORTED", images=len(images))
         tok = self.tokenizer or load_tokenizer(self.model_dir, 0)  # no tokenizer: TOKENIZER_NOT_FOUND
-        return self._labelled(self.served.forward(tokenize(tok, list(texts))))
+        return labelled(self.served.forward(tokenize(tok, list(texts))), self.config, self.is_classifier)
 
     def embed_tensors(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
         """``embed``'s outputs from token arrays (``_tensors``: ``input_ids``, optional ``attention_mask`` and
@@ -251,12 +251,7 @@ class BertBundle(Stored):
         _tensors.check_names(inputs, ("input_ids", "attention_mask", "token_type_ids"), "BERT")
         arrays = _tensors.tokens(inputs, vocab=cfg.vocab_size, positions=cfg.max_position_embeddings,
                                  type_vocab=cfg.type_vocab_size, required=True)  # fmt: skip
-        return self._labelled(self.served.forward(arrays))
-
-    def _labelled(self, result: dict[str, Any]) -> dict[str, Any]:
-        if self.is_classifier:
-            result["labels"] = list(self.config.labels)
-        return result
+        return labelled(self.served.forward(arrays), self.config, self.is_classifier)
 
     @cached_property
     def served(self) -> BertServed:

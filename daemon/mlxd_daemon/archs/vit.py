@@ -36,7 +36,7 @@ from PIL import Image
 from mlxd_daemon.archs import _tensors
 from mlxd_daemon.archs._activations import activation
 from mlxd_daemon.archs._attention import attention
-from mlxd_daemon.archs._config import ClassifierHead
+from mlxd_daemon.archs._config import ClassifierHead, labelled
 from mlxd_daemon.archs._loading import fill_model, read_weights, require_dir
 from mlxd_daemon.archs._loading import read_config as read_arch_config
 from mlxd_daemon.archs.contract import Stored
@@ -300,7 +300,7 @@ class ViTBundle(Stored):
         if texts:
             msg = f"ViT is an image model: {len(texts)} text(s) given, send images only"
             raise InvalidArgument(msg, reason="TEXTS_NOT_SUPPORTED", texts=len(texts))
-        return self._labelled(self.served.embed(list(images)))
+        return labelled(self.served.embed(list(images)), self.config, self.is_classifier)
 
     def embed_tensors(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
         """``embed``'s outputs from ``pixel_values`` or ``pixels`` (``_tensors``), through the same served path."""
@@ -308,13 +308,8 @@ class ViTBundle(Stored):
         _tensors.check_names(inputs, _tensors.IMAGE_INPUTS, "ViT")
         given = _tensors.images(inputs, cfg.image_size, cfg.num_channels)
         if "pixels" in given:
-            return self._labelled(self.served.forward(given["pixels"]))
-        return self._labelled(self.served.forward_values(given["pixel_values"]))
-
-    def _labelled(self, result: dict[str, Any]) -> dict[str, Any]:
-        if self.is_classifier:
-            result["labels"] = list(self.config.labels)
-        return result
+            return labelled(self.served.forward(given["pixels"]), self.config, self.is_classifier)
+        return labelled(self.served.forward_values(given["pixel_values"]), self.config, self.is_classifier)
 
     @cached_property
     def served(self) -> VitServed:
